@@ -1,0 +1,53 @@
+"""The outlier rules: massive activations (MAs) and channel-wise outliers (COs), both configurable.
+
+- MA (Sun et al. 2024): an entry with ``|x| > ma_abs`` and ``|x| > ma_rel x median|x|`` of its tensor.
+- CO: a channel whose typical magnitude (its median |x| over tokens) is at least ``co_k`` times the tensor's
+  median |x|. The median over tokens, not the mean, so that a channel holding one massive token is not a CO.
+  ``co_k = 10`` by default: an order of magnitude above the typical entry, the lower end of the 10-100x that
+  the literature reports for CO channels. The same median-based rule serves every position; at positions whose
+  typical entry is near zero (e.g. products after a gate) read the ratios with that in mind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    ma_abs: float = 100.0
+    ma_rel: float = 1000.0
+    co_k: float = 10.0
+    #: ignore channels whose typical magnitude is below this (avoids ratios of two tiny numbers)
+    co_min: float = 1e-6
+
+
+def massive_activations(stats: dict, cfg: DetectConfig) -> list[dict]:
+    """MAs among the retained top entries of one finalized position, largest first."""
+    threshold = max(cfg.ma_abs, cfg.ma_rel * stats["median"])
+    out = []
+    for value, window, token, channel in zip(
+        stats["top_value"].tolist(), stats["top_window"].tolist(), stats["top_token"].tolist(),
+        stats["top_channel"].tolist(),
+    ):
+        if abs(value) > threshold:
+            out.append({"value": value, "window": window, "token_index": token, "channel": channel})
+    return out
+
+
+def channel_outliers(stats: dict, cfg: DetectConfig) -> list[dict]:
+    """CO channels of one finalized position, by decreasing ratio."""
+    med = stats["median"]
+    if med <= 0:
+        return []
+    chan = stats["chan_median"]
+    ratio = chan / med
+    hits = torch.nonzero((ratio >= cfg.co_k) & (chan > cfg.co_min)).flatten()
+    rows = [
+        {"channel": int(c), "ratio": float(ratio[c]), "median": float(chan[c]),
+         "absmax": float(stats["chan_absmax"][c])}
+        for c in hits
+    ]
+    return sorted(rows, key=lambda r: -r["ratio"])

