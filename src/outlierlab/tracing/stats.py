@@ -35,11 +35,12 @@ class StatsConfig:
 
     top_k: int = 32
     median_samples: int = 8192
-    channel_median_rows: int = 64
+    channel_median_rows: int = 16
     bins_per_octave: int = 32
     log2_min: int = -32
     log2_max: int = 24
     seed: int = 0
+    merge_every: int = 16
 
     @property
     def n_bins(self) -> int:
@@ -91,20 +92,23 @@ class PositionStats:
         self.samples = torch.zeros((), device=device, dtype=torch.float64)
         self.chan_absmax = torch.zeros(channels, **f32)
         self.chan_abssum = torch.zeros(channels, device=device, dtype=torch.float64)
-        self.chan_median_sum = torch.zeros(channels, device=device, dtype=torch.float64)
+        self.chan_median_sum = torch.zeros(channels, **f32)
         self.tok_absmax = torch.zeros(seq_len, **f32)
         self.tok_absmax_sum = torch.zeros(seq_len, device=device, dtype=torch.float64)
         self.tok_windows = torch.zeros((), device=device, dtype=torch.float64)
-        self.hist = torch.zeros(c.n_bins, device=device, dtype=torch.float64)
+        self.hist = torch.zeros(c.n_bins, device=device, dtype=torch.float32)
         self.top_abs = torch.full((c.top_k,), EMPTY, **f32)
         self.top_val = torch.zeros(c.top_k, **f32)
         self.top_window = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self.top_token = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self.top_channel = torch.zeros(c.top_k, device=device, dtype=torch.long)
+        self._pending: list[tuple[torch.Tensor, ...]] = []
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, window0: int | torch.Tensor = 0) -> None:
+    def update(self, x: torch.Tensor, window0: int = 0) -> None:
         """Fold in a tensor shaped ``[batch, tokens, *channel_dims]`` whose batch row b is window ``window0 + b``."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.update(x, window0)
         if x.dim() < 2:
             return
         if x.dim() == 2:  # [tokens, channels] without batch
@@ -122,40 +126,51 @@ class PositionStats:
         xf = x if x.dtype == torch.float32 else x.float()
         a = xf.abs()
         rows, channels = a.shape
-
         self.rows += rows
         self.n_updates += 1
+
         torch.maximum(self.chan_absmax, a.amax(0), out=self.chan_absmax)
-        self.chan_abssum += a.sum(0, dtype=torch.float64)
+        self.chan_abssum += a.sum(0)  # fp32 within one update, fp64 across updates
 
         row_max = a.amax(1)
         tok = row_max.view(batch, seq_len)
-        torch.maximum(self.tok_absmax[:seq_len], tok.amax(0), out=self.tok_absmax[:seq_len])
-        self.tok_absmax_sum[:seq_len] += tok.sum(0, dtype=torch.float64)
+        if batch > 1:
+            torch.maximum(self.tok_absmax[:seq_len], tok.amax(0), out=self.tok_absmax[:seq_len])
+        else:
+            torch.maximum(self.tok_absmax[:seq_len], tok[0], out=self.tok_absmax[:seq_len])
+        self.tok_absmax_sum[:seq_len] += tok.sum(0)
         self.tok_windows += batch
 
-        # channel medians over a fixed random subset of rows
+        # channel medians over a fixed random subset of rows (kthvalue = torch.median's lower median)
         k_rows = min(c.channel_median_rows, rows)
         sub = a.index_select(0, _fixed_sample(rows, k_rows, c.seed, a.device))
-        self.chan_median_sum += sub.median(0).values.double()
+        self.chan_median_sum += sub.kthvalue((k_rows + 1) // 2, 0).values
 
         # tensor-median histogram over a fixed random sample of elements
         n = rows * channels
         k = min(c.median_samples, n)
         sample = a.view(-1).index_select(0, _fixed_sample(n, k, c.seed + 1, a.device))
-        logs = sample.clamp_min(2.0 ** c.log2_min).log2_().clamp_(c.log2_min, c.log2_max - 1e-6)
-        self.hist += torch.histc(logs, bins=c.n_bins, min=c.log2_min, max=c.log2_max).double()
+        logs = sample.clamp_(min=2.0 ** c.log2_min, max=2.0 ** c.log2_max * 0.999).log2_()
+        self.hist += torch.histc(logs, bins=c.n_bins, min=c.log2_min, max=c.log2_max)
         self.samples += k
 
-        # exact top-k of this update: the k largest elements lie in the k rows with the largest max
+        # exact top-k of this update: the k largest elements lie in the k rows with the largest max.
+        # Candidates are buffered and merged into the running top-k every ``merge_every`` updates.
         kk = min(c.top_k, rows)
-        top_rows = row_max.topk(kk).indices
-        cand = a.index_select(0, top_rows).view(-1)
-        vals, flat = cand.topk(min(c.top_k, cand.numel()))
+        top_rows = row_max.topk(kk, sorted=False).indices
+        vals, flat = a.index_select(0, top_rows).view(-1).topk(min(c.top_k, kk * channels), sorted=False)
         r = top_rows[flat // channels]
         ch = flat % channels
-        signed = xf[r, ch]
-        self._merge_top(vals, signed, window0 + r // seq_len, r % seq_len, ch)
+        self._pending.append((vals, xf[r, ch], r + window0 * seq_len, ch))
+        if len(self._pending) >= c.merge_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        vals, signed, grow, ch = (torch.cat(t) for t in zip(*self._pending))
+        self._pending.clear()
+        self._merge_top(vals, signed, grow // self.seq_len, grow % self.seq_len, ch)
 
     def _merge_top(self, abs_v, val, window, token, channel) -> None:
         """Merge candidates into the running top-k, keeping one entry per (token, channel): the largest."""
@@ -189,6 +204,8 @@ class PositionStats:
         """Fold another run's statistics of the same position into this one (in place)."""
         if other.channels is None:
             return self
+        other._flush()
+        self._flush()
         if self.channels is None:
             self._allocate(other.channels, other.seq_len, other.chan_absmax.device)
         for name in self._SUMS:
@@ -206,6 +223,7 @@ class PositionStats:
         ends with the global result). Window indices stay rank-local; combine with the rank's offset."""
         import torch.distributed as dist
 
+        self._flush()
         for name in self._SUMS:
             dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
         for name in self._MAXES:
@@ -227,6 +245,7 @@ class PositionStats:
         """Copy the results to the host (one synchronisation per position, at the end)."""
         if self.channels is None:
             raise ValueError("no data was traced at this position")
+        self._flush()
         c = self.config
         rows = float(self.rows)
         hist = self.hist.cpu()

@@ -1,0 +1,102 @@
+"""Tracing overhead: (profile time) / (bare forward time) on the same windows, measured in one run.
+
+    python bench/profile_overhead.py                       # default model, CPU, 8 windows x 512
+    python bench/profile_overhead.py --device cuda --model PATH_OR_ALIAS --dtype bfloat16
+    python bench/profile_overhead.py --synthetic 7b --device cuda   # random 7B-shaped LLaMA, no download
+
+Both passes run the same windows in the same batches, interleaved for ``--repeats`` rounds after a warm-up;
+the ratio of the medians is printed. Profile time includes the hooks, the statistics and their final copy
+to the host, i.e. everything :func:`outlierlab.profile` adds to the forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+
+def synthetic_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = {
+        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32),
+        "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                   num_key_value_heads=4),
+        "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4),
+    }
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shapes[shape])
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval(), {"id": f"synthetic-llama-{shape}", "model_type": "llama"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--synthetic", choices=["7b", "1b", "tiny"], default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from outlierlab.models.loader import load_model, resolve_device, resolve_dtype
+    from outlierlab.tracing import ProfileConfig, profile, run_windows
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.synthetic:
+        model, info = synthetic_model(args.synthetic, str(device), dtype)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len), generator=gen)
+    else:
+        from outlierlab.data import DataConfig, make_windows
+
+        lm = load_model(args.model, str(device), args.dtype)
+        model, info = lm.model, lm.info
+        ids = make_windows(lm.tokenizer, DataConfig(seq_len=args.seq_len, n_samples=args.n_samples)).input_ids
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare() -> float:
+        sync()
+        t = time.perf_counter()
+        run_windows(model, ids, args.batch_size)
+        sync()
+        return time.perf_counter() - t
+
+    config = ProfileConfig(batch_size=args.batch_size, weights=False)
+
+    def traced() -> float:
+        sync()
+        t = time.perf_counter()
+        profile(model, ids, config)
+        sync()
+        return time.perf_counter() - t
+
+    bare(), traced()  # warm-up (allocator, kernels, sample-index cache)
+    t_bare, t_prof = [], []
+    for _ in range(args.repeats):
+        t_bare.append(bare())
+        t_prof.append(traced())
+    mb, mp = statistics.median(t_bare), statistics.median(t_prof)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, batch {args.batch_size}, "
+          f"{args.dtype} | device {device} ({where}) | torch {torch.__version__}")
+    print(f"bare forward   median {mb:8.3f} s  runs {[round(t, 3) for t in t_bare]}")
+    print(f"profile        median {mp:8.3f} s  runs {[round(t, 3) for t in t_prof]}")
+    print(f"overhead ratio (profile / bare) = {mp / mb:.3f}")
+
+
+if __name__ == "__main__":
+    main()
