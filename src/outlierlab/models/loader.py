@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ModelNotFound, OutlierlabError
+from ..errors import ModelNotFound, OutlierlabError, UnsupportedArchitecture
 from ..paths import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
@@ -132,13 +132,37 @@ def gguf_cache_folder(gguf_path: str, sha256: str | None = None) -> Path:
     return target
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_error(model: str, exc: Exception) -> ModelNotFound:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = hub_offline()
     why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "not reachable or no such repository"
     return ModelNotFound(
         f"cannot load {model!r} from the Hugging Face Hub ({why}: {type(exc).__name__}); "
         f"pass a local folder, a .gguf file or an alias ({', '.join(ALIASES)})"
     )
+
+
+def check_architecture(location: str, model: str, kind: str) -> None:
+    """Fail fast, before any weight is read, when the model's architecture has no adapter."""
+    from transformers import AutoConfig
+
+    from ..adapters import adapter_class
+
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=hub_offline())
+    except OSError as exc:
+        if kind == "hub":
+            raise _hub_error(model, exc) from exc
+        raise ModelNotFound(f"cannot read the config of {model!r}: {str(exc).splitlines()[0]}") from exc
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedArchitecture(
+            f"transformers does not know the architecture of {model!r} ({str(exc).splitlines()[0]})"
+        ) from exc
+    adapter_class(config.model_type)
 
 
 def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
@@ -153,19 +177,15 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
         location = str(gguf_cache_folder(source.location, sha))
     else:
         location = source.location
+    check_architecture(location, model, source.kind)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
+        local = hub_offline()
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, local_files_only=local)
     except OSError as exc:
         if source.kind == "hub":
             raise _hub_error(model, exc) from exc
         raise ModelNotFound(f"cannot load a causal LM from {location}: {exc}") from exc
-    except ValueError as exc:
-        if "model type" in str(exc) or "Unrecognized" in str(exc):
-            from ..errors import UnsupportedArchitecture
-
-            raise UnsupportedArchitecture(f"transformers cannot build {model!r}: {str(exc).splitlines()[0]}") from exc
-        raise
     hf_model.to(dev).eval()
     cfg = hf_model.config
     info = {

@@ -14,7 +14,7 @@ from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
 from .hooks import HookSet, attach_positions
-from .result import Profile, PositionResult
+from .result import PositionResult, Profile
 from .stats import PositionStats, StatsConfig, median_error
 from .weights import weight_stats
 
@@ -43,8 +43,12 @@ class Tracer:
         self.config = config
         self.stats: dict[tuple[int, str], PositionStats] = {}
         self.window0 = 0
+        #: (batch, tokens) of the forward in flight: some models (OPT's FFN) flatten tokens to [batch*tokens, C]
+        self.batch_shape: tuple[int, int] | None = None
 
     def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
+        if x.dim() == 2 and self.batch_shape is not None and x.shape[0] == self.batch_shape[0] * self.batch_shape[1]:
+            x = x.view(*self.batch_shape, x.shape[1])
         key = (layer, name)
         st = self.stats.get(key)
         if st is None:
@@ -79,7 +83,13 @@ def _windows_tensor(windows) -> torch.Tensor:
 
 
 def _progress(total: int, enabled: bool, description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -98,6 +108,7 @@ def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tr
             batch = ids[start:start + batch_size].to(device)
             if tracer is not None:
                 tracer.window0 = start
+                tracer.batch_shape = (batch.shape[0], batch.shape[1])
             model(input_ids=batch, use_cache=False)
             bar.advance(task, len(batch))
 

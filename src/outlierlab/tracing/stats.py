@@ -13,7 +13,7 @@ What is kept for a tensor ``x`` seen as ``[rows = batch x tokens, channels]``:
 - ``tok_absmax``, ``tok_absmax_sum``: per token index (position in the window) max |x| over channels,
   max and sum over windows;
 - ``hist``: a log2 histogram of |x| over a fixed random sample of elements per update, which gives the tensor
-  median with a value error under half a bin (``2 ** (0.5 / bins_per_octave) - 1``) and a rank error bounded
+  median of the nonzero entries (exact zeros, e.g. after ReLU, would make it 0) with a value error under half a bin (``2 ** (0.5 / bins_per_octave) - 1``) and a rank error bounded
   by the Dvoretzky-Kiefer-Wolfowitz inequality for the number of samples;
 - ``top_*``: the ``top_k`` largest |x| entries, deduplicated by (token index, channel) across windows,
   with signed value, window index, token index and channel.
@@ -154,11 +154,12 @@ class PositionStats:
         self.hist += torch.histc(logs, bins=c.n_bins, min=c.log2_min, max=c.log2_max)
         self.samples += k
 
-        # exact top-k of this update: the k largest elements lie in the k rows with the largest max.
-        # Candidates are buffered and merged into the running top-k every ``merge_every`` updates.
-        kk = min(c.top_k, rows)
+        # Exact top-k distinct (token, channel) keys of this update. A key occurs at most `batch` times, so the
+        # k * batch largest elements hold the k best keys, and they lie in the k * batch rows with the largest
+        # max. Candidates are buffered and merged into the running top-k every ``merge_every`` updates.
+        kk = min(c.top_k * batch, rows)
         top_rows = row_max.topk(kk, sorted=False).indices
-        vals, flat = a.index_select(0, top_rows).view(-1).topk(min(c.top_k, kk * channels), sorted=False)
+        vals, flat = a.index_select(0, top_rows).view(-1).topk(min(kk, kk * channels), sorted=False)
         r = top_rows[flat // channels]
         ch = flat % channels
         self._pending.append((vals, xf[r, ch], r + window0 * seq_len, ch))
@@ -248,19 +249,21 @@ class PositionStats:
         self._flush()
         c = self.config
         rows = float(self.rows)
-        hist = self.hist.cpu()
-        cdf = hist.cumsum(0)
-        half = cdf[-1] / 2
-        bin_idx = int(torch.searchsorted(cdf, half).clamp(max=len(hist) - 1))
-        median = 2.0 ** (c.log2_min + (bin_idx + 0.5) / c.bins_per_octave)
-        if bin_idx == 0:
-            median = 0.0
+        hist = self.hist.cpu().double()
+        zeros = float(hist[0])  # the underflow bin: entries below 2 ** log2_min, i.e. (numerically) zero
+        nonzero = hist[1:]
+        median = 0.0
+        if float(nonzero.sum()) > 0:
+            cdf = nonzero.cumsum(0)
+            bin_idx = 1 + int(torch.searchsorted(cdf, cdf[-1] / 2))
+            median = 2.0 ** (c.log2_min + (bin_idx + 0.5) / c.bins_per_octave)
         valid = self.top_abs.cpu() >= 0
         return {
             "rows": rows,
             "samples": float(self.samples),
             "absmax": float(self.chan_absmax.max()),
             "median": median,
+            "zero_fraction": zeros / max(float(hist.sum()), 1.0),
             "chan_absmax": self.chan_absmax.cpu(),
             "chan_mean": (self.chan_abssum / rows).float().cpu(),
             "chan_median": (self.chan_median_sum / self.n_updates).float().cpu(),

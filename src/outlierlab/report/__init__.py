@@ -1,0 +1,1 @@
+"""Reporting: terminal summaries (and, as stages land, figures and the HTML report)."""

@@ -1,0 +1,109 @@
+"""Tiny randomly initialised models of every supported family, and planted outliers with known ground truth.
+
+Random weights show no massive activations, so structural tests plant them: a super weight in the down
+projection, a large norm gain, an outlier-triggering column in W_q. The helpers here write those into the
+weights through the adapter (respecting each family's storage layout and gain convention).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+
+#: model_type -> config overrides that make a tiny model of that family.
+TINY_FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": {},
+    "gemma": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "gpt2": {},
+    "opt": {},
+    "gpt_neox": {},
+    "phi": {},
+}
+
+_COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, n_embd=64, n_layer=3, n_head=4,
+    n_positions=256, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config (d=64, 3 layers, vocab 128) of ``model_type``; only keys the config knows are set."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    kwargs = {k: v for k, v in _COMMON.items() if hasattr(base, k) or k in ("pad_token_id", "bos_token_id",
+                                                                              "eos_token_id", "vocab_size")}
+    if model_type == "gpt_neox":
+        kwargs.pop("num_key_value_heads", None)
+    if model_type == "opt":
+        kwargs["ffn_dim"] = 128
+    kwargs.update(TINY_FAMILIES.get(model_type, {}))
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random causal LM of ``model_type`` in fp32 eval mode, deterministic for a seed."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, **overrides)
+    if hasattr(cfg, "attn_implementation"):
+        pass
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.float().eval()
+
+
+def random_windows(model: nn.Module, n: int = 4, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n, seq_len), generator=gen)
+
+
+def _linear_param(model, layer: int, role: str):
+    adapter = get_adapter(model)
+    spec = next(s for s in adapter.linears() if s.role == role)
+    return adapter, spec, adapter.layers()[layer].get_submodule(spec.module).weight
+
+
+@torch.no_grad()
+def plant_super_weight(model: nn.Module, layer: int, row: int, col: int, value: float) -> None:
+    """Write ``value`` into the down projection (``down`` or ``fc2``) at output ``row``, input ``col``."""
+    adapter = get_adapter(model)
+    role = "down" if adapter.ffn_kind == "glu" else "fc2"
+    _, spec, w = _linear_param(model, layer, role)
+    if spec.transposed:
+        w[col, row] = value
+    else:
+        w[row, col] = value
+
+
+@torch.no_grad()
+def plant_gain(model: nn.Module, layer: int, norm: str, channel: int, gain: float) -> None:
+    """Make the effective gain of ``norm`` (e.g. ``attn.norm``) equal ``gain`` at ``channel``."""
+    adapter = get_adapter(model)
+    spec = next(n for n in adapter.norms() if n.name == norm)
+    module = adapter.layers()[layer].get_submodule(spec.module)
+    module.weight[channel] = gain - spec.gain_offset
+
+
+@torch.no_grad()
+def plant_otc_column(model: nn.Module, layer: int, col: int, scale: float, role: str = "q") -> None:
+    """Multiply input column ``col`` of a linear (``q`` by default; fused ``qkv`` where q is fused) by ``scale``."""
+    adapter = get_adapter(model)
+    roles = {s.role for s in adapter.linears()}
+    if role not in roles and role == "q":
+        role = "qkv"
+    _, spec, w = _linear_param(model, layer, role)
+    if spec.transposed:
+        w[col, :] *= scale
+    else:
+        w[:, col] *= scale

@@ -1,0 +1,136 @@
+"""The profiler on tiny models of every family: planted ground truth found exactly, nothing else; the model
+left untouched; no hook left behind; the report's contract; determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from outlierlab.adapters import get_adapter
+from outlierlab.testing import TINY_FAMILIES, plant_gain, plant_super_weight, random_windows, tiny_model
+from outlierlab.tracing import ProfileConfig, profile
+from outlierlab.tracing.stats import PositionStats
+
+FAMILIES = sorted(TINY_FAMILIES)
+POST_NORM_FFN = {"gemma2", "gemma3_text"}  # the FFN output is normalized before the residual add
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_random_model_has_no_outliers(model_type):
+    model = tiny_model(model_type)
+    p = profile(model, random_windows(model), ProfileConfig(batch_size=2))
+    assert p.massive_activations == []
+    assert p.channel_outliers == []
+    assert len(p.results) == get_adapter(model).n_layers * len(get_adapter(model).positions())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_planted_super_weight_gives_ma_at_planted_channel(model_type):
+    model = tiny_model(model_type)
+    plant_super_weight(model, layer=1, row=7, col=13, value=1e5)
+    p = profile(model, random_windows(model), ProfileConfig(batch_size=2))
+    mas = p.massive_activations
+    assert mas, "the planted super weight produced no MA"
+    assert {m["channel"] for m in mas} == {7}
+    assert min(m["layer"] for m in mas) == 1
+    where = {(m["layer"], m["position"]) for m in mas}
+    assert (1, "mlp.out") in where
+    if model_type not in POST_NORM_FFN:
+        assert (1, "block.out") in where
+    for m in mas:
+        assert abs(m["value"]) > 100 and set(m) >= {"layer", "position", "alias", "token_index", "token",
+                                                    "channel", "value"}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_planted_gain_gives_co_at_norm_output(model_type):
+    model = tiny_model(model_type)
+    plant_gain(model, layer=0, norm="attn.norm", channel=21, gain=60.0)
+    p = profile(model, random_windows(model), ProfileConfig(batch_size=2))
+    at_norm = [c for c in p.channel_outliers if c["layer"] == 0 and c["position"] == "attn.norm"]
+    assert [c["channel"] for c in at_norm] == [21]
+    assert at_norm[0]["ratio"] > 20
+    # No other CO at any norm output or on the residual stream. (Downstream linear outputs may inherit one:
+    # a 60x channel dominates v = W_v y2 for every token, so large entries of W_v[:, 21] can show up as a CO
+    # in the attention context - a real consequence, not a false positive.)
+    upstream = {"attn.in", "attn.norm", "mlp.in", "mlp.norm", "block.out"}
+    found = {(c["layer"], c["position"], c["channel"]) for c in p.channel_outliers if c["position"] in upstream}
+    assert found <= {(0, "attn.norm", 21), (0, "mlp.norm", 21)}
+    assert (0, "attn.norm", 21) in found
+
+
+def test_weights_bit_identical_and_no_hooks_left():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert hook_count(model) == 0
+    profile(model, random_windows(model), ProfileConfig())
+    assert hook_count(model) == 0
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hooks_removed_when_tracing_fails(monkeypatch):
+    model = tiny_model("gpt2")
+
+    def boom(self, x, window0=0):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(PositionStats, "update", boom)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        profile(model, random_windows(model), ProfileConfig())
+    assert hook_count(model) == 0
+
+
+def test_nan_activation_is_a_clear_error():
+    from outlierlab.errors import NonFiniteActivation
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        get_adapter(model).layers()[1].mlp.down_proj.weight[3, 3] = float("nan")
+    with pytest.raises(NonFiniteActivation, match="layer 1"):
+        profile(model, random_windows(model), ProfileConfig())
+
+
+def test_report_contract_and_determinism(tmp_path):
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, 1e5)
+    ids = random_windows(model)
+    reports = []
+    for run in range(2):
+        p = profile(model, ids, ProfileConfig(batch_size=2))
+        path = p.save(tmp_path / f"run{run}")
+        reports.append(json.loads(path.read_text()))
+        assert (tmp_path / f"run{run}" / "profile.safetensors").is_file()
+        assert not [f for f in (tmp_path / f"run{run}").iterdir() if f.name.startswith(".")]
+    r = reports[0]
+    for key in ("schema_version", "model", "config", "versions", "seed", "timings", "massive_activations",
+                "channel_outliers", "layers"):
+        assert key in r
+    assert len(r["layers"]) == 3
+    block = r["layers"][1]["block.out"]
+    assert {"absmax", "median", "top"} <= set(block) and block["alias"] == "y8"
+    assert block["top"][0][2] == 7
+    for run in reports:
+        run.pop("timings")
+    assert reports[0] == reports[1]
+
+
+def test_same_as_positions_share_statistics():
+    model = tiny_model("phi")
+    p = profile(model, random_windows(model), ProfileConfig())
+    a, b = p.get(0, "attn.in"), p.get(0, "mlp.in")
+    assert b.same_as == "attn.in" and a.stats is b.stats
+    assert p.get(0, "mlp.down_in").same_as == "mlp.act"
+
+
+def test_subset_of_layers_and_positions():
+    model = tiny_model("llama")
+    p = profile(model, random_windows(model), ProfileConfig(layers=(2,), positions=("block.out", "mlp.down_in")))
+    assert set(p.results) == {(2, "block.out"), (2, "mlp.down_in")}

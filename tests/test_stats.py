@@ -1,0 +1,132 @@
+"""Streaming statistics against brute force on known tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from outlierlab.tracing.stats import PositionStats, StatsConfig, median_error
+
+
+def feed(st: PositionStats, x: torch.Tensor, batch: int, start: int = 0) -> None:
+    for b in range(0, len(x), batch):
+        st.update(x[b:b + batch], start + b)
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, 24, generator=gen)
+    x[2, 0, 5] = 900.0  # a massive entry in window 2, token 0, channel 5
+    x[4, 0, 5] = -950.0  # the same (token, channel) in another window, larger: dedup keeps this one
+    x[1, 7, 11] = 300.0
+    x[:, :, 3] *= 40.0  # a channel-wise outlier
+    return x
+
+
+@pytest.mark.parametrize("batch", [1, 2, 6])
+def test_matches_brute_force(data, batch):
+    cfg = StatsConfig(top_k=5, median_samples=10_000, channel_median_rows=40, merge_every=2)
+    st = PositionStats(cfg)
+    feed(st, data, batch)
+    r = st.finalize()
+    a = data.abs()
+    torch.testing.assert_close(r["chan_absmax"], a.amax((0, 1)))
+    torch.testing.assert_close(r["chan_mean"], a.mean((0, 1)))
+    torch.testing.assert_close(r["tok_absmax"], a.amax((0, 2)))
+    torch.testing.assert_close(r["tok_absmax_mean"], a.amax(2).mean(0))
+    assert r["absmax"] == pytest.approx(950.0)
+    assert r["rows"] == 6 * 40
+    # top entries, deduplicated by (token, channel) across windows, with signed value and window
+    top = list(zip(r["top_value"].tolist(), r["top_window"].tolist(), r["top_token"].tolist(),
+                   r["top_channel"].tolist()))
+    assert top[0] == (-950.0, 4, 0, 5)
+    assert top[1] == (300.0, 1, 7, 11)
+    keys = [(t, c) for _, _, t, c in top]
+    assert len(keys) == len(set(keys)) == 5
+    brute = {}
+    for w in range(6):
+        for t in range(40):
+            for c in range(24):
+                v = float(data[w, t, c])
+                if abs(v) > abs(brute.get((t, c), (0.0,))[0]):
+                    brute[(t, c)] = (v, w)
+    expected = sorted(brute.items(), key=lambda kv: -abs(kv[1][0]))[:5]
+    assert [(t, c) for (t, c), _ in expected] == keys
+    # channel medians over all rows (channel_median_rows >= rows: exact per window, averaged)
+    per_window = torch.stack([data[w].abs().kthvalue(20, 0).values for w in range(6)])
+    if batch == 1:
+        torch.testing.assert_close(r["chan_median"], per_window.mean(0))
+
+
+def test_median_within_stated_error():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 256, 64, generator=gen) * 3.0
+    cfg = StatsConfig(median_samples=4096)
+    st = PositionStats(cfg)
+    feed(st, x, 2)
+    r = st.finalize()
+    value_err, rank_err = median_error(cfg, r["samples"])
+    flat = x.abs().flatten().sort().values
+    lo = flat[int((0.5 - rank_err) * len(flat))] * (1 - value_err)
+    hi = flat[int((0.5 + rank_err) * len(flat))] * (1 + value_err)
+    assert lo <= r["median"] <= hi
+    assert r["samples"] == 4 * 4096
+
+
+def test_zeros_left_out_of_median():
+    x = torch.relu(torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(2)))
+    st = PositionStats(StatsConfig())
+    st.update(x)
+    r = st.finalize()
+    nz = x[x > 0]
+    assert r["zero_fraction"] == pytest.approx(float((x == 0).float().mean()), abs=0.02)
+    assert r["median"] == pytest.approx(float(nz.median()), rel=0.05)
+
+
+def test_merge_equals_single_pass(data):
+    cfg = StatsConfig(top_k=6, median_samples=512, channel_median_rows=8)
+    whole = PositionStats(cfg)
+    feed(whole, data, 1)
+    first, second = PositionStats(cfg), PositionStats(cfg)
+    feed(first, data[:3], 1, start=0)
+    feed(second, data[3:], 1, start=3)
+    first.merge_(second)
+    a, b = whole.finalize(), first.finalize()
+    for key in ("chan_absmax", "chan_mean", "chan_median", "tok_absmax", "tok_absmax_mean", "top_value",
+                "top_window", "top_token", "top_channel"):
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert a["median"] == b["median"] and a["rows"] == b["rows"]
+
+
+def test_deterministic(data):
+    cfg = StatsConfig(median_samples=100, channel_median_rows=8, seed=3)
+    r1, r2 = PositionStats(cfg), PositionStats(cfg)
+    feed(r1, data, 2)
+    feed(r2, data, 2)
+    a, b = r1.finalize(), r2.finalize()
+    assert a["median"] == b["median"]
+    torch.testing.assert_close(a["chan_median"], b["chan_median"])
+
+
+def test_memory_does_not_grow_with_tokens():
+    cfg = StatsConfig(top_k=8)
+    st = PositionStats(cfg)
+    x = torch.randn(1, 128, 16)
+    st.update(x)
+
+    def footprint():
+        return sum(t.numel() for t in vars(st).values() if isinstance(t, torch.Tensor))
+
+    before = footprint()
+    for w in range(1, 50):
+        st.update(x, w)
+    st._flush()
+    assert footprint() == before
+
+
+def test_shape_change_is_an_error():
+    st = PositionStats(StatsConfig())
+    st.update(torch.randn(1, 8, 4))
+    with pytest.raises(ValueError, match="shape changed"):
+        st.update(torch.randn(1, 8, 5))
