@@ -1,0 +1,1 @@
+"""Fake quantization of weights, activations and the KV cache (issue 5)."""
