@@ -46,10 +46,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", choices=["auto", "always", "never"], default="auto",
+                    help="torch.compile the full-tensor reductions (auto: on CUDA only)")
     args = ap.parse_args()
 
     from outlierlab.models.loader import load_model, resolve_device, resolve_dtype
-    from outlierlab.tracing import ProfileConfig, profile, run_windows
+    from outlierlab.tracing import ProfileConfig, StatsConfig, profile, run_windows
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.synthetic:
@@ -74,7 +76,7 @@ def main() -> None:
         sync()
         return time.perf_counter() - t
 
-    config = ProfileConfig(batch_size=args.batch_size, weights=False)
+    config = ProfileConfig(stats=StatsConfig(compile=args.compile), batch_size=args.batch_size, weights=False)
 
     def traced() -> float:
         sync()
@@ -92,7 +94,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"{args.dtype} | device {device} ({where}) | torch {torch.__version__}")
+          f"{args.dtype} | device {device} ({where}) | torch {torch.__version__} | compile {args.compile}")
     print(f"bare forward   median {mb:8.3f} s  runs {[round(t, 3) for t in t_bare]}")
     print(f"profile        median {mp:8.3f} s  runs {[round(t, 3) for t in t_prof]}")
     print(f"overhead ratio (profile / bare) = {mp / mb:.3f}")

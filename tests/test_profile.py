@@ -14,7 +14,8 @@ from outlierlab.tracing import ProfileConfig, profile
 from outlierlab.tracing.stats import PositionStats
 
 FAMILIES = sorted(TINY_FAMILIES)
-POST_NORM_FFN = {"gemma2", "gemma3_text"}  # the FFN output is normalized before the residual add
+POST_NORM_FFN = {"gemma2", "gemma3_text"}
+UPSTREAM = {"attn.in", "attn.norm", "mlp.in", "mlp.norm", "block.out"}  # residual stream and norm outputs  # the FFN output is normalized before the residual add
 
 
 def hook_count(model) -> int:
@@ -26,7 +27,9 @@ def test_random_model_has_no_outliers(model_type):
     model = tiny_model(model_type)
     p = profile(model, random_windows(model), ProfileConfig(batch_size=2))
     assert p.massive_activations == []
-    assert p.channel_outliers == []
+    # no CO on the residual stream or at norm outputs (products such as y6 = act(gate) * up are heavy-tailed
+    # even with random weights, so a chance 10x channel there is not a false positive of the rule)
+    assert [c for c in p.channel_outliers if c["position"] in UPSTREAM] == []
     assert len(p.results) == get_adapter(model).n_layers * len(get_adapter(model).positions())
 
 
@@ -59,8 +62,7 @@ def test_planted_gain_gives_co_at_norm_output(model_type):
     # No other CO at any norm output or on the residual stream. (Downstream linear outputs may inherit one:
     # a 60x channel dominates v = W_v y2 for every token, so large entries of W_v[:, 21] can show up as a CO
     # in the attention context - a real consequence, not a false positive.)
-    upstream = {"attn.in", "attn.norm", "mlp.in", "mlp.norm", "block.out"}
-    found = {(c["layer"], c["position"], c["channel"]) for c in p.channel_outliers if c["position"] in upstream}
+    found = {(c["layer"], c["position"], c["channel"]) for c in p.channel_outliers if c["position"] in UPSTREAM}
     assert found <= {(0, "attn.norm", 21), (0, "mlp.norm", 21)}
     assert (0, "attn.norm", 21) in found
 

@@ -41,6 +41,8 @@ class StatsConfig:
     log2_max: int = 24
     seed: int = 0
     merge_every: int = 16
+    #: fuse the full-tensor reductions with torch.compile: "auto" (on CUDA only), "always" or "never"
+    compile: str = "auto"
 
     @property
     def n_bins(self) -> int:
@@ -56,11 +58,34 @@ def _fixed_sample(n: int, k: int, seed: int, device: torch.device) -> torch.Tens
     idx = _SAMPLE_CACHE.get(key)
     if idx is None:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
-        idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device)
+        if k >= n:
+            idx = torch.arange(n)
+        else:  # iid draws (with replacement): what the DKW bound assumes, and O(k) for any n
+            idx = torch.randint(0, n, (k,), generator=gen).sort().values
+        idx = idx.to(device)
         if len(_SAMPLE_CACHE) > 256:
             _SAMPLE_CACHE.clear()
         _SAMPLE_CACHE[key] = idx
     return idx
+
+
+def _full_reductions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel max |x| and sum |x| (fp32) and per-row max |x| of a [rows, channels] tensor: the only
+    passes over the whole tensor. Compiled, they become two fused kernels that read ``x`` once each."""
+    a = x.abs().float()
+    return a.amax(0), a.sum(0), a.amax(1)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def full_reductions(x: torch.Tensor, mode: str):
+    if mode == "never" or (mode == "auto" and x.device.type != "cuda"):
+        return _full_reductions(x)
+    fn = _COMPILED.get("fn")
+    if fn is None:
+        fn = _COMPILED["fn"] = torch.compile(_full_reductions, dynamic=True, fullgraph=True)
+    return fn(x)
 
 
 def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -123,16 +148,14 @@ class PositionStats:
                 f"now {x.shape[1]} x {seq_len}"
             )
         c = self.config
-        xf = x if x.dtype == torch.float32 else x.float()
-        a = xf.abs()
-        rows, channels = a.shape
+        rows, channels = x.shape
         self.rows += rows
         self.n_updates += 1
 
-        torch.maximum(self.chan_absmax, a.amax(0), out=self.chan_absmax)
-        self.chan_abssum += a.sum(0)  # fp32 within one update, fp64 across updates
+        chan_max, chan_sum, row_max = full_reductions(x, c.compile)
+        torch.maximum(self.chan_absmax, chan_max, out=self.chan_absmax)
+        self.chan_abssum += chan_sum  # fp32 within one update, fp64 across updates
 
-        row_max = a.amax(1)
         tok = row_max.view(batch, seq_len)
         if batch > 1:
             torch.maximum(self.tok_absmax[:seq_len], tok.amax(0), out=self.tok_absmax[:seq_len])
@@ -143,13 +166,13 @@ class PositionStats:
 
         # channel medians over a fixed random subset of rows (kthvalue = torch.median's lower median)
         k_rows = min(c.channel_median_rows, rows)
-        sub = a.index_select(0, _fixed_sample(rows, k_rows, c.seed, a.device))
+        sub = x.index_select(0, _fixed_sample(rows, k_rows, c.seed, x.device)).abs().float()
         self.chan_median_sum += sub.kthvalue((k_rows + 1) // 2, 0).values
 
         # tensor-median histogram over a fixed random sample of elements
         n = rows * channels
         k = min(c.median_samples, n)
-        sample = a.view(-1).index_select(0, _fixed_sample(n, k, c.seed + 1, a.device))
+        sample = x.reshape(-1).index_select(0, _fixed_sample(n, k, c.seed + 1, x.device)).abs().float()
         logs = sample.clamp_(min=2.0 ** c.log2_min, max=2.0 ** c.log2_max * 0.999).log2_()
         self.hist += torch.histc(logs, bins=c.n_bins, min=c.log2_min, max=c.log2_max)
         self.samples += k
@@ -159,10 +182,11 @@ class PositionStats:
         # max. Candidates are buffered and merged into the running top-k every ``merge_every`` updates.
         kk = min(c.top_k * batch, rows)
         top_rows = row_max.topk(kk, sorted=False).indices
-        vals, flat = a.index_select(0, top_rows).view(-1).topk(min(kk, kk * channels), sorted=False)
+        cand = x.index_select(0, top_rows).float()
+        vals, flat = cand.abs().view(-1).topk(min(kk, kk * channels), sorted=False)
         r = top_rows[flat // channels]
         ch = flat % channels
-        self._pending.append((vals, xf[r, ch], r + window0 * seq_len, ch))
+        self._pending.append((vals, cand.view(-1)[flat], r + window0 * seq_len, ch))
         if len(self._pending) >= c.merge_every:
             self._flush()
 
