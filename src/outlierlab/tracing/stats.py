@@ -69,23 +69,49 @@ def _fixed_sample(n: int, k: int, seed: int, device: torch.device) -> torch.Tens
     return idx
 
 
-def _full_reductions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel max |x| and sum |x| (fp32) and per-row max |x| of a [rows, channels] tensor: the only
-    passes over the whole tensor. Compiled, they become two fused kernels that read ``x`` once each."""
+def _update_math(x, max_state, sum_state, rows_idx, elem_idx, batch: int, seq_len: int, k_rows: int, kk: int,
+                 top: int, log2_min: float, log2_max: float, n_bins: int):
+    """Everything one update computes, as one pure function of ``x`` [rows, channels] and the packed states.
+
+    Returns the new packed max and sum states and the top-k candidates. Pure and free of host syncs, so
+    torch.compile turns it into a handful of fused kernels launched by one call (the per-op launch cost of
+    ~40 eager ops per position otherwise dominates tracing on a GPU).
+    """
+    channels = x.shape[1]
     a = x.abs().float()
-    return a.amax(0), a.sum(0), a.amax(1)
+    chan_max, chan_sum, row_max = a.amax(0), a.sum(0), a.amax(1)
+    tok = row_max.view(batch, seq_len)
+    # channel medians over a fixed random subset of rows (kthvalue = torch.median's lower median)
+    med = x.index_select(0, rows_idx).abs().float().kthvalue((k_rows + 1) // 2, 0).values
+    # tensor-median histogram over a fixed random sample of elements
+    sample = x.reshape(-1).index_select(0, elem_idx).abs().float()
+    logs = sample.clamp(min=2.0 ** log2_min, max=2.0 ** log2_max * 0.999).log2()
+    hist = torch.histc(logs, bins=n_bins, min=log2_min, max=log2_max)
+    # Exact top-k distinct (token, channel) keys of this update. A key occurs at most `batch` times, so the
+    # k * batch largest elements hold the k best keys, and they lie in the k * batch rows with the largest max.
+    top_rows = row_max.topk(kk, sorted=False).indices
+    cand = x.index_select(0, top_rows).float()
+    vals, flat = cand.abs().view(-1).topk(top, sorted=False)
+    rows = top_rows[flat // channels]
+    new_max = torch.maximum(max_state, torch.cat([chan_max, tok.amax(0)]))
+    new_sum = sum_state + torch.cat([chan_sum, tok.sum(0), med, hist]).double()
+    return new_max, new_sum, vals, cand.view(-1)[flat], rows, flat % channels
 
 
 _COMPILED: dict[str, object] = {}
 
 
-def full_reductions(x: torch.Tensor, mode: str):
-    if mode == "never" or (mode == "auto" and x.device.type != "cuda"):
-        return _full_reductions(x)
+def update_fn(device: torch.device, mode: str):
+    """The update math, compiled with torch.compile when ``mode`` asks for it ("auto": on CUDA only)."""
+    if mode == "never" or (mode == "auto" and device.type != "cuda"):
+        return _update_math
     fn = _COMPILED.get("fn")
     if fn is None:
-        fn = _COMPILED["fn"] = torch.compile(_full_reductions, dynamic=True, fullgraph=True)
-    return fn(x)
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        fn = _COMPILED["fn"] = torch.compile(_update_math, dynamic=False)
+    return fn
 
 
 def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -100,34 +126,58 @@ def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) 
 
 
 class PositionStats:
-    """Running statistics of one (layer, position). Buffers are allocated at the first update."""
+    """Running statistics of one (layer, position). Buffers are allocated at the first update.
+
+    The state lives in two packed device vectors (``max_state`` = [chan_absmax | tok_absmax] and
+    ``sum_state`` = [chan_abssum | tok_absmax_sum | chan_median_sum | hist]) so that one update is one call
+    of :func:`_update_math`; the named statistics are views into them. Counts are plain Python numbers.
+    """
 
     def __init__(self, config: StatsConfig):
         self.config = config
         self.channels: int | None = None
         self.seq_len: int | None = None
+        self.rows = self.n_updates = self.samples = self.tok_windows = 0.0
 
     # -- streaming -------------------------------------------------------------------------------------
     def _allocate(self, channels: int, seq_len: int, device: torch.device) -> None:
         c = self.config
         f32 = dict(device=device, dtype=torch.float32)
         self.channels, self.seq_len = channels, seq_len
-        self.rows = torch.zeros((), device=device, dtype=torch.float64)
-        self.n_updates = torch.zeros((), device=device, dtype=torch.float64)
-        self.samples = torch.zeros((), device=device, dtype=torch.float64)
-        self.chan_absmax = torch.zeros(channels, **f32)
-        self.chan_abssum = torch.zeros(channels, device=device, dtype=torch.float64)
-        self.chan_median_sum = torch.zeros(channels, **f32)
-        self.tok_absmax = torch.zeros(seq_len, **f32)
-        self.tok_absmax_sum = torch.zeros(seq_len, device=device, dtype=torch.float64)
-        self.tok_windows = torch.zeros((), device=device, dtype=torch.float64)
-        self.hist = torch.zeros(c.n_bins, device=device, dtype=torch.float32)
+        self.max_state = torch.zeros(channels + seq_len, **f32)
+        self.sum_state = torch.zeros(2 * channels + seq_len + c.n_bins, device=device, dtype=torch.float64)
         self.top_abs = torch.full((c.top_k,), EMPTY, **f32)
         self.top_val = torch.zeros(c.top_k, **f32)
         self.top_window = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self.top_token = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self.top_channel = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self._pending: list[tuple[torch.Tensor, ...]] = []
+
+    # named views into the packed states
+    @property
+    def chan_absmax(self) -> torch.Tensor:
+        return self.max_state[:self.channels]
+
+    @property
+    def tok_absmax(self) -> torch.Tensor:
+        return self.max_state[self.channels:]
+
+    @property
+    def chan_abssum(self) -> torch.Tensor:
+        return self.sum_state[:self.channels]
+
+    @property
+    def tok_absmax_sum(self) -> torch.Tensor:
+        return self.sum_state[self.channels:self.channels + self.seq_len]
+
+    @property
+    def chan_median_sum(self) -> torch.Tensor:
+        c0 = self.channels + self.seq_len
+        return self.sum_state[c0:c0 + self.channels]
+
+    @property
+    def hist(self) -> torch.Tensor:
+        return self.sum_state[2 * self.channels + self.seq_len:]
 
     def update(self, x: torch.Tensor, window0: int = 0) -> None:
         """Fold in a tensor shaped ``[batch, tokens, *channel_dims]`` whose batch row b is window ``window0 + b``."""
@@ -142,51 +192,26 @@ class PositionStats:
         x = x.reshape(batch * seq_len, -1)
         if self.channels is None:
             self._allocate(x.shape[1], seq_len, x.device)
-        elif x.shape[1] != self.channels or seq_len > self.seq_len:
+        elif x.shape[1] != self.channels or seq_len != self.seq_len:
             raise ValueError(
                 f"tensor shape changed between updates: {self.channels} channels x {self.seq_len} tokens, "
                 f"now {x.shape[1]} x {seq_len}"
             )
         c = self.config
         rows, channels = x.shape
+        k_rows = min(c.channel_median_rows, rows)
+        k = min(c.median_samples, rows * channels)
+        kk = min(c.top_k * batch, rows)
+        fn = update_fn(x.device, c.compile)
+        self.max_state, self.sum_state, vals, signed, r, ch = fn(
+            x, self.max_state, self.sum_state, _fixed_sample(rows, k_rows, c.seed, x.device),
+            _fixed_sample(rows * channels, k, c.seed + 1, x.device), batch, seq_len, k_rows, kk, min(kk, kk * channels),
+            float(c.log2_min), float(c.log2_max), c.n_bins)
         self.rows += rows
         self.n_updates += 1
-
-        chan_max, chan_sum, row_max = full_reductions(x, c.compile)
-        torch.maximum(self.chan_absmax, chan_max, out=self.chan_absmax)
-        self.chan_abssum += chan_sum  # fp32 within one update, fp64 across updates
-
-        tok = row_max.view(batch, seq_len)
-        if batch > 1:
-            torch.maximum(self.tok_absmax[:seq_len], tok.amax(0), out=self.tok_absmax[:seq_len])
-        else:
-            torch.maximum(self.tok_absmax[:seq_len], tok[0], out=self.tok_absmax[:seq_len])
-        self.tok_absmax_sum[:seq_len] += tok.sum(0)
-        self.tok_windows += batch
-
-        # channel medians over a fixed random subset of rows (kthvalue = torch.median's lower median)
-        k_rows = min(c.channel_median_rows, rows)
-        sub = x.index_select(0, _fixed_sample(rows, k_rows, c.seed, x.device)).abs().float()
-        self.chan_median_sum += sub.kthvalue((k_rows + 1) // 2, 0).values
-
-        # tensor-median histogram over a fixed random sample of elements
-        n = rows * channels
-        k = min(c.median_samples, n)
-        sample = x.reshape(-1).index_select(0, _fixed_sample(n, k, c.seed + 1, x.device)).abs().float()
-        logs = sample.clamp_(min=2.0 ** c.log2_min, max=2.0 ** c.log2_max * 0.999).log2_()
-        self.hist += torch.histc(logs, bins=c.n_bins, min=c.log2_min, max=c.log2_max)
         self.samples += k
-
-        # Exact top-k distinct (token, channel) keys of this update. A key occurs at most `batch` times, so the
-        # k * batch largest elements hold the k best keys, and they lie in the k * batch rows with the largest
-        # max. Candidates are buffered and merged into the running top-k every ``merge_every`` updates.
-        kk = min(c.top_k * batch, rows)
-        top_rows = row_max.topk(kk, sorted=False).indices
-        cand = x.index_select(0, top_rows).float()
-        vals, flat = cand.abs().view(-1).topk(min(kk, kk * channels), sorted=False)
-        r = top_rows[flat // channels]
-        ch = flat % channels
-        self._pending.append((vals, cand.view(-1)[flat], r + window0 * seq_len, ch))
+        self.tok_windows += batch
+        self._pending.append((vals, signed, r + window0 * seq_len, ch))
         if len(self._pending) >= c.merge_every:
             self._flush()
 
@@ -221,24 +246,21 @@ class PositionStats:
         self.top_channel = channel[keep]
 
     # -- merging ---------------------------------------------------------------------------------------
-    _SUMS = ("rows", "n_updates", "samples", "chan_abssum", "chan_median_sum", "tok_absmax_sum", "tok_windows",
-             "hist")
-    _MAXES = ("chan_absmax", "tok_absmax")
+    _COUNTS = ("rows", "n_updates", "samples", "tok_windows")
 
     def merge_(self, other: "PositionStats") -> "PositionStats":
         """Fold another run's statistics of the same position into this one (in place)."""
         if other.channels is None:
             return self
         other._flush()
-        self._flush()
         if self.channels is None:
-            self._allocate(other.channels, other.seq_len, other.chan_absmax.device)
-        for name in self._SUMS:
-            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
-        for name in self._MAXES:
-            torch.maximum(getattr(self, name), getattr(other, name).to(getattr(self, name).device),
-                          out=getattr(self, name))
-        dev = self.top_abs.device
+            self._allocate(other.channels, other.seq_len, other.max_state.device)
+        self._flush()
+        dev = self.max_state.device
+        self.max_state = torch.maximum(self.max_state, other.max_state.to(dev))
+        self.sum_state = self.sum_state + other.sum_state.to(dev)
+        for name in self._COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self._merge_top(other.top_abs.to(dev), other.top_val.to(dev), other.top_window.to(dev),
                         other.top_token.to(dev), other.top_channel.to(dev))
         return self
@@ -249,10 +271,13 @@ class PositionStats:
         import torch.distributed as dist
 
         self._flush()
-        for name in self._SUMS:
-            dist.all_reduce(getattr(self, name), op=dist.ReduceOp.SUM, group=group)
-        for name in self._MAXES:
-            dist.all_reduce(getattr(self, name), op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(self.sum_state, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(self.max_state, op=dist.ReduceOp.MAX, group=group)
+        counts = torch.tensor([getattr(self, n) for n in self._COUNTS], dtype=torch.float64,
+                              device=self.sum_state.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        for name, value in zip(self._COUNTS, counts.tolist()):
+            setattr(self, name, value)
         world = dist.get_world_size(group)
         fields = ("top_abs", "top_val", "top_window", "top_token", "top_channel")
         gathered = {}
@@ -261,7 +286,7 @@ class PositionStats:
             out = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(out, t, group=group)
             gathered[name] = torch.cat(out)
-        self.top_abs.fill_(EMPTY)
+        self.top_abs = torch.full_like(self.top_abs, EMPTY)
         self._merge_top(*(gathered[n] for n in fields))
         return self
 
@@ -288,11 +313,11 @@ class PositionStats:
             "absmax": float(self.chan_absmax.max()),
             "median": median,
             "zero_fraction": zeros / max(float(hist.sum()), 1.0),
-            "chan_absmax": self.chan_absmax.cpu(),
+            "chan_absmax": self.chan_absmax.cpu().clone(),
             "chan_mean": (self.chan_abssum / rows).float().cpu(),
             "chan_median": (self.chan_median_sum / self.n_updates).float().cpu(),
-            "tok_absmax": self.tok_absmax.cpu(),
-            "tok_absmax_mean": (self.tok_absmax_sum / self.tok_windows.clamp_min(1)).float().cpu(),
+            "tok_absmax": self.tok_absmax.cpu().clone(),
+            "tok_absmax_mean": (self.tok_absmax_sum / max(self.tok_windows, 1.0)).float().cpu(),
             "top_value": self.top_val.cpu()[valid],
             "top_window": self.top_window.cpu()[valid],
             "top_token": self.top_token.cpu()[valid],

@@ -1,0 +1,148 @@
+"""KV-cache fake quantization: key and value states quantized per head and per token, after RoPE (and after
+q/k norms where the model has them), by wrapping the model's attention function.
+
+transformers 5.x routes every attention call of the supported families through ``AttentionInterface``: the
+attention module calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)`` with the
+query, key and value states already shaped ``[batch, heads, tokens, head_dim]`` and rotated. We register one
+wrapper per base implementation (``outlierlab_kv_eager``, ``outlierlab_kv_sdpa``...) with the matching mask
+builder, and switch the model to it with ``set_attn_implementation``. The wrapper reads the quantizer from an
+attribute of the attention module (so several models can be quantized differently at once), quantizes key and
+value, and calls the original implementation with everything else unchanged. Removing restores the previous
+implementation and deletes the attributes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import QuantConfigError
+from .quantizers import qparams, fake_quant
+
+ATTR = "_outlierlab_kv"
+PREFIX = "outlierlab_kv_"
+_REGISTERED: set[str] = set()
+
+
+@dataclass
+class KVQuantizer:
+    """Fake-quantizes ``[batch, heads, tokens, head_dim]`` states, one scale (and zero) per head and token; the
+    first ``prefix`` tokens stay in full precision. With ``measure`` set it records the error (signal and
+    noise power per layer) and, if ``passthrough``, returns the input unchanged."""
+
+    bits: int
+    symmetric: bool = False
+    clip: float = 1.0
+    prefix: int = 0
+    measure: dict | None = None
+    passthrough: bool = False
+    calls: int = field(default=0, repr=False)
+
+    def __call__(self, x: torch.Tensor, layer: int | None = None, which: str = "k") -> torch.Tensor:
+        self.calls += 1
+        scale, zero = qparams(x, self.bits, self.symmetric, -1, self.clip)
+        xq = fake_quant(x, scale, zero, self.bits)
+        p = min(self.prefix, x.shape[-2])
+        if p:
+            xq[..., :p, :] = x[..., :p, :]
+        if self.measure is not None:
+            diff = (xq.float() - x.float())
+            sig = x.float().pow(2).sum().double()
+            err = diff.pow(2).sum().double()
+            key = (layer, which)
+            acc = self.measure.get(key)
+            if acc is None:
+                self.measure[key] = torch.stack([sig, err])
+            else:
+                acc += torch.stack([sig, err])
+        return x if self.passthrough else xq
+
+
+def _base_function(module, base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_wrapper(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        state = getattr(module, ATTR, None)
+        if state is not None:
+            quantizer, layer = state
+            key = quantizer(key, layer, "k")
+            value = quantizer(value, layer, "v")
+        return _base_function(module, base)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def register(base: str) -> str:
+    """Register the wrapper around ``base`` (and its mask builder) once; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"{PREFIX}{base}"
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, _make_wrapper(base))
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
+        if mask_fn is None:
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+        AttentionMaskInterface.register(name, mask_fn)
+        _REGISTERED.add(name)
+    return name
+
+
+def attention_modules(adapter) -> list[tuple[int, torch.nn.Module]]:
+    """The attention module of every decoder layer (the submodule that owns the q/k/v or fused projection)."""
+    out = []
+    specs = [s for s in adapter.linears() if s.role in ("q", "qkv")]
+    if not specs:
+        raise QuantConfigError(f"{type(adapter).__name__} declares no q/qkv projection: cannot find attention")
+    parent = specs[0].module.rsplit(".", 1)[0]
+    for i, layer in enumerate(adapter.layers()):
+        out.append((i, layer.get_submodule(parent)))
+    return out
+
+
+def install(model, adapter, quantizer: KVQuantizer, layers=None) -> Callable[[], None]:
+    """Switch ``model`` to the KV-quantizing attention; returns the function that undoes it."""
+    config = model.config
+    base = getattr(config, "_attn_implementation", None) or "eager"
+    if base.startswith(PREFIX):
+        raise QuantConfigError("the model's attention is already wrapped for KV quantization")
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if can is not None and not can():
+        raise QuantConfigError(f"{type(model).__name__} does not route attention through transformers' "
+                               "AttentionInterface: KV-cache quantization is not available for it")
+    modules = [(i, m) for i, m in attention_modules(adapter) if layers is None or i in layers]
+    for i, m in modules:
+        setattr(m, ATTR, (quantizer, i))
+    name = register(base)
+    try:
+        model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            raise QuantConfigError(f"could not switch {type(model).__name__} to a KV-quantizing attention")
+    except BaseException:
+        for _, m in modules:
+            if hasattr(m, ATTR):
+                delattr(m, ATTR)
+        raise
+
+    def undo() -> None:
+        try:
+            model.set_attn_implementation(base)
+        finally:
+            for _, m in modules:
+                if hasattr(m, ATTR):
+                    delattr(m, ATTR)
+
+    return undo

@@ -1,0 +1,123 @@
+"""The quantization arithmetic: integer grids, scales and zero points, and fake quantization (quantize then
+dequantize, in floating point) at every granularity used by the harness.
+
+Conventions (documented in docs/quantization.md):
+
+- **Symmetric**, ``b`` bits: the grid is ``{-Q, ..., Q}`` with ``Q = 2^(b-1) - 1`` (the restricted, symmetric
+  range: ``-2^(b-1)`` is never used, so ``+x`` and ``-x`` always quantize to opposite values);
+  ``scale = clip * absmax / Q``; ``x_hat = clamp(round(x / scale), -Q, Q) * scale``.
+- **Asymmetric**, ``b`` bits: the grid is ``{0, ..., 2^b - 1}``; the range ``[min(clip * xmin, 0),
+  max(clip * xmax, 0)]`` (it always contains 0, so zero is exact); ``scale = (hi - lo) / (2^b - 1)``,
+  ``zero = round(-lo / scale)``; ``x_hat = (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``.
+- Every value inside the quantization range comes back within half a step (``scale / 2``); values outside
+  it (clipped) saturate at the range ends. Quantizing twice with the same scale is the identity.
+- Rounding is round-half-to-even (``torch.round``). Scales never go below ``EPS`` (an all-zero slice stays 0).
+- The arithmetic runs in float32 whatever the input dtype and returns the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+EPS = 1e-8
+
+
+def qmax_sym(bits: int) -> int:
+    """Largest integer of the symmetric grid of ``bits`` bits (127 for 8 bits, 7 for 4 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def qmax_asym(bits: int) -> int:
+    """Largest integer of the asymmetric grid (255 for 8 bits, 15 for 4 bits)."""
+    return 2 ** bits - 1
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an integer in 2..16, not {bits!r}")
+
+
+# -- parameters ----------------------------------------------------------------------------------------------
+
+
+def sym_scale(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Scale of the symmetric grid from an abs-max (any shape)."""
+    _check_bits(bits)
+    return (absmax.float() * clip).clamp(min=EPS) / qmax_sym(bits)
+
+
+def asym_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, clip: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` of the asymmetric grid from a min and a max (any shapes that broadcast)."""
+    _check_bits(bits)
+    lo = (xmin.float() * clip).clamp(max=0)
+    hi = (xmax.float() * clip).clamp(min=0)
+    scale = ((hi - lo) / qmax_asym(bits)).clamp(min=EPS)
+    zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = None,
+            clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero)`` of ``x`` reduced over ``dims`` (kept as size-1 dims; ``None``: the whole tensor).
+    ``zero`` is None for the symmetric grid."""
+    if dims is None:
+        dims = tuple(range(x.dim()))
+    elif isinstance(dims, int):
+        dims = (dims,)
+    if symmetric:
+        return sym_scale(x.abs().amax(dim=dims, keepdim=True), bits, clip), None
+    return asym_params(x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True), bits, clip)
+
+
+# -- fake quantization ---------------------------------------------------------------------------------------
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Quantize ``x`` on the grid given by ``scale`` (and ``zero``: asymmetric) and dequantize it."""
+    xf = x.float()
+    if zero is None:
+        q = qmax_sym(bits)
+        out = torch.clamp(torch.round(xf / scale), -q, q) * scale
+    else:
+        out = (torch.clamp(torch.round(xf / scale) + zero, 0, qmax_asym(bits)) - zero) * scale
+    return out.to(x.dtype)
+
+
+def quant_dynamic(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = -1,
+                  clip: float = 1.0) -> torch.Tensor:
+    """Fake-quantize with parameters computed from ``x`` itself, one set per slice reduced over ``dims``
+    (``-1``: per row / per token; ``None``: per tensor)."""
+    scale, zero = qparams(x, bits, symmetric, dims, clip)
+    return fake_quant(x, scale, zero, bits)
+
+
+def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "channel",
+                 group_size: int = 128, clip: float = 1.0) -> torch.Tensor:
+    """Fake-quantize a weight stored ``[out_features, in_features]``.
+
+    ``channel``: one scale per output row; ``group``: one per row and per run of ``group_size`` consecutive
+    input columns (a last, shorter group when ``in_features`` is not a multiple); ``tensor``: one scale.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quant_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    if granularity == "tensor":
+        return quant_dynamic(w, bits, symmetric, None, clip)
+    if granularity == "channel":
+        return quant_dynamic(w, bits, symmetric, -1, clip)
+    if granularity != "group":
+        raise ValueError(f"unknown weight granularity {granularity!r}")
+    if group_size <= 0:
+        raise ValueError("group_size must be positive")
+    out_f, in_f = w.shape
+    full = (in_f // group_size) * group_size
+    parts = []
+    if full:
+        g = w[:, :full].reshape(out_f, full // group_size, group_size)
+        parts.append(quant_dynamic(g, bits, symmetric, -1, clip).reshape(out_f, full))
+    if full < in_f:
+        parts.append(quant_dynamic(w[:, full:], bits, symmetric, -1, clip))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
