@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", choices=["auto", "always", "never"], default="auto",
+    ap.add_argument("--compile", choices=["auto", "graphs", "fused", "never"], default="auto",
                     help="torch.compile the full-tensor reductions (auto: on CUDA only)")
     args = ap.parse_args()
 

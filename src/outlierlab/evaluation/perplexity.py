@@ -41,15 +41,24 @@ def eval_windows(tokenizer, config: EvalConfig | None = None, max_positions: int
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, windows, batch_size: int = 4) -> float:
-    """exp(mean NLL) of next-token prediction over every window (``Windows`` or a [n, T] LongTensor)."""
+    """exp(mean NLL) of next-token prediction over every window (``Windows`` or a [n, T] LongTensor).
+
+    The loss reads the logits in place (the last position is masked with ``ignore_index`` instead of sliced
+    off, which would copy them), and the sum stays on the device until the end (no host sync per batch).
+    """
     ids = getattr(windows, "input_ids", windows)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for start in range(0, len(ids), batch_size):
         batch = ids[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                          reduction="sum")
-        total += float(nll.double())
+        logits = model(input_ids=batch, use_cache=False).logits
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        labels = torch.full_like(batch, -100)
+        labels[:, :-1] = batch[:, 1:]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                          ignore_index=-100, reduction="sum")
+        total += nll.double()
         count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    return math.exp(float(total) / count)

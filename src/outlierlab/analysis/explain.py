@@ -1,0 +1,469 @@
+"""Explain: the formation mechanism of every massive activation (MA) and channel-wise outlier (CO), with
+evidence, on any model an adapter describes.
+
+``explain(model, windows, ExplainConfig()) -> Explanation`` profiles the windows (or reuses a profile), then
+
+- for each MA (grouped by token index and channel): its origin layer and operator position, the down-projection
+  input channels that carry it with their gate / act / up values, the decomposition of the writer output into
+  per-channel terms, super-weight candidates verified by ablation (MA magnitude and perplexity before/after),
+  and its propagation along the residual stream with the layers that cancel it (:mod:`.explain_ma`);
+- for each CO: the gain gamma, the channel before vs after the gain and the share gamma explains, the
+  outlier-triggering weight columns (OTCs), q/k output channels per head, persistence and channel-wise vs
+  token-wise (:mod:`.explain_co`).
+
+``Explanation.to_json()`` is the ``explain`` section of report.json (schema in docs/explain.md);
+``Explanation.narrative()`` gives short sentences with the numbers. The model's weights are only changed
+during an ablation, one entry at a time, and restored bit-exactly in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters import get_adapter
+from ..errors import DataError, OutlierlabError
+from ..evaluation import EvalConfig
+from .detect import DetectConfig
+from .explain_co import channel_outliers, find_otcs, qk_outliers
+from .explain_ma import TRACK_POSITIONS, _Rows, ablate, explain_group, group_massive
+from .layout import capture_token_rows, same_as_map
+
+EXPLAIN_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Knobs of the explainer (defaults: ``outlierlab explain`` on SmolLM2-135M in well under 5 min on 2 CPUs)."""
+
+    #: outlier rules; when a profile is passed in, the profile's own rules are used instead
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    #: windows per forward pass (profile, sample pass)
+    batch_size: int = 4
+    # -- massive activations
+    max_mas: int = 8                # MA groups explained, largest first (0 = all)
+    origin_fraction: float = 0.5    # origin layer: first layer reaching this fraction of the MA's peak
+    top_contributors: int = 5       # terms of the writer decomposition reported
+    top_channels: int = 3           # down-projection input channels reported per MA
+    min_share: float = 0.1          # a candidate's term must carry at least this share of the writer output
+    max_candidates: int = 2         # super-weight candidates ablated per MA
+    max_ablations: int = 6          # distinct weights ablated in total
+    ablate: bool = True
+    cancel_step: float = 0.2        # a cancelling layer removes at least this fraction of the peak
+    cancel_fraction: float = 0.1    # "cancelled" once below this fraction of the peak
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # -- channel-wise outliers
+    co_windows: int = 4             # calibration windows of the sample pass (gain before/after, token fractions)
+    otc_k: float = 10.0             # OTC: score >= otc_k x the median score of its projection
+    otc_roles: tuple[str, ...] = ("q", "k", "v", "gate", "up", "fc1")
+    drivers: int = 3                # input channels listed per projection output outlier
+    channelwise_fraction: float = 0.5
+
+
+@dataclass
+class Explanation:
+    massive_activations: list[dict]
+    other_massive: list[dict]
+    channel_outliers: list[dict]
+    otcs: list[dict]
+    qk_outliers: list[dict]
+    perplexity: dict
+    config: ExplainConfig
+    timings: dict
+    notes: list[str] = field(default_factory=list)
+    model_info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The ``explain`` section of report.json."""
+        cos = self.channel_outliers
+        at_norm = [c for c in cos if c["gamma"] is not None]
+        return _finite({
+            "version": EXPLAIN_VERSION,
+            "config": _jsonable(self.config),
+            "definitions": DEFINITIONS,
+            "perplexity": self.perplexity,
+            "summary": {
+                "n_massive": len(self.massive_activations),
+                "n_super_weights_verified": sum(1 for g in self.massive_activations
+                                                for s in g.get("super_weights", []) if s.get("verified")),
+                "n_channel_outliers": len(cos),
+                "n_channel_outliers_at_norms": len(at_norm),
+                "n_gamma_dominated": sum(1 for c in at_norm if (c["gamma_share"] or 0) >= 0.5),
+                "n_otcs": len(self.otcs),
+                "n_otcs_weight": sum(1 for o in self.otcs if o["cause"] == "weight"),
+                "n_qk_outliers": len(self.qk_outliers),
+            },
+            "massive_activations": self.massive_activations,
+            "other_massive": self.other_massive,
+            "channel_outliers": cos,
+            "otcs": self.otcs,
+            "qk_outliers": self.qk_outliers,
+            "timings": self.timings,
+            "notes": self.notes,
+        })
+
+    def narrative(self, max_cos: int = 3) -> list[str]:
+        return narrative(self, max_cos)
+
+
+DEFINITIONS = {
+    "ma_rule": "|x| > max(ma_abs, ma_rel x median |x| of the tensor) (analysis.detect)",
+    "ma_group": "MA records at attn.in/mlp.in/block.out/attn.out/mlp.out (+post-norms) sharing token and channel",
+    "origin": "first layer where |x[token, channel]| on those positions reaches origin_fraction of the peak; "
+              "position: first MA-rule hit of that token in the writer's branch, in execution order",
+    "share": "term W[channel, j] * x_in[j] divided by the writer output at (token, channel)",
+    "verified": "after zeroing the weight, |x[token, channel]| <= the MA rule threshold (unablated medians) "
+                "at every tracked position of every layer from the origin on",
+    "cancel_layers": "layers after the peak whose residual value loses >= cancel_step of the peak",
+    "gamma_share": "(log ratio_after - log ratio_before) / log ratio_after, clipped to [0, 1]; ratios = channel "
+                   "median |.| / tensor median |.| of the norm output and of (output - bias) / gamma",
+    "otc": "input column c with E|x_c| * ||W[:, c]|| >= otc_k x the projection's median score; cause 'weight' if "
+           "log(col norm / median) >= half of log(score / median)",
+    "qk_outlier": "q/k output channel whose profile channel median >= co_k x its head's median channel",
+    "token_fraction": "fraction of sample tokens with |x_c| > co_k x the tensor median",
+}
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _finite(obj):
+    """JSON-safe: non-finite floats become None (strict JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+def _resolve_model(lm_or_model, tokenizer):
+    from ..models.loader import LoadedModel, load_model
+
+    if isinstance(lm_or_model, (str, Path)):
+        lm_or_model = load_model(str(lm_or_model))
+    if isinstance(lm_or_model, LoadedModel):
+        return lm_or_model, lm_or_model.model, tokenizer or lm_or_model.tokenizer, lm_or_model.info
+    if isinstance(lm_or_model, torch.nn.Module):
+        return None, lm_or_model, tokenizer, {"model_type": getattr(lm_or_model.config, "model_type", None)}
+    raise TypeError("pass a LoadedModel (outlierlab.load_model), a model string, or a HF causal LM module")
+
+
+def _resolve_windows(windows, lm):
+    from ..data import DataConfig, Windows
+
+    if isinstance(windows, torch.Tensor) or isinstance(windows, Windows):
+        return windows
+    if windows is None or isinstance(windows, (str, DataConfig)):
+        if lm is None:
+            raise OutlierlabError("pass token windows (a [n, seq_len] LongTensor or Windows) for a bare model")
+        from ..api import as_windows
+
+        return as_windows(windows, lm)
+    raise TypeError("windows must be Windows, a [n, seq_len] LongTensor, a DataConfig, a source string or None")
+
+
+def _eval_ids(eval_windows, lm, tokenizer, cfg: ExplainConfig, notes: list[str]):
+    if eval_windows is not None:
+        return getattr(eval_windows, "input_ids", eval_windows), {"source": "given",
+                                                                 "n_windows": len(getattr(eval_windows,
+                                                                                          "input_ids",
+                                                                                          eval_windows))}
+    if tokenizer is None:
+        notes.append("no evaluation windows and no tokenizer: perplexity not measured")
+        return None, None
+    from ..evaluation import eval_windows as make_eval
+    from ..models.loader import max_positions
+
+    try:
+        w = make_eval(tokenizer, cfg.eval, max_positions=max_positions(lm.model) if lm is not None else None)
+    except DataError as exc:
+        notes.append(f"evaluation windows unavailable ({exc}): perplexity not measured")
+        return None, None
+    return w.input_ids, cfg.eval.protocol()
+
+
+def _ppl_fn(model, ids, batch_size):
+    from ..evaluation import perplexity
+
+    return lambda: perplexity(model, ids, batch_size=batch_size)
+
+
+# -- the entry point ------------------------------------------------------------------------------------
+def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, profile=None, eval_windows=None,
+            tokenizer=None, progress: bool = False) -> Explanation:
+    """Explain the MAs and COs of a model on ``windows`` (profiled here unless ``profile`` is given, which
+    must come from the same model and windows). ``eval_windows`` (default: the brown:eval protocol when a
+    tokenizer is known) measure the perplexity before/after each ablation."""
+    cfg = config or ExplainConfig()
+    lm, model, tokenizer, info = _resolve_model(lm_or_model, tokenizer)
+    windows = _resolve_windows(windows, lm)
+    ids = getattr(windows, "input_ids", windows)
+    adapter = get_adapter(model)
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    if profile is None:
+        from ..tracing import ProfileConfig
+        from ..tracing import profile as run_profile
+
+        profile = run_profile(model, windows, ProfileConfig(detect=cfg.detect, batch_size=cfg.batch_size),
+                              tokenizer=tokenizer, progress=progress, model_info=info)
+        timings["profile_s"] = time.perf_counter() - t0
+    else:
+        det = getattr(getattr(profile, "config", None), "detect", None)
+        if isinstance(det, DetectConfig) and det != cfg.detect:
+            cfg = dataclasses.replace(cfg, detect=det)
+            notes.append("thresholds taken from the given profile's detect config")
+
+    # -- massive activations
+    t1 = time.perf_counter()
+    groups = group_massive(profile, adapter)
+    if cfg.max_mas and len(groups) > cfg.max_mas:
+        notes.append(f"{len(groups)} MA groups; the {cfg.max_mas} largest are explained (max_mas)")
+        groups = groups[:cfg.max_mas]
+    smap = same_as_map(adapter)
+    by_window: dict[int, list[int]] = {}
+    for g in groups:
+        toks = by_window.setdefault(g["window"], [])
+        if g["token_index"] not in toks:
+            toks.append(g["token_index"])
+    captures = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks), toks, smap)
+                for w, toks in by_window.items()}
+    mas = [explain_group(g, captures[g["window"]], profile, adapter, cfg) for g in groups]
+    timings["ma_s"] = time.perf_counter() - t1
+
+    eval_ids, protocol = _eval_ids(eval_windows, lm, tokenizer, cfg, notes) if cfg.ablate and mas else (None, None)
+    ppl = {"baseline": None, "protocol": protocol}
+    if cfg.ablate and mas:
+        t2 = time.perf_counter()
+        n = len({(s["layer"], s["module"], s["row"], s["col"]) for g in mas for s in g.get("super_weights", [])})
+        with _bar(min(n, cfg.max_ablations), progress, "ablating super-weight candidates") as advance:
+            res = ablate(model, adapter, mas, ids, profile, cfg, eval_ids,
+                         _ppl_fn(model, eval_ids, cfg.eval.batch_size) if eval_ids is not None else None,
+                         advance)
+        ppl["baseline"] = res["ppl_baseline"]
+        timings["ablation_s"] = time.perf_counter() - t2
+
+    # -- channel-wise outliers
+    t3 = time.perf_counter()
+    otcs = find_otcs(adapter, profile, cfg)
+    cos = channel_outliers(model, adapter, profile, ids, otcs, cfg)
+    qk = qk_outliers(adapter, profile, otcs, cfg)
+    timings["co_s"] = time.perf_counter() - t3
+    timings["explain_s"] = time.perf_counter() - t0
+
+    other = _other_massive(profile, mas)
+    exp = Explanation(mas, other, cos, otcs, qk, ppl, cfg, timings, notes, info or {})
+    exp.profile = profile  # type: ignore[attr-defined]
+    return exp
+
+
+def _other_massive(profile, mas: list[dict]) -> list[dict]:
+    """MA records outside the tracked positions (y6, q, k...), tied to the MA whose origin layer holds them."""
+    origin = {}
+    for i, g in enumerate(mas):
+        if g.get("origin"):
+            origin.setdefault((g["origin"]["layer"], g["token_index"]), i)
+    out = []
+    for m in profile.massive_activations:
+        if m["position"] in TRACK_POSITIONS:
+            continue
+        out.append({"layer": m["layer"], "position": m["position"], "alias": m.get("alias"),
+                    "token_index": m["token_index"], "channel": m["channel"], "value": float(m["value"]),
+                    "in_origin_of": origin.get((m["layer"], m["token_index"]))})
+    return out
+
+
+class _bar:
+    def __init__(self, total: int, enabled: bool, description: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), disable=not enabled, transient=True)
+        self.total, self.description = total, description
+
+    def __enter__(self):
+        self.progress.__enter__()
+        task = self.progress.add_task(self.description, total=self.total)
+        return lambda: self.progress.advance(task)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+# -- narrative ------------------------------------------------------------------------------------------
+def _n(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 1:
+        return f"{v:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".") if a < 10 else f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
+    lines: list[str] = []
+    for g in exp.massive_activations:
+        tok = f" ({g['token']!r})" if g.get("token") else ""
+        where = "" if g["on_residual"] else " (at a projection output only, not on the residual stream)"
+        o = g.get("origin")
+        if not o:
+            lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}: "
+                         "no origin layer found.")
+            continue
+        chans = []
+        for c in g.get("down_in_channels", []):
+            if c.get("up") is not None:
+                chans.append(f"channel {c['channel']} = {_n(c['value'])} (gate {_n(c['gate'])}, "
+                             f"act {_n(c['act'])}, up {_n(c['up'])})")
+            elif c.get("act") is not None:
+                chans.append(f"channel {c['channel']} = {_n(c['value'])} (fc1 {_n(c['gate'])})")
+            else:
+                chans.append(f"channel {c['channel']} = {_n(c['value'])}")
+        branch = {c.get("branch") for c in g.get("down_in_channels", [])} - {None, "fc1"}
+        branch_s = f"; the {'/'.join(sorted(branch))} branch makes it large" if len(branch) == 1 else ""
+        inp = g.get("decomposition", {}).get("input_position", "")
+        lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where} first "
+                     f"appears at layer {o['layer']}, {o['position']}" + (f" ({o['alias']})" if o['alias'] else "")
+                     + (f"; written through {inp} " + ", ".join(chans) if chans else "") + branch_s + ".")
+        for sw in g.get("super_weights", []):
+            name = "W_down" if sw["role"] in ("down", "fc2") else f"W_{sw['role']}"
+            head = (f"{name}[{sw['row']}, {sw['col']}] = {_n(sw['value'])} ({sw['module']}, "
+                    f"{_n(sw['weight_ratio'])}x the median |w|) carries {_pct(sw['share'])} of the output")
+            if sw.get("verified") is None:
+                lines.append(head + ": not ablated" + (f" ({sw['skipped']})" if sw.get("skipped") else "") + ".")
+                continue
+            ppl = (f" and perplexity from {sw['ppl_before']:.2f} to {sw['ppl_after']:.2f}"
+                   if sw.get("ppl_before") is not None and sw.get("ppl_after") is not None else "")
+            if sw["verified"]:
+                lines.append(f"{head} and is a super weight: zeroing it drops the MA to {_n(sw['ma_after'])}{ppl}.")
+            else:
+                lines.append(f"{head} but is not verified: zeroing it leaves {_n(sw['ma_after'])}{ppl}.")
+        fd = g.get("first_detected")
+        pre = g.get("precursor", {})
+        if fd and fd["layer"] < o["layer"]:
+            lines.append(f"A precursor ({_n(pre.get('max_before_origin'))} at most) already meets the MA rule "
+                         f"at layer {fd['layer']} {fd['position']}, below {_pct(exp.config.origin_fraction)} of "
+                         "the peak.")
+        cl = g.get("cancel_layers", [])
+        if g.get("peak_layer") is not None and g["on_residual"]:
+            s = f"The residual stream carries it from layer {o['layer']} (peak {_n(g.get('peak'))} at layer " \
+                f"{g['peak_layer']})"
+            if cl:
+                s += "; cancelled in layer" + ("s " if len(cl) > 1 else " ") + ", ".join(
+                    f"{c['layer']} ({c['by'] or '?'}, -{_pct(c['drop_fraction'])})" for c in cl)
+            if g.get("cancelled_at") is not None:
+                s += f"; below {_pct(exp.config.cancel_fraction)} of the peak from layer {g['cancelled_at']}"
+            else:
+                s += f"; {_pct(g.get('final_fraction'))} of the peak is left after the last layer"
+            lines.append(s + ".")
+
+    cos = exp.channel_outliers
+    at_norm = [c for c in cos if c["gamma"] is not None]
+    if cos:
+        lines.append(f"{len(cos)} channel-wise outliers (layer, position, channel); {len(at_norm)} at norm outputs, "
+                     f"of which gamma explains at least half for "
+                     f"{sum(1 for c in at_norm if (c['gamma_share'] or 0) >= 0.5)}.")
+        for c in sorted(at_norm, key=lambda c: -c["ratio"])[:max_cos]:
+            lines.append(f"Layer {c['layer']} {c['position']} channel {c['channel']}: {_n(c['ratio'])}x the median, "
+                         f"gamma {_n(c['gamma'])} ({_n(c['gain_ratio'])}x the median gain), ratio "
+                         f"{_n(c['ratio_before'])} before the gain vs {_n(c['ratio_after'])} after: gamma share "
+                         f"{_pct(c['gamma_share'])}; {c['persistence']}, {c['kind'] or '?'} "
+                         f"({_pct(c['token_fraction'])} of tokens), CO in {len(c['layers'])} layer(s).")
+    else:
+        lines.append("No channel-wise outliers.")
+    w = [o for o in exp.otcs if o["cause"] == "weight"]
+    lines.append(f"{len(exp.otcs)} outlier-triggering columns ({len(w)} caused by the weight column, "
+                 f"{len(exp.otcs) - len(w)} by the activation it reads).")
+    for o in w[:max_cos]:
+        lines.append(f"OTC {o['module']} column {o['col']} ({o['role']}): score {_n(o['ratio'])}x the median, "
+                     f"||W[:, c]|| {_n(o['weight_ratio'])}x, E|x_c| {_n(o['act_ratio'])}x.")
+    if exp.qk_outliers:
+        q = exp.qk_outliers[0]
+        lines.append(f"{len(exp.qk_outliers)} q/k output channels stand out in their head; the largest: layer "
+                     f"{q['layer']} {q['role']} head {q['head']} channel {q['index']} ({_n(q['ratio_head'])}x the "
+                     f"head median), driven by input column(s) "
+                     + ", ".join(f"{d['col']} ({_pct(d['share'])})" for d in q["drivers"]) + ".")
+    for note in exp.notes:
+        lines.append(f"Note: {note}.")
+    return lines
+
+
+# -- reusing a saved profile ----------------------------------------------------------------------------
+def profile_from_report(out_dir: str | Path):
+    """Rebuild a :class:`~outlierlab.tracing.Profile` from ``report.json`` + ``profile.safetensors`` (as
+    written by ``outlierlab profile``). Top-k entries come back without their window index (-1)."""
+    from ..tracing import ProfileConfig, StatsConfig
+    from ..tracing.result import ARRAY_KEYS, PositionResult, Profile, load_report
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "report.json").is_file():
+        raise OutlierlabError(f"no report.json in {out_dir}: run `outlierlab profile --out {out_dir}` first")
+    try:
+        report, arrays = load_report(out_dir)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise OutlierlabError(f"cannot read the profile in {out_dir}: {exc}") from exc
+    if report.get("kind") != "profile" or "layers" not in report:
+        raise OutlierlabError(f"{out_dir}/report.json is not a profile report")
+    layer_ids = sorted({int(k.split(".", 1)[0][1:]) for k in arrays if k.startswith("L")})
+    if len(layer_ids) != len(report["layers"]):
+        raise OutlierlabError(f"{out_dir}: report.json and profile.safetensors do not match")
+    results = {}
+    for layer, entries in zip(layer_ids, report["layers"]):
+        for pos, js in entries.items():
+            src = js.get("same_as") or pos
+            stats = {"absmax": js["absmax"], "median": js["median"]}
+            for key in ARRAY_KEYS:
+                t = arrays.get(f"L{layer}.{src}.{key}")
+                if t is None:
+                    raise OutlierlabError(f"{out_dir}: array L{layer}.{src}.{key} missing")
+                stats[key] = t
+            top = js.get("top", [])
+            stats["top_value"] = torch.tensor([e[0] for e in top], dtype=torch.float32)
+            stats["top_token"] = torch.tensor([e[1] for e in top], dtype=torch.long)
+            stats["top_channel"] = torch.tensor([e[2] for e in top], dtype=torch.long)
+            stats["top_window"] = torch.full((len(top),), -1, dtype=torch.long)
+            results[(layer, pos)] = PositionResult(layer, pos, js.get("alias"), stats, [], [], js.get("same_as"))
+    cfgd = report.get("config") or {}
+    try:
+        config = ProfileConfig(stats=StatsConfig(**cfgd.get("stats", {})),
+                               detect=DetectConfig(**cfgd.get("detect", {})),
+                               batch_size=cfgd.get("batch_size", 1),
+                               layers=tuple(cfgd["layers"]) if cfgd.get("layers") else None,
+                               positions=tuple(cfgd["positions"]) if cfgd.get("positions") else None,
+                               weights=cfgd.get("weights", True))
+    except TypeError:
+        config = ProfileConfig()
+    weights = {k[len("weights."):]: v for k, v in arrays.items() if k.startswith("weights.")} or None
+    prof = Profile(model_info=report.get("model", {}), data_info=report.get("data", {}), config=config,
+                   adapter=report.get("adapter", {}), results=results,
+                   massive_activations=report.get("massive_activations", []),
+                   channel_outliers=report.get("channel_outliers", []), weights=weights,
+                   timings=report.get("timings", {}), median_error=report.get("median_error", {}))
+    return prof
+
+
+__all__ = ["ExplainConfig", "Explanation", "explain", "narrative", "profile_from_report"]

@@ -1,0 +1,342 @@
+"""TMA removal: act on the triggering massive activations at y6, the down-projection input (``mlp.down_in``;
+``mlp.act`` = y4 for GeLU FFNs), with forward pre-hooks on the down projection.
+
+Modes (``TMAConfig.mode``), applied at the origin layers (found on the calibration data: layers whose y6
+holds an MA by the detection rule and whose block at least doubles the residual max) or at every layer:
+
+- ``clip``: clamp every entry of y6 to ``[-target, target]`` (the reference curve of the issue);
+- ``zero``: set the MA entries (``|x| > threshold``) to 0;
+- ``replace``: set the MA entries to a calibrated value (the channel's mean over the non-MA calibration
+  entries);
+- ``scale``: multiply the y6 vector of each MA token by ``target / max|y6_t|`` (or by ``factor``).
+
+``scale`` with ``compensate=True`` (the default) keeps what the MA does while removing its magnitude. Every
+norm reading the residual stream is invariant to a per-token scale, so the MA token's whole residual stream
+is rescaled by the same factor ``c_t``: at the origin layer the rest of the layer output is scaled with the
+branch (``out <- c (out - m) + m``), and every later layer scales that token's attention-output and
+down-projection inputs by ``c_t`` (bias corrected; on the post-norm outputs for sandwich-norm families).
+The sink token then has exactly the same normalized direction, keys and values as before, at a residual
+magnitude ``c_t`` times smaller: function-preserving up to the norms' epsilon, for pre-norm models.
+
+The hooks live on the model until ``MitigationResult.remove()``; their parameters are JSON
+(``outlierlab.json`` of an export) and :func:`attach` rebuilds them without calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..analysis.detect import DetectConfig
+from .base import (
+    Context,
+    MitigationError,
+    calib_profile,
+    check_choice,
+    down_spec,
+    is_pre_norm,
+    layer_list,
+    linear_module,
+    out_spec,
+)
+
+MODES = ("zero", "clip", "scale", "replace")
+
+
+@dataclass(frozen=True)
+class TMAConfig:
+    """Removal of the triggering massive activations at y6 (see the module docstring)."""
+
+    name: ClassVar[str] = "tma"
+    mode: str = "scale"
+    #: clip: the bound; scale: the largest |y6| an MA token keeps (the sweep chose 20 on SmolLM2-135M)
+    target: float = 20.0
+    #: scale: a fixed factor for the MA tokens instead of ``target``
+    factor: float | None = None
+    #: "origin" (found on the calibration data) | "all" | explicit layer indices
+    layers: str | tuple[int, ...] = "origin"
+    #: scale: rescale the MA token's residual stream consistently (function-preserving)
+    compensate: bool = True
+    #: |y6| above which an entry is an MA; None = calibrated per layer by the detection rule
+    threshold: float | None = None
+    detect: DetectConfig = DetectConfig()
+    #: origin rule: the block multiplies the residual max by at least this
+    growth: float = 2.0
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice("tma.mode", self.mode, MODES)
+        if isinstance(self.layers, str):
+            check_choice("tma.layers", self.layers, ("origin", "all"))
+        if self.mode in ("clip", "scale") and self.factor is None and not self.target > 0:
+            raise MitigationError(f"tma.target must be positive, not {self.target}")
+        if self.factor is not None and not 0 < self.factor <= 1:
+            raise MitigationError(f"tma.factor must be in (0, 1], not {self.factor}")
+
+    @property
+    def exact(self) -> bool:
+        return self.mode == "scale" and self.compensate
+
+
+# -- calibration -----------------------------------------------------------------------------------------
+def find_origins(profile, growth: float = 2.0) -> list[int]:
+    """Layers whose y6 holds an MA (by the profile's rule) and whose block multiplies the residual max by
+    ``growth`` or more: where a residual MA is written. The first layer with a y6 MA when none grows."""
+    with_ma = [layer for layer in profile.layers
+               if (layer, "mlp.down_in") in profile.results and profile.get(layer, "mlp.down_in").massive]
+    origins = []
+    for layer in with_ma:
+        before = profile.get(layer, "attn.in").stats["absmax"]
+        after = profile.get(layer, "block.out").stats["absmax"]
+        if after >= growth * max(before, 1e-12):
+            origins.append(layer)
+    return origins or with_ma[:1]
+
+
+def _thresholds(profile, layers: list[int], cfg: TMAConfig) -> dict[int, float]:
+    out = {}
+    for layer in layers:
+        if cfg.threshold is not None:
+            out[layer] = float(cfg.threshold)
+        else:
+            med = profile.get(layer, "mlp.down_in").stats["median"]
+            out[layer] = float(max(cfg.detect.ma_abs, cfg.detect.ma_rel * med))
+    return out
+
+
+@torch.no_grad()
+def _replace_values(model, ids, layers: list[int], thresholds: dict[int, float], batch_size: int) -> dict:
+    """Per active layer: {channel: mean of that channel over non-MA entries} for the channels that hold MAs."""
+    adapter = get_adapter(model)
+    spec = down_spec(adapter)
+    sums, counts, ma_channels = {}, {}, {layer: set() for layer in layers}
+    handles = []
+
+    def make(layer):
+        def hook(module, args):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            big = x.abs() > thresholds[layer]
+            ma_channels[layer].update(torch.nonzero(big.any(0)).flatten().tolist())
+            keep = (~big).float()
+            sums[layer] = sums.get(layer, 0) + (x * keep).sum(0)
+            counts[layer] = counts.get(layer, 0) + keep.sum(0)
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(linear_module(adapter, layer, spec).register_forward_pre_hook(make(layer)))
+        for start in range(0, len(ids), batch_size):
+            model(input_ids=ids[start:start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for layer in layers:
+        mean = sums[layer] / counts[layer].clamp_min(1)
+        out[str(layer)] = {str(c): float(mean[c]) for c in sorted(ma_channels[layer])}
+    return out
+
+
+def calibrate(ctx: Context, cfg: TMAConfig) -> dict:
+    """The runtime parameters of ``cfg`` for ``ctx.model``: active layers, thresholds, replace values."""
+    adapter = ctx.adapter
+    if cfg.compensate and cfg.mode == "scale" and not is_pre_norm(adapter):
+        raise MitigationError("tma: the compensated scale needs a pre-norm model; use compensate=False")
+    ids = ctx.calib_ids("tma")
+    positions = ("attn.in", "mlp.act", "mlp.down_in", "block.out")
+    profile = calib_profile(ctx.model, ids, positions, cfg.batch_size)
+    origins = find_origins(profile, cfg.growth)
+    if cfg.layers == "origin":
+        layers = origins
+    elif cfg.layers == "all":
+        layers = list(range(adapter.n_layers))
+    else:
+        layers = layer_list(adapter, cfg.layers)
+    thresholds = _thresholds(profile, layers, cfg)
+    params = {
+        "mode": cfg.mode, "target": cfg.target, "factor": cfg.factor, "compensate": bool(cfg.compensate),
+        "layers": layers, "thresholds": {str(k): v for k, v in thresholds.items()}, "origins": origins,
+    }
+    if cfg.mode == "replace" and layers:
+        params["replace"] = _replace_values(ctx.model, ids, layers, thresholds, cfg.batch_size)
+    y6 = {str(layer): profile.get(layer, "mlp.down_in").stats["absmax"] for layer in layers}
+    return {"params": params, "y6_absmax": y6}
+
+
+# -- runtime ---------------------------------------------------------------------------------------------
+def _post_norm_modules(adapter) -> tuple[str | None, str | None]:
+    """Module paths of the norms on the attention and FFN outputs (sandwich-norm families), if any."""
+    found = {}
+    for p in adapter.positions():
+        if p.name in ("attn.post_norm", "mlp.post_norm") and p.capture is not None:
+            found[p.name] = p.capture.module
+    return found.get("attn.post_norm"), found.get("mlp.post_norm")
+
+
+class _Runtime:
+    """The per-forward state of the hooks: ``c`` = [batch, tokens, 1] residual factors (None = all ones)."""
+
+    def __init__(self, model: nn.Module, params: dict):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.p = params
+        self.layers = set(int(i) for i in params["layers"])
+        self.thr = {int(k): float(v) for k, v in params["thresholds"].items()}
+        self.replace = {int(k): {int(c): float(v) for c, v in d.items()} for k, d in params.get("replace", {}).items()}
+        self.comp = params["mode"] == "scale" and params["compensate"]
+        self.c: torch.Tensor | None = None
+        self.c_new: torch.Tensor | None = None
+        self.down_factor: torch.Tensor | None = None
+        self.m: torch.Tensor | None = None
+        self.handles: list = []
+        self.post_attn, self.post_mlp = _post_norm_modules(self.adapter)
+
+    # -- helpers
+    @staticmethod
+    def _fit(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast [B, T, 1] factors onto ``x`` ([B, T, C] or OPT's flattened [B*T, C])."""
+        c = c.to(dtype=x.dtype, device=x.device)
+        return c.reshape(-1, 1) if x.dim() == 2 else c
+
+    def _mode(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p, thr = self.p, self.thr[layer]
+        mode = p["mode"]
+        if mode == "clip":
+            return x.clamp(-p["target"], p["target"]), None
+        big = x.abs() > thr
+        if mode == "zero":
+            return x.masked_fill(big, 0.0), None
+        if mode == "replace":
+            values = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+            for ch, v in self.replace.get(layer, {}).items():
+                values[ch] = v
+            return torch.where(big, values.expand_as(x), x), None
+        # scale: whole token vectors
+        peak = x.abs().amax(dim=-1, keepdim=True)
+        hit = peak > thr
+        if p["factor"] is not None:
+            f = torch.full_like(peak, float(p["factor"]))
+        else:
+            f = (p["target"] / peak.clamp_min(1e-30)).clamp(max=1.0)
+        f = torch.where(hit, f, torch.ones_like(f))
+        return x * f, f
+
+    def _as_bt1(self, f: torch.Tensor, batch_shape) -> torch.Tensor:
+        return f.reshape(*batch_shape, 1) if f.dim() == 2 else f
+
+    # -- hooks
+    def reset(self, module, args, kwargs):
+        self.c = None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.batch_shape = tuple(hidden.shape[:2]) if hidden is not None else None
+
+    def down_pre(self, layer: int):
+        def hook(module, args):
+            x = args[0]
+            factor = None
+            if self.comp and self.c is not None:
+                factor = self._fit(self.c, x)
+                x = x * factor
+            self.c_new = None
+            if layer in self.layers:
+                x, f = self._mode(layer, x)
+                if f is not None:
+                    self.c_new = self._as_bt1(f, self.batch_shape)
+                    factor = f if factor is None else factor * f
+            self.down_factor = factor if self.comp else None
+            return (x, *args[1:])
+        return hook
+
+    def bias_fix(self, which: str):
+        def hook(module, args, out):
+            factor = self.down_factor if which == "down" else self.o_factor
+            b = getattr(module, "bias", None)
+            if factor is None or b is None:
+                return None
+            return out + (factor - 1.0) * b
+        return hook
+
+    def capture_m(self, module, args, out):
+        self.m = out
+
+    def o_pre(self, module, args):
+        self.o_factor = None
+        if self.c is None:
+            return None
+        x = args[0]
+        self.o_factor = self._fit(self.c, x)
+        return (x * self.o_factor, *args[1:])
+
+    def post_norm_scale(self, module, args, out):
+        if self.c is None:
+            return None
+        return out * self._fit(self.c, out)
+
+    def layer_out(self, module, args, out):
+        c_new = self.c_new
+        if c_new is None or not self.comp:
+            return None
+        hidden = out[0] if isinstance(out, tuple) else out
+        c_new = c_new.to(hidden.dtype)
+        if self.post_mlp is not None:
+            new = hidden * c_new
+        else:
+            m = self.m.reshape(hidden.shape)
+            new = c_new * (hidden - m) + m
+        self.c = c_new if self.c is None else self.c * c_new
+        self.c_new = None
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def attach(self) -> None:
+        a = self.adapter
+        layers = a.layers()
+        dspec, ospec = down_spec(a), out_spec(a)
+        self.o_factor = None
+        self.handles.append(layers[0].register_forward_pre_hook(self.reset, with_kwargs=True))
+        for i in range(a.n_layers):
+            down = linear_module(a, i, dspec)
+            if i in self.layers or self.comp:
+                self.handles.append(down.register_forward_pre_hook(self.down_pre(i)))
+                self.handles.append(down.register_forward_hook(self.bias_fix("down")))
+            if not self.comp:
+                continue
+            if self.post_attn is not None:
+                self.handles.append(layers[i].get_submodule(self.post_attn).register_forward_hook(self.post_norm_scale))
+            else:
+                o = linear_module(a, i, ospec)
+                self.handles.append(o.register_forward_pre_hook(self.o_pre))
+                self.handles.append(o.register_forward_hook(self.bias_fix("o")))
+            if self.post_mlp is not None:
+                self.handles.append(layers[i].get_submodule(self.post_mlp).register_forward_hook(self.post_norm_scale))
+            if i in self.layers:
+                if self.post_mlp is None:
+                    self.handles.append(down.register_forward_hook(self.capture_m))
+                self.handles.append(layers[i].register_forward_hook(self.layer_out))
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def attach(model: nn.Module, params: dict):
+    """Install the runtime hooks described by ``params`` (from :func:`calibrate`); returns a remover."""
+    rt = _Runtime(model, params)
+    rt.attach()
+    return rt.remove
+
+
+def apply(ctx: Context, cfg: TMAConfig) -> dict:
+    cal = calibrate(ctx, cfg)
+    params = cal["params"]
+    if not params["layers"]:
+        ctx.say("tma: no massive activation at y6 on the calibration data; nothing to do")
+    else:
+        ctx.say(f"tma: {cfg.mode} at layers {params['layers']} (origins {params['origins']}), "
+                f"y6 max there {max(cal['y6_absmax'].values()):,.0f}")
+    return {"runtime": params, "info": {"layers": params["layers"], "origins": params["origins"],
+                                        "y6_absmax_before": cal["y6_absmax"]}}

@@ -1,0 +1,376 @@
+"""Applying fake quantization to a model: weights replaced, linear inputs quantized by forward pre-hooks, the KV
+cache by an attention wrapper; everything owned by one :class:`QuantState` that removes it.
+
+Two steps, as in torchao's prepare/convert:
+
+- :func:`prepare` computes, without changing the model, what will be installed: the quantized weight of every
+  target linear (RTN, or GPTQ from calibration windows), the activation quantizer of its input (with the scale
+  calibrated on the calibration windows for ``tensor-static``), and the KV quantizer.
+- :meth:`QuantPlan.install` puts it on a model and returns a :class:`QuantState`; ``state.remove()`` (or leaving
+  its ``with`` block) restores the original weight *objects*, removes the hooks and the attention wrapper, so the
+  model is bit-identical to before. ``restore=False`` drops the originals instead (memory of one model only; use
+  it on a deep copy).
+
+:func:`quantize_` does both. Targets: the linears that the architecture adapter declares (``linears()``) in every
+decoder layer; GPT-2's ``Conv1D`` weights (stored ``[in, out]``) are quantized per output column, like the
+others per output row. The model attribute ``outlierlab_fp_prefix`` (int N, set by prefix-style mitigations) is
+read when the plan is made: activations and KV at the first N positions of every sequence stay in full
+precision and are left out of the static calibration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..adapters.base import Adapter, LinearSpec
+from ..tracing.hooks import HookSet
+from . import kv as kvmod
+from .config import QuantConfig, QuantConfigError, get_quant
+from .quantizers import asym_params, fake_quant, qparams, quant_weight, sym_scale
+
+PREFIX_ATTR = "outlierlab_fp_prefix"
+
+
+@dataclass
+class Target:
+    """One quantized linear: its full module name, layer (None for lm_head), role and input position."""
+
+    name: str
+    layer: int | None
+    role: str
+    module: nn.Module
+    input_position: str
+    transposed: bool = False
+    alias: str | None = None
+
+    def weight_view(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a view of the module's current weight)."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    def to_storage(self, w_out_in: torch.Tensor) -> torch.Tensor:
+        """A ``[out, in]`` tensor in the module's storage layout (contiguous)."""
+        return (w_out_in.t() if self.transposed else w_out_in).contiguous()
+
+
+def find_targets(model: nn.Module, config: QuantConfig, adapter: Adapter | None = None) -> list[Target]:
+    """The linears ``config`` quantizes, in layer order (then lm_head when asked)."""
+    adapter = adapter or get_adapter(model)
+    aliases = {p.name: p.alias for p in adapter.positions()}
+    specs: list[LinearSpec] = adapter.linears()
+    known = {s.role for s in specs}
+    if config.roles is not None:
+        unknown = set(config.roles) - known
+        if unknown == set(config.roles):
+            raise QuantConfigError(f"roles {sorted(unknown)} match no linear of this model (it has "
+                                   f"{', '.join(sorted(known))})")
+        specs = [s for s in specs if s.role in config.roles]
+    n = adapter.n_layers
+    layers = range(n) if config.layers is None else [i for i in config.layers if 0 <= i < n]
+    if config.layers is not None and not layers:
+        raise QuantConfigError(f"layers {list(config.layers)} are outside 0..{n - 1}")
+    out: list[Target] = []
+    for i in layers:
+        layer = adapter.layers()[i]
+        for s in specs:
+            out.append(Target(f"{adapter.layer_name(i)}.{s.module}", i, s.role, layer.get_submodule(s.module),
+                              s.input_position, s.transposed, aliases.get(s.input_position)))
+    if config.lm_head:
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            raise QuantConfigError("lm_head=True but the model has no output embedding layer")
+        name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+        out.append(Target(name, None, "lm_head", head, "final_norm", False, None))
+    return out
+
+
+# -- activations ---------------------------------------------------------------------------------------------
+
+
+class _SeqShape:
+    """The (batch, tokens) of the forward in flight, recorded by a model pre-hook, for inputs that arrive
+    flattened to ``[batch * tokens, features]`` (OPT's FFN)."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
+
+    def hook(self, module, args, kwargs) -> None:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        self.shape = (int(x.shape[0]), int(x.shape[1])) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+    def as_3d(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return x
+        if x.dim() == 2 and self.shape is not None and x.shape[0] == self.shape[0] * self.shape[1]:
+            return x.view(self.shape[0], self.shape[1], x.shape[1])
+        return x.reshape(1, -1, x.shape[-1])
+
+
+@dataclass
+class ActQuantizer:
+    """Fake-quantizes the input of one linear: per token, per sequence (``tensor-dynamic``) or with a frozen
+    scale (``tensor-static``). The first ``prefix`` tokens of every sequence stay in full precision."""
+
+    bits: int
+    symmetric: bool
+    granularity: str
+    clip: float = 1.0
+    prefix: int = 0
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    shape: _SeqShape | None = field(default=None, repr=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.dim() != 3
+        if not flat:
+            x3 = x
+        elif self.shape is not None:
+            x3 = self.shape.as_3d(x)
+        else:
+            x3 = x.reshape(1, -1, x.shape[-1])
+        p = min(self.prefix, x3.shape[1])
+        if self.granularity == "token":
+            scale, zero = qparams(x3, self.bits, self.symmetric, -1, self.clip)
+        elif self.granularity == "tensor-dynamic":
+            rest = x3[:, p:] if p else x3
+            if rest.shape[1] == 0:
+                return x
+            scale, zero = qparams(rest, self.bits, self.symmetric, (1, 2), self.clip)
+        else:
+            if self.scale is None:
+                raise QuantConfigError("static activation scale used before calibration")
+            scale, zero = self.scale, self.zero
+        xq = fake_quant(x3, scale, zero, self.bits)
+        if p:
+            xq[:, :p] = x3[:, :p]
+        return xq.view(x.shape) if flat else xq
+
+    def describe(self) -> dict:
+        d = {"bits": self.bits, "symmetric": self.symmetric, "granularity": self.granularity, "clip": self.clip,
+             "prefix": self.prefix}
+        if self.scale is not None:
+            d["scale"] = float(self.scale.reshape(-1)[0])
+            if self.zero is not None:
+                d["zero"] = float(self.zero.reshape(-1)[0])
+        return d
+
+
+def _pre_hook(quantizer: ActQuantizer) -> Callable:
+    def hook(module, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        return (quantizer(args[0]), *args[1:])
+
+    return hook
+
+
+class _RangeObserver:
+    """Running abs-max (or min and max) of a linear's input over calibration, prefix tokens excluded; kept on
+    the device (no host sync per call)."""
+
+    def __init__(self, prefix: int, shape: _SeqShape) -> None:
+        self.prefix, self.shape = prefix, shape
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def __call__(self, module, args) -> None:
+        if not args:
+            return
+        x3 = self.shape.as_3d(args[0].detach())
+        if self.prefix:
+            x3 = x3[:, self.prefix:]
+        if x3.numel() == 0:
+            return
+        lo, hi = x3.amin().float(), x3.amax().float()
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+
+def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor, config: QuantConfig,
+                     prefix: int, batch_size: int = 4, progress: bool = False) -> dict[str, ActQuantizer]:
+    """Static per-tensor activation quantizers: ``scale = a_clip x abs-max`` over the calibration windows (or
+    the clipped min/max, asymmetric), observed on the model as it is (its weights are not changed here)."""
+    from ..tracing.profiler import run_windows
+
+    shape = _SeqShape()
+    observers = {t.name: _RangeObserver(prefix, shape) for t in targets}
+    with HookSet() as hooks:
+        hooks.pre(model, shape.hook, with_kwargs=True)
+        for t in targets:
+            hooks.pre(t.module, observers[t.name])
+        run_windows(model, ids, batch_size, None, progress, "calibrating activations")
+    out = {}
+    for t in targets:
+        obs = observers[t.name]
+        if obs.hi is None:
+            raise QuantConfigError(f"{t.name} saw no input during calibration (are the windows longer than the "
+                                   f"fp prefix of {prefix} tokens?)")
+        if config.symmetric:
+            scale, zero = sym_scale(torch.maximum(obs.hi, -obs.lo), config.a_bits, config.a_clip), None
+        else:
+            scale, zero = asym_params(obs.lo, obs.hi, config.a_bits, config.a_clip)
+        out[t.name] = ActQuantizer(config.a_bits, config.symmetric, "tensor-static", config.a_clip, prefix,
+                                   scale, zero)
+    return out
+
+
+# -- the plan and the installed state ------------------------------------------------------------------------
+
+
+@dataclass
+class QuantPlan:
+    """What :meth:`install` puts on a model: quantized weights (``[out, in]``), activation quantizers, the KV
+    quantizer, the quantized embedding matrix."""
+
+    config: QuantConfig
+    targets: list[Target]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    acts: dict[str, ActQuantizer] = field(default_factory=dict)
+    kv: kvmod.KVQuantizer | None = None
+    embedding: tuple[nn.Module, torch.Tensor] | None = None
+    prefix: int = 0
+    info: dict = field(default_factory=dict)
+
+    def install(self, model: nn.Module, restore: bool = True) -> "QuantState":
+        """Put the plan on ``model`` (the model it was prepared on). ``restore=False`` drops the original
+        weights (the state then cannot give them back)."""
+        state = QuantState(model, self.config, self, restore)
+        try:
+            for t in self.targets:
+                if t.name in self.weights:
+                    state._swap(t.module, t.to_storage(self.weights[t.name]))
+            if self.embedding is not None:
+                module, w = self.embedding
+                state._swap(module, w)
+            if self.acts:
+                shape = _SeqShape()
+                state.hooks.pre(model, shape.hook, with_kwargs=True)
+                for t in self.targets:
+                    q = self.acts.get(t.name)
+                    if q is not None:
+                        q.shape = shape
+                        state.hooks.pre(t.module, _pre_hook(q))
+            if self.kv is not None:
+                state._undo.append(kvmod.install(model, get_adapter(model), self.kv, self.config.layers))
+        except BaseException:
+            state.remove()
+            raise
+        return state
+
+
+class QuantState:
+    """The fake quantization installed on a model; ``remove()`` (idempotent) or the ``with`` block's end undoes
+    it all. ``restore=False`` states only remove hooks and the attention wrapper (weights stay quantized)."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool) -> None:
+        self.model, self.config, self.plan, self.restore = model, config, plan, restore
+        self.hooks = HookSet()
+        self._originals: list[tuple[nn.Module, nn.Parameter]] = []
+        self._undo: list[Callable[[], None]] = []
+        self.active = True
+
+    def _swap(self, module: nn.Module, data: torch.Tensor) -> None:
+        old = module.weight
+        module.weight = nn.Parameter(data.to(device=old.device, dtype=old.dtype), requires_grad=False)
+        if self.restore:
+            self._originals.append((module, old))
+
+    def remove(self) -> None:
+        self.hooks.remove()
+        while self._undo:
+            self._undo.pop()()
+        while self._originals:
+            module, old = self._originals.pop()
+            module.weight = old
+        self.active = False
+
+    def __enter__(self) -> "QuantState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def info(self) -> dict:
+        return self.plan.info
+
+    def describe(self) -> dict:
+        return {"config": self.config.to_dict(), "summary": self.config.describe(), **self.plan.info}
+
+
+def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:
+    if calib is None:
+        raise QuantConfigError(f"quantization {config.name!r} needs calibration windows (static activation "
+                               "scales or GPTQ): pass calib=")
+    ids = getattr(calib, "input_ids", calib)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise QuantConfigError("calibration windows must be Windows or a [n, T] LongTensor of token ids")
+    return ids[: config.calib_samples] if config.calib_samples else ids
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, config: "QuantConfig | str", calib=None, *, batch_size: int = 4,
+            progress: bool = False) -> QuantPlan:
+    """Compute what fake quantization installs (see module docstring); the model is left as it was."""
+    config = get_quant(config)
+    adapter = get_adapter(model)
+    prefix = int(getattr(model, PREFIX_ATTR, 0) or 0)
+    targets = find_targets(model, config, adapter) if (config.quantizes_weights or
+                                                        config.quantizes_activations) else []
+    plan = QuantPlan(config, targets, prefix=prefix)
+    t0 = time.perf_counter()
+    if config.quantizes_weights:
+        gptq_names: dict[str, torch.Tensor] = {}
+        if config.w_method == "gptq":
+            from .gptq import gptq_weights
+
+            ids = _calib_ids(calib, config)
+            gptq_names = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
+                                      batch_size, progress)
+        for t in targets:
+            if t.name in gptq_names:
+                plan.weights[t.name] = gptq_names[t.name]
+            else:
+                plan.weights[t.name] = quant_weight(t.weight_view().detach(), config.w_bits, config.symmetric,
+                                                    config.w_granularity, config.group_size, config.w_clip)
+        if config.embeddings:
+            emb = model.get_input_embeddings()
+            plan.embedding = (emb, quant_weight(emb.weight.detach(), config.w_bits, config.symmetric, "channel",
+                                                config.group_size, config.w_clip))
+    plan.info["weights_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if config.quantizes_activations:
+        if config.a_granularity == "tensor-static":
+            plan.acts = calibrate_static(model, targets, _calib_ids(calib, config), config, prefix, batch_size,
+                                         progress)
+        else:
+            plan.acts = {t.name: ActQuantizer(config.a_bits, config.symmetric, config.a_granularity,
+                                              config.a_clip, prefix) for t in targets}
+    plan.info["activations_s"] = time.perf_counter() - t1
+    if config.quantizes_kv:
+        plan.kv = kvmod.KVQuantizer(config.kv_bits, config.kv_symmetric, config.kv_clip, prefix)
+    plan.info.update({"n_linears": len(targets), "fp_prefix": prefix})
+    return plan
+
+
+def quantize_(model: nn.Module, config: "QuantConfig | str", calib=None, *, restore: bool = True,
+              batch_size: int = 4, progress: bool = False) -> QuantState:
+    """Fake-quantize ``model`` in place; returns the :class:`QuantState` that undoes it (``remove()`` or
+    ``with quantize_(...):``). ``calib`` (Windows or ids) is needed for static scales and GPTQ."""
+    return prepare(model, config, calib, batch_size=batch_size, progress=progress).install(model, restore)
+
+
+def static_scales(state_or_plan) -> dict[str, float]:
+    """Name -> calibrated static activation scale (for reports and tests)."""
+    plan = getattr(state_or_plan, "plan", state_or_plan)
+    return {name: float(q.scale.reshape(-1)[0]) for name, q in plan.acts.items() if q.scale is not None}
