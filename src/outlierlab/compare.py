@@ -1,0 +1,420 @@
+"""The mitigation x quantization table: every method of ``outlierlab.mitigation.METHODS`` crossed with every
+quantization setting, each cell's perplexity under the one evaluation protocol, and its change against the
+full-precision, unmitigated model.
+
+A cell is: a deep copy of the model (the caller's model is never changed; ``none`` skips the copy because
+fake quantization is removed bit-identically), ``mitigate(copy, [method], calib, tokenizer)``, fake quantization
+(:func:`outlierlab.quantization.quantize_`, calibrated on the same calibration windows), perplexity on the
+evaluation windows. The mitigated copy is reused for all quantization settings of its method (the
+quantization is removed between cells). Methods that are not in ``METHODS`` (yet) are reported as
+``not available``; a method or a setting that fails is reported as ``error`` with its message, and the others
+still run.
+
+Every finished cell is written at once to ``OUT/cells/<key>.json``, where ``key`` hashes the model (content
+hash), the method and its config, the quantization config, the evaluation protocol, the calibration data and
+a fingerprint of the code that computes the cell; a rerun (after an interruption, or with more methods)
+computes only the missing cells. ``compare.json`` (protocol, configs, versions, every cell) and
+``compare.csv`` (one row per cell) are written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataConfig, make_windows
+from .evaluation import EvalConfig, eval_windows, perplexity
+from .paths import atomic_write_json, atomic_write_text
+from .quantization import QuantConfig, get_quant
+
+SCHEMA = "outlierlab.compare/1"
+DEFAULT_QUANTS = ("fp", "w8a8-tensor", "w8a8-token", "w4a8", "w4a4")
+REFERENCE = ("none", "fp")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Which cells and how. ``calib``: the calibration windows given to every method and to static scales /
+    GPTQ; ``sqnr``: also measure the per-linear quantization error of every cell on ``sqnr_samples``
+    calibration windows (summary in the table's JSON/CSV, full table in ``cells/``)."""
+
+    methods: tuple[str, ...] = ("none",)
+    quants: tuple[str, ...] = DEFAULT_QUANTS
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    calib: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 4
+    sqnr: bool = False
+    sqnr_samples: int = 4
+
+
+@dataclass
+class Cell:
+    method: str
+    quant: str
+    status: str = "pending"  # ok | not available | error
+    ppl: float | None = None
+    delta_ppl: float | None = None
+    rel_delta_pct: float | None = None
+    key: str = ""
+    cached: bool = False
+    error: str | None = None
+    quant_config: dict = field(default_factory=dict)
+    quant_summary: str = ""
+    method_config: dict | None = None
+    mitigation: dict = field(default_factory=dict)
+    quant_info: dict = field(default_factory=dict)
+    sqnr: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("ppl", "delta_ppl", "rel_delta_pct"):
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+
+@dataclass
+class CompareResult:
+    config: CompareConfig
+    cells: list[Cell]
+    reference: Cell
+    document: dict
+    out_dir: Path | None = None
+
+    def get(self, method: str, quant: str) -> Cell:
+        return next(c for c in self.cells if c.method == method and c.quant == quant)
+
+
+# -- hashing -------------------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return repr(obj)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def model_hash(model, info: dict | None = None) -> str:
+    """The model's identity: the GGUF file's SHA-256 when it came from one, else a hash of every parameter and
+    buffer (names, dtypes, shapes, bytes) and of the config."""
+    if info and info.get("sha256"):
+        return f"file:{info['sha256']}:{info.get('dtype')}"
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=repr).encode())
+    for name, t in list(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return f"params:{h.hexdigest()}"
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def code_fingerprint(method_cfg: Any = None) -> dict:
+    """Hashes of the code that computes a cell: the method's module, the quantization and evaluation code."""
+    import inspect
+
+    from . import __version__
+
+    pkg = Path(__file__).parent
+    own = sorted([*pkg.glob("quantization/*.py"), *pkg.glob("evaluation/*.py"), pkg / "compare.py",
+                  *pkg.glob("mitigation/__init__.py")])
+    h = hashlib.sha256()
+    for p in own:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    method_file = None
+    if method_cfg is not None:
+        try:
+            method_file = inspect.getsourcefile(type(method_cfg))
+        except TypeError:
+            method_file = None
+    return {"outlierlab": __version__, "harness": h.hexdigest()[:16], "method": _file_digest(method_file)}
+
+
+# -- running -------------------------------------------------------------------------------------------------
+
+
+def available_methods() -> dict[str, type]:
+    """``outlierlab.mitigation.METHODS`` as it is now (new methods are picked up without changes here)."""
+    from . import mitigation
+
+    return dict(mitigation.METHODS)
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"outlierlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _method_config(name: str, methods: dict) -> Any:
+    return methods[name]()
+
+
+def _short_error(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not enabled, transient=True)
+
+
+def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None = None, *,
+            progress: bool = False, force: bool = False, on_cell=None) -> CompareResult:
+    """Run (or resume) the table for a :class:`~outlierlab.models.LoadedModel`. ``out_dir`` None: no files
+    and no cache. ``force``: recompute cached cells. ``on_cell(cell)`` is called after each cell."""
+    from .mitigation import mitigate
+    from .models.loader import max_positions
+
+    config = config or CompareConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    cells_dir = out / "cells" if out is not None else None
+    quants: list[QuantConfig] = [get_quant(q) for q in config.quants]
+    methods = available_methods()
+    t_start = time.perf_counter()
+
+    maxpos = max_positions(lm.model)
+    ev = eval_windows(lm.tokenizer, config.eval, max_positions=maxpos)
+    calib = make_windows(lm.tokenizer, config.calib, max_positions=maxpos)
+    sqnr_ids = calib.input_ids[: config.sqnr_samples]
+    protocol = config.eval.protocol()
+    base = {"model": model_hash(lm.model, lm.info), "protocol": protocol,
+            "calibration": dataclasses.asdict(config.calib), "batch_size": config.batch_size}
+
+    wanted = [(m, q) for m in config.methods for q in quants]
+    if not any(m == REFERENCE[0] and q.name == REFERENCE[1] for m, q in wanted):
+        wanted = [(REFERENCE[0], get_quant(REFERENCE[1]))] + wanted
+    cells: dict[tuple[str, str], Cell] = {}
+    todo: dict[str, list[tuple[Cell, QuantConfig]]] = {}
+    for m, q in wanted:
+        cell = Cell(m, q.name, quant_config=q.to_dict(), quant_summary=q.describe())
+        cells[(m, q.name)] = cell
+        if m not in methods:
+            cell.status = "not available"
+            cell.error = f"method {m!r} is not in outlierlab.mitigation.METHODS (available: {', '.join(methods)})"
+            continue
+        mcfg = _method_config(m, methods)
+        cell.method_config = _jsonable(mcfg)
+        cell.key = _digest({**base, "method": m, "method_config": cell.method_config, "quant": q.to_dict(),
+                            "code": code_fingerprint(mcfg)})[:24]
+        path = cells_dir / f"{cell.key}.json" if cells_dir is not None else None
+        if path is not None and path.is_file() and not force:
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("status") == "ok" and (not config.sqnr or q.is_fp or saved.get("sqnr")):
+                    for k, v in saved.items():
+                        if hasattr(cell, k):
+                            setattr(cell, k, v)
+                    cell.cached = True
+                    continue
+            except (OSError, ValueError):
+                pass
+        todo.setdefault(m, []).append((cell, q))
+
+    n_todo = sum(len(v) for v in todo.values())
+    with _progress(progress) as bar:
+        task = bar.add_task("compare", total=n_todo)
+        for m, items in todo.items():
+            mcfg = _method_config(m, methods)
+            work, result, t_mit = lm.model, None, 0.0
+            try:
+                bar.update(task, description=f"{m}: mitigating")
+                t0 = time.perf_counter()
+                if m != "none":
+                    work = copy.deepcopy(lm.model)
+                result = mitigate(work, [mcfg], calib, lm.tokenizer)
+                t_mit = time.perf_counter() - t0
+                applied = {"applied": _jsonable(result.applied), "runtime": list(result.runtime),
+                           "fp_prefix": int(getattr(work, "outlierlab_fp_prefix", 0) or 0)}
+            except Exception as exc:  # noqa: BLE001 - a broken method must not stop the table
+                for cell, _ in items:
+                    cell.status, cell.error = "error", f"mitigation failed: {_short_error(exc)}"
+                    bar.advance(task)
+                del work
+                continue
+            try:
+                for cell, q in items:
+                    bar.update(task, description=f"{m} x {q.name}")
+                    cell.mitigation = applied
+                    cell.timings["mitigation_s"] = t_mit
+                    _run_cell(work, cell, q, calib, ev, sqnr_ids, config)
+                    if cell.status == "ok" and cells_dir is not None:
+                        atomic_write_json(cells_dir / f"{cell.key}.json", cell.to_json())
+                    if on_cell is not None:
+                        on_cell(cell)
+                    bar.advance(task)
+            finally:
+                if result is not None:
+                    result.remove()
+                del work
+
+    ref = cells[(REFERENCE[0], REFERENCE[1])]
+    for cell in cells.values():
+        if cell.status == "ok" and ref.status == "ok" and cell.ppl is not None:
+            cell.delta_ppl = cell.ppl - ref.ppl
+            cell.rel_delta_pct = 100.0 * (cell.ppl / ref.ppl - 1.0)
+    ordered = [cells[(m, q.name)] for m, q in wanted]
+    requested = [c for c in ordered if c.method in config.methods and c.quant in [q.name for q in quants]]
+    doc = {
+        "schema": SCHEMA,
+        "model": {k: v for k, v in lm.info.items()},
+        "model_hash": base["model"],
+        "protocol": protocol,
+        "calibration": {**dataclasses.asdict(config.calib), "n_windows": int(calib.input_ids.shape[0])},
+        "config": {"methods": list(config.methods), "quants": [q.name for q in quants],
+                   "batch_size": config.batch_size, "sqnr": config.sqnr, "sqnr_samples": config.sqnr_samples},
+        "quant_presets": {q.name: {**q.to_dict(), "summary": q.describe()} for q in quants},
+        "methods_available": sorted(methods),
+        "versions": _versions(),
+        "reference": {"method": ref.method, "quant": ref.quant, "ppl": ref.ppl},
+        "cells": [_brief(c) for c in requested],
+        "timings": {"total_s": time.perf_counter() - t_start},
+    }
+    if out is not None:
+        atomic_write_json(out / "compare.json", doc)
+        write_csv(out / "compare.csv", requested)
+    return CompareResult(config, requested, ref, doc, out)
+
+
+def _brief(cell: Cell) -> dict:
+    """A cell for compare.json: the per-linear error table stays in cells/<key>.json."""
+    d = cell.to_json()
+    if d.get("sqnr"):
+        d["sqnr"] = {k: v for k, v in d["sqnr"].items() if k != "linears"}
+    return d
+
+
+def _run_cell(work, cell: Cell, q: QuantConfig, calib, ev, sqnr_ids, config: CompareConfig) -> None:
+    from .evaluation.sqnr import quant_error
+    from .quantization.fake import prepare
+
+    try:
+        t0 = time.perf_counter()
+        plan = prepare(work, q, calib, batch_size=config.batch_size)
+        cell.timings["quantize_s"] = time.perf_counter() - t0
+        if config.sqnr and not q.is_fp:
+            t1 = time.perf_counter()
+            rep = quant_error(work, q, calib, sqnr_ids, batch_size=config.batch_size, plan=plan)
+            cell.sqnr = {**rep.summary(), "worst": [
+                {"operator": r.operator, "sqnr_db": r.sqnr_db if math.isfinite(r.sqnr_db) else None,
+                 "rel_mse": r.rel_mse, "cause": r.cause} for r in rep.worst(5)],
+                "linears": rep.csv_rows(), "kv": rep.to_json()["kv"]}
+            cell.timings["sqnr_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        with plan.install(work, restore=True) as state:
+            cell.quant_info = {k: v for k, v in state.info.items() if not k.endswith("_s")}
+            ppl = perplexity(work, ev, config.batch_size)
+        cell.timings["eval_s"] = time.perf_counter() - t2
+        cell.ppl = ppl
+        if not math.isfinite(ppl):
+            cell.status, cell.error = "error", "perplexity is not finite (NaN/inf in the logits)"
+        else:
+            cell.status = "ok"
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the others
+        cell.status, cell.error = "error", _short_error(exc)
+
+
+CSV_FIELDS = ("method", "quant", "status", "ppl", "delta_ppl", "rel_delta_pct", "quant_summary",
+              "worst_operator", "worst_rel_mse", "worst_cause", "mitigation_s", "quantize_s", "eval_s", "cached",
+              "key", "error")
+
+
+def write_csv(path: str | Path, cells: list[Cell]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for c in cells:
+        worst = (c.sqnr or {}).get("worst_rel_mse") or {}
+        w.writerow({
+            "method": c.method, "quant": c.quant, "status": c.status,
+            "ppl": _fmt(c.ppl), "delta_ppl": _fmt(c.delta_ppl), "rel_delta_pct": _fmt(c.rel_delta_pct),
+            "quant_summary": c.quant_summary, "worst_operator": worst.get("operator", ""),
+            "worst_rel_mse": _fmt(worst.get("rel_mse")), "worst_cause": worst.get("cause", ""),
+            "mitigation_s": _fmt(c.timings.get("mitigation_s")), "quantize_s": _fmt(c.timings.get("quantize_s")),
+            "eval_s": _fmt(c.timings.get("eval_s")), "cached": c.cached, "key": c.key, "error": c.error or "",
+        })
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.6g}" if math.isfinite(x) else ""
+    return str(x)
+
+
+def render_table(result: CompareResult, console=None):
+    """The table for the terminal (rich): methods x quantization settings, ppl and the change vs fp/none."""
+    from rich.table import Table
+
+    quants = list(dict.fromkeys(c.quant for c in result.cells))
+    methods = list(dict.fromkeys(c.method for c in result.cells))
+    ref = result.reference
+    p = result.document["protocol"]
+    title = f"perplexity on {p['source']} ({p['n_samples']} x {p['seq_len']} tokens)"
+    if ref.ppl is not None:
+        title += f"; change vs none/fp ({ref.ppl:.3f})"
+    table = Table(title=title)
+    table.add_column("method", style="bold")
+    for q in quants:
+        table.add_column(q, justify="right")
+    for m in methods:
+        row = [m]
+        for q in quants:
+            c = next((x for x in result.cells if x.method == m and x.quant == q), None)
+            if c is None:
+                row.append("")
+            elif c.status == "ok":
+                delta = "" if c.delta_ppl is None else f"\n[dim]{c.delta_ppl:+.2f} ({c.rel_delta_pct:+.1f}%)[/]"
+                row.append(f"{c.ppl:.2f}{delta}")
+            elif c.status == "not available":
+                row.append("[yellow]not available[/]")
+            else:
+                row.append("[red]error[/]")
+        table.add_row(*row)
+    if console is not None:
+        console.print(table)
+        for c in result.cells:
+            if c.status == "error":
+                console.print(f"[red]{c.method} x {c.quant}[/]: {c.error}", highlight=False)
+    return table
