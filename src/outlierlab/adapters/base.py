@@ -107,6 +107,10 @@ class Adapter:
                 continue
         raise AttributeError(f"{type(self).__name__}: none of {paths} exists in {type(self.model).__name__}")
 
+    #: True when each layer's input is exactly the previous layer's output (``attn.in`` of layer L is
+    #: ``block.out`` of layer L - 1), so the profiler traces that tensor once.
+    residual_chain: ClassVar[bool] = True
+
     @property
     def parallel(self) -> bool:
         """True when attention and FFN read the same input (GPT-NeoX, Phi)."""

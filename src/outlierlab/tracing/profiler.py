@@ -49,6 +49,8 @@ class Tracer:
     def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
         if x.dim() == 2 and self.batch_shape is not None and x.shape[0] == self.batch_shape[0] * self.batch_shape[1]:
             x = x.view(*self.batch_shape, x.shape[1])
+        if name == "attn.in" and self.adapter.residual_chain and (layer - 1, "block.out") in self.stats:
+            return  # the very tensor traced as block.out of the previous layer: not traced twice
         key = (layer, name)
         st = self.stats.get(key)
         if st is None:
@@ -160,12 +162,14 @@ def build_profile(adapter: Adapter, raw: dict, config: ProfileConfig, ids: torch
         for p in positions:
             src = same_as.get(p.name, p.name)
             stats = raw.get((layer, src))
+            shared = p.same_as
+            if stats is None and src == "attn.in" and adapter.residual_chain:
+                stats, shared = raw.get((layer - 1, "block.out")), f"L{layer - 1}.block.out"
             if stats is None:
                 continue
             found_ma = massive_activations(stats, config.detect)
             found_co = channel_outliers(stats, config.detect)
-            results[(layer, p.name)] = PositionResult(layer, p.name, p.alias, stats, found_ma, found_co,
-                                                      p.same_as)
+            results[(layer, p.name)] = PositionResult(layer, p.name, p.alias, stats, found_ma, found_co, shared)
             for m in found_ma:
                 mas.append({"layer": layer, "position": p.name, "alias": aliases[p.name],
                             "token_index": m["token_index"],
