@@ -1,0 +1,95 @@
+"""The lm-evaluation-harness adapter on a tiny model and a local task file (no network); skipped without
+lm_eval (the ``eval`` extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture
+def loaded(tiny_folder, cache):
+    from outlierlab.models import load_model
+
+    return load_model(str(tiny_folder))
+
+
+def test_loglikelihood_matches_the_model(loaded):
+    from outlierlab.evaluation.lm_eval import OutlierlabLM
+
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    lm = OutlierlabLM(model=loaded, batch_size=2)
+    reqs = [_Req("w5 w6 w7", " w8 w9"), _Req("w10 ", "w11"), _Req("", "w12 w13"), _Req("w5", " w40")]
+    got = lm.loglikelihood(reqs)
+    tok = loaded.tokenizer
+    for req, (score, greedy) in zip(reqs, got):
+        ctx, cont = req.args
+        ctx, cont = ctx.rstrip(), ctx[len(ctx.rstrip()):] + cont
+        ctx_ids = tok(ctx, add_special_tokens=False).input_ids or [tok.bos_token_id]
+        cont_ids = tok(cont, add_special_tokens=False).input_ids
+        ids = torch.tensor([ctx_ids + cont_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0, :-1].float(), -1)
+        want = logp[len(ctx_ids) - 1:].gather(-1, torch.tensor(cont_ids).unsqueeze(-1)).sum()
+        assert score == pytest.approx(float(want), abs=1e-4)
+        assert greedy == bool((logp[len(ctx_ids) - 1:].argmax(-1) == torch.tensor(cont_ids)).all())
+    # rolling log-likelihood over several windows equals the sum of per-token log-probabilities
+    lm._max_length = 8
+    text = " ".join(f"w{i}" for i in range(4, 24))
+    rolling = lm.loglikelihood_rolling([_Req(text)])[0]
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+    total = 0.0
+    for t in range(1, len(ids)):
+        inp = torch.tensor([ids[max(0, t - 8):t]])
+        with torch.no_grad():
+            total += float(torch.log_softmax(loaded.model(input_ids=inp).logits[0, -1], -1)[ids[t]])
+    assert rolling < 0 and abs(rolling - total) < 0.1 * abs(total)  # later windows see less context
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_simple_evaluate_with_a_local_task(tmp_path, loaded):
+    from lm_eval.tasks import TaskManager
+
+    from outlierlab.evaluation.lm_eval import OutlierlabLM, register
+
+    rng = random.Random(0)
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for _ in range(6):
+            f.write(json.dumps({"question": " ".join(f"w{rng.randrange(4, 128)}" for _ in range(5)),
+                                "choices": [f" w{rng.randrange(4, 128)}" for _ in range(3)],
+                                "answer": rng.randrange(3)}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(
+        "task: outlierlab_tiny\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'hf'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tm = TaskManager(include_path=str(tmp_path / "tasks"))
+    scores = {}
+    for quant in ("fp", "w4a4kv4"):
+        lm = OutlierlabLM(model=loaded, quant=quant)
+        res = lm_eval.simple_evaluate(model=lm, tasks=["outlierlab_tiny"], task_manager=tm, log_samples=True,
+                                      bootstrap_iters=0)
+        acc = res["results"]["outlierlab_tiny"]["acc,none"]
+        assert 0.0 <= acc <= 1.0
+        scores[quant] = [s["resps"] for s in res["samples"]["outlierlab_tiny"]]
+    assert scores["fp"] != scores["w4a4kv4"]  # the quantized model gives other log-likelihoods
+    register()
+    from lm_eval.api.registry import get_model
+
+    assert get_model("outlierlab") is OutlierlabLM and get_model("hf") is not None
+    assert math.isfinite(OutlierlabLM(model=loaded).loglikelihood([_Req("w5", " w6")])[0][0])
