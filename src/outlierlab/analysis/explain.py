@@ -53,13 +53,13 @@ class ExplainConfig:
     top_channels: int = 3           # down-projection input channels reported per MA
     min_share: float = 0.1          # a candidate's term must carry at least this share of the writer output
     max_candidates: int = 2         # super-weight candidates ablated per MA
-    max_ablations: int = 6          # distinct weights ablated in total
+    max_ablations: int = 5          # ablation runs in total (each: eval perplexity + MA windows)
     ablate: bool = True
     cancel_step: float = 0.2        # a cancelling layer removes at least this fraction of the peak
     cancel_fraction: float = 0.1    # "cancelled" once below this fraction of the peak
     eval: EvalConfig = field(default_factory=EvalConfig)
     # -- channel-wise outliers
-    co_windows: int = 4             # calibration windows of the sample pass (gain before/after, token fractions)
+    co_windows: int = 2             # calibration windows of the sample pass (gain before/after, token fractions)
     otc_k: float = 10.0             # OTC: score >= otc_k x the median score of its projection
     otc_roles: tuple[str, ...] = ("q", "k", "v", "gate", "up", "fc1")
     drivers: int = 3                # input channels listed per projection output outlier
@@ -92,6 +92,8 @@ class Explanation:
                 "n_massive": len(self.massive_activations),
                 "n_super_weights_verified": sum(1 for g in self.massive_activations
                                                 for s in g.get("super_weights", []) if s.get("verified")),
+                "n_joint_ablations_verified": sum(1 for g in self.massive_activations
+                                                  if (g.get("joint_ablation") or {}).get("verified")),
                 "n_channel_outliers": len(cos),
                 "n_channel_outliers_at_norms": len(at_norm),
                 "n_gamma_dominated": sum(1 for c in at_norm if (c["gamma_share"] or 0) >= 0.5),
@@ -118,8 +120,9 @@ DEFINITIONS = {
     "origin": "first layer where |x[token, channel]| on those positions reaches origin_fraction of the peak; "
               "position: first MA-rule hit of that token in the writer's branch, in execution order",
     "share": "term W[channel, j] * x_in[j] divided by the writer output at (token, channel)",
-    "verified": "after zeroing the weight, |x[token, channel]| <= the MA rule threshold (unablated medians) "
-                "at every tracked position of every layer from the origin on",
+    "span": "layers from the origin on where the unablated MA is >= origin_fraction of its peak",
+    "verified": "after zeroing the weight (joint_ablation: all candidates of the MA), |x[token, channel]| <= the "
+                "MA rule threshold (unablated medians) at every tracked position of every layer of the span",
     "cancel_layers": "layers after the peak whose residual value loses >= cancel_step of the peak",
     "gamma_share": "(log ratio_after - log ratio_before) / log ratio_after, clipped to [0, 1]; ratios = channel "
                    "median |.| / tensor median |.| of the norm output and of (output - bias) / gamma",
@@ -253,7 +256,13 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
     ppl = {"baseline": None, "protocol": protocol}
     if cfg.ablate and mas:
         t2 = time.perf_counter()
-        n = len({(s["layer"], s["module"], s["row"], s["col"]) for g in mas for s in g.get("super_weights", [])})
+        keys = set()
+        for g in mas:
+            sws = [(s["layer"], s["module"], s["row"], s["col"]) for s in g.get("super_weights", [])]
+            keys.update((k,) for k in sws)
+            if len(sws) > 1:
+                keys.add(tuple(sws))
+        n = len(keys)
         with _bar(min(n, cfg.max_ablations), progress, "ablating super-weight candidates") as advance:
             res = ablate(model, adapter, mas, ids, profile, cfg, eval_ids,
                          _ppl_fn(model, eval_ids, cfg.eval.batch_size) if eval_ids is not None else None,
@@ -344,13 +353,24 @@ def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
             else:
                 chans.append(f"channel {c['channel']} = {_n(c['value'])}")
         branch = {c.get("branch") for c in g.get("down_in_channels", [])} - {None, "fc1"}
-        branch_s = f"; the {'/'.join(sorted(branch))} branch makes it large" if len(branch) == 1 else ""
+        branch_s = ""
+        if len(branch) == 1:
+            b = branch.pop()
+            branch_s = "; both the gate and the up branch are large" if b == "both" else \
+                f"; the {b} branch makes it large"
         inp = g.get("decomposition", {}).get("input_position", "")
         lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where} first "
                      f"appears at layer {o['layer']}, {o['position']}" + (f" ({o['alias']})" if o['alias'] else "")
                      + (f"; written through {inp} " + ", ".join(chans) if chans else "") + branch_s + ".")
+        for c in g.get("down_in_channels", [])[:1]:
+            rows = c.get("rows") or []
+            if rows:
+                lines.append(f"The rows {c['channel']} of " + " and ".join(f"W_{r['role']}" for r in rows)
+                             + " align with the normalized input of that token (cosine "
+                             + ", ".join(f"{r['cosine']:.2f}, rank {r['cosine_rank']}/{r['rows']}" for r in rows)
+                             + ").")
         for sw in g.get("super_weights", []):
-            name = "W_down" if sw["role"] in ("down", "fc2") else f"W_{sw['role']}"
+            name = f"W_{sw['role']}"
             head = (f"{name}[{sw['row']}, {sw['col']}] = {_n(sw['value'])} ({sw['module']}, "
                     f"{_n(sw['weight_ratio'])}x the median |w|) carries {_pct(sw['share'])} of the output")
             if sw.get("verified") is None:
@@ -362,6 +382,12 @@ def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
                 lines.append(f"{head} and is a super weight: zeroing it drops the MA to {_n(sw['ma_after'])}{ppl}.")
             else:
                 lines.append(f"{head} but is not verified: zeroing it leaves {_n(sw['ma_after'])}{ppl}.")
+        j = g.get("joint_ablation")
+        if j and j.get("verified") is not None:
+            ppl = (f", perplexity {j['ppl_before']:.2f} -> {j['ppl_after']:.2f}"
+                   if j.get("ppl_before") is not None and j.get("ppl_after") is not None else "")
+            lines.append(f"Zeroing the {len(j['weights'])} candidates together leaves {_n(j['ma_after'])}{ppl}: "
+                         + ("the MA is removed (verified jointly)." if j["verified"] else "not removed."))
         fd = g.get("first_detected")
         pre = g.get("precursor", {})
         if fd and fd["layer"] < o["layer"]:
@@ -434,12 +460,15 @@ def profile_from_report(out_dir: str | Path):
     results = {}
     for layer, entries in zip(layer_ids, report["layers"]):
         for pos, js in entries.items():
-            src = js.get("same_as") or pos
+            same = js.get("same_as")
+            head = same.split(".", 1)[0] if same else ""
+            # same_as is a position of this layer, or "L{n}.block.out" (a layer input traced once)
+            prefix = same if head[:1] == "L" and head[1:].isdigit() else f"L{layer}.{same or pos}"
             stats = {"absmax": js["absmax"], "median": js["median"]}
             for key in ARRAY_KEYS:
-                t = arrays.get(f"L{layer}.{src}.{key}")
+                t = arrays.get(f"{prefix}.{key}")
                 if t is None:
-                    raise OutlierlabError(f"{out_dir}: array L{layer}.{src}.{key} missing")
+                    raise OutlierlabError(f"{out_dir}: array {prefix}.{key} missing")
                 stats[key] = t
             top = js.get("top", [])
             stats["top_value"] = torch.tensor([e[0] for e in top], dtype=torch.float32)

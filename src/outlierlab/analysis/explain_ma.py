@@ -16,8 +16,12 @@ Definitions (all measured, none assumed):
   an MA by the profile's rule (|x| > max(ma_abs, ma_rel x the tensor's median)); the writer output if none.
 - **Super-weight candidates**: the entries W[channel, j] of the writer whose term W[channel, j] * x_in[j]
   carries at least ``min_share`` of the writer output, at most ``max_candidates`` per MA.
+- **Span**: the layers from the origin on whose residual output (``block.out``) still holds at least
+  ``origin_fraction`` of the MA's residual peak (for an MA that never reaches the residual stream: the layers
+  whose tracked positions do); late layers that cancel it write large values of their own and are left out.
 - **Verified**: after zeroing the candidate, |x[token, channel]| is at or below the MA rule's threshold at
-  every tracked position of every layer from the origin on (thresholds from the unablated profile's medians).
+  every tracked position of every layer of the span (thresholds from the unablated profile's medians).
+  Each candidate is ablated alone, then all candidates of the MA together (``joint_ablation``).
 - **Cancellation**: layers after the peak where the residual value loses at least ``cancel_step`` of the peak
   magnitude; ``cancelled_at`` is the first layer where it falls below ``cancel_fraction`` of the peak.
 """
@@ -253,8 +257,14 @@ def explain_group(g: dict, rows: _Rows, profile, adapter: Adapter, cfg) -> dict:
     origin_pos = next((c["position"] for c in chain
                        if c["position"].startswith(branch) and c["position"] != entry_pos and c["is_ma"]), writer)
     alias = next((p.alias for p in adapter.positions() if p.name == origin_pos), None)
+    if g["on_residual"]:  # the layers whose output still carries the MA (not the late writes that cancel it)
+        resid = [abs(p["value"]) if p["value"] is not None else 0.0 for p in prop]
+        top = max(resid) if resid else 0.0
+        span = [i for i in range(L, len(resid)) if top > 0 and resid[i] >= cfg.origin_fraction * top] or [L]
+    else:
+        span = [i for i in range(L, len(series)) if series[i] >= cfg.origin_fraction * peak]
     res["origin"] = {"layer": L, "position": origin_pos, "alias": alias, "writer": writer,
-                     "writer_value": writer_vals.get(writer)}
+                     "writer_value": writer_vals.get(writer), "span": span}
     res["chain"] = chain
 
     parts = linear_parts(adapter, L)
@@ -318,29 +328,43 @@ def explain_group(g: dict, rows: _Rows, profile, adapter: Adapter, cfg) -> dict:
             sw["storage_index"] = [j, d]
         sws.append(sw)
     res["super_weights"] = sws
+    if len(sws) > 1:
+        res["joint_ablation"] = {"weights": [{"module": s["module"], "row": s["row"], "col": s["col"]}
+                                             for s in sws],
+                                 "verified": None, "ma_after": None, "ppl_before": None, "ppl_after": None}
     return res
 
 
-def _weight_param(adapter: Adapter, layer: int, sw: dict):
-    part = next(p for p in linear_parts(adapter, layer) if p.module == sw["module"])
+def _weight_param(adapter: Adapter, key: tuple):
+    layer, module, row, col = key
+    part = next(p for p in linear_parts(adapter, layer) if p.module == module)
     param = adapter.layers()[layer].get_submodule(part.spec.module).weight
-    idx = (sw["col"], sw["row"]) if part.spec.transposed else (sw["row"], sw["col"])
+    idx = (col, row) if part.spec.transposed else (row, col)
     return param, idx
 
 
+def _key(sw: dict) -> tuple:
+    return (sw["layer"], sw["module"], sw["row"], sw["col"])
+
+
 def ma_after_ablation(rows: _Rows, profile, adapter: Adapter, g: dict, detect) -> dict:
-    """Largest |x[token, channel]| on tracked positions from the origin layer on, and whether it stays
-    at or below the MA rule threshold everywhere."""
+    """Largest |x[token, channel]| on the tracked positions of the layers that carry the MA (``origin.span``),
+    and whether it stays at or below the MA rule threshold there; also the largest from the origin on."""
     t, d = g["token_index"], g["channel"]
-    start = g["origin"]["layer"]
+    span = set(g["origin"]["span"])
     names = set(adapter.position_names())
     worst, where, ok = 0.0, None, True
-    for layer in range(start, adapter.n_layers):
+    worst_all, where_all = 0.0, None
+    for layer in range(g["origin"]["layer"], adapter.n_layers):
         for p in TRACK_POSITIONS:
             if p not in names:
                 continue
             v = rows.at(layer, p, t, d)
             if v is None:
+                continue
+            if abs(v) > worst_all:
+                worst_all, where_all = abs(v), {"layer": layer, "position": p}
+            if layer not in span:
                 continue
             thr = threshold(profile, layer, p, detect)
             if abs(v) > worst:
@@ -348,47 +372,50 @@ def ma_after_ablation(rows: _Rows, profile, adapter: Adapter, g: dict, detect) -
             if thr is not None and abs(v) > thr:
                 ok = False
     resid = [rows.at(layer, "block.out", t, d) for layer in range(adapter.n_layers)]
-    return {"ma_after": worst, "ma_after_at": where, "verified": ok, "propagation_after": resid}
+    return {"ma_after": worst, "ma_after_at": where, "verified": ok, "ma_after_any_layer": worst_all,
+            "ma_after_any_layer_at": where_all, "propagation_after": resid}
 
 
 @torch.no_grad()
 def ablate(model, adapter: Adapter, groups: list[dict], ids: torch.Tensor, profile, cfg, eval_ids,
            ppl_fn, progress=None) -> dict:
-    """Zero each distinct super-weight candidate in turn (restored exactly in a ``finally``), re-run the
-    windows of the MAs that list it and the evaluation windows; fill the candidates' ablation fields."""
+    """Zero each distinct super-weight candidate in turn, then each MA's candidates together (restored
+    exactly in a ``finally``), re-run the windows of the MAs concerned and the evaluation windows, and fill
+    the ablation fields. At most ``cfg.max_ablations`` ablation runs, in MA order."""
     smap = same_as_map(adapter)
     names = set(adapter.position_names())
     track = [p for p in TRACK_POSITIONS if p in names]
-    todo: dict[tuple, list[tuple[dict, dict]]] = {}
+    jobs: dict[tuple, list[tuple[dict, dict]]] = {}
     for g in groups:
-        for sw in g.get("super_weights", []):
-            key = (sw["layer"], sw["module"], sw["row"], sw["col"])
-            if key not in todo and len(todo) >= cfg.max_ablations:
-                sw["skipped"] = "max_ablations reached"
+        targets = [((_key(sw),), sw) for sw in g.get("super_weights", [])]
+        if g.get("joint_ablation"):
+            targets.append((tuple(_key(sw) for sw in g["super_weights"]), g["joint_ablation"]))
+        for key, target in targets:
+            if key not in jobs and len(jobs) >= cfg.max_ablations:
+                target["skipped"] = "max_ablations reached"
                 continue
-            todo.setdefault(key, []).append((g, sw))
-    base = ppl_fn() if (eval_ids is not None and todo) else None
-    done = []
-    for key, users in todo.items():
-        layer = key[0]
-        param, idx = _weight_param(adapter, layer, users[0][1])
-        original = param[idx].clone()
+            jobs.setdefault(key, []).append((g, target))
+    base = ppl_fn() if (ppl_fn is not None and jobs) else None
+    for key, users in jobs.items():
+        params = [_weight_param(adapter, k) for k in key]
+        originals = [param[idx].clone() for param, idx in params]
         try:
-            param[idx] = 0.0
+            for param, idx in params:
+                param[idx] = 0.0
             by_window: dict[int, list[int]] = {}
             for g, _ in users:
-                by_window.setdefault(g["window"], [])
-                if g["token_index"] not in by_window[g["window"]]:
-                    by_window[g["window"]].append(g["token_index"])
+                toks = by_window.setdefault(g["window"], [])
+                if g["token_index"] not in toks:
+                    toks.append(g["token_index"])
             caps = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks, positions=track), toks, smap)
                     for w, toks in by_window.items()}
-            after_ppl = ppl_fn() if eval_ids is not None else None
+            after_ppl = ppl_fn() if ppl_fn is not None else None
         finally:
-            param[idx] = original
-        for g, sw in users:
-            sw.update(ma_after_ablation(caps[g["window"]], profile, adapter, g, cfg.detect))
-            sw["ppl_before"], sw["ppl_after"] = base, after_ppl
-        done.append(key)
+            for (param, idx), orig in zip(reversed(params), reversed(originals)):
+                param[idx] = orig
+        for g, target in users:
+            target.update(ma_after_ablation(caps[g["window"]], profile, adapter, g, cfg.detect))
+            target["ppl_before"], target["ppl_after"] = base, after_ppl
         if progress is not None:
             progress()
-    return {"ppl_baseline": base, "ablated": len(done)}
+    return {"ppl_baseline": base, "ablations": len(jobs)}
