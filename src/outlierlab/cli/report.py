@@ -1,0 +1,28 @@
+"""``outlierlab report DIR``: (re)build the self-contained HTML report and its PNG figures from a run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from .common import DebugOpt, app, err, guarded, out
+
+
+@app.command("report")
+@guarded
+def report_cmd(
+    out_dir: Path = typer.Argument(..., help="run folder: report.json (+ profile.safetensors), and any of "
+                                             "mitigate.json, compare.json, landscape_*.safetensors"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the figures (PNG, embedded)"),
+    debug: bool = DebugOpt,
+) -> None:
+    """Build DIR/report.html (offline, figures embedded) and DIR/figures/*.png from what the stages left in DIR."""
+    from ..report.html import build
+
+    t0 = time.perf_counter()
+    with err.status("building the report"):
+        path, figs = build(out_dir, figures=figures)
+    out.print(f"wrote {path}" + (f" and {len(figs)} figures in {Path(out_dir) / 'figures'}" if figs else "")
+              + f" in {time.perf_counter() - t0:.1f} s")

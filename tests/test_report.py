@@ -1,0 +1,326 @@
+"""The report: landscape capture, figures and the self-contained HTML, on a tiny model with planted outliers
+(a super weight that makes a massive activation, a large norm gain that makes a channel-wise outlier)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+import torch
+
+from outlierlab.errors import OutlierlabError
+from outlierlab.paths import atomic_write_json
+from outlierlab.report import figures as F
+from outlierlab.report import landscape as L
+from outlierlab.report.html import build, build_report, collect
+from outlierlab.testing import plant_gain, plant_super_weight, random_windows, tiny_model
+from outlierlab.tracing import ProfileConfig, profile
+
+MA_LAYER, MA_ROW, MA_COL = 1, 7, 13        # the planted super weight: W_down[7, 13] of layer 1
+CO_LAYER, CO_CHANNEL = 0, 21               # the planted gain: attn.norm of layer 0, channel 21
+NASTY = "<script>alert('x')</script> & \"quoted\""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _planted():
+    model = tiny_model("llama")
+    plant_super_weight(model, layer=MA_LAYER, row=MA_ROW, col=MA_COL, value=1e5)
+    plant_gain(model, layer=CO_LAYER, norm="attn.norm", channel=CO_CHANNEL, gain=60.0)
+    return model
+
+
+def _explain_section(prof, before: dict, after: dict) -> dict:
+    """A schema-valid ``explain`` section whose numbers come from this model's own profile and landscapes."""
+    resid = prof.curve("block.out")
+    y6 = before[L.key(MA_LAYER, "mlp.down_in")].float()
+    ma = max((m for m in prof.massive_activations if m["position"] == "block.out"), key=lambda m: abs(m["value"]))
+    cos = [c for c in prof.channel_outliers if c["position"] == "attn.norm" and c["layer"] == CO_LAYER]
+    after_max = float(after[L.key(MA_LAYER, "block.out")].float()[:, MA_ROW].max())
+    return {
+        "version": "1.0",
+        "summary": {"n_massive": 1, "n_super_weights_verified": 1, "n_channel_outliers": len(cos)},
+        "narrative": [f"MA {ma['value']:.0f} at token {ma['token_index']} channel {MA_ROW} {NASTY}."],
+        "massive_activations": [{
+            "token_index": ma["token_index"], "token": NASTY, "channel": MA_ROW, "value": ma["value"],
+            "origin": {"layer": MA_LAYER, "position": "mlp.down_in", "alias": "y6"},
+            "down_in_channels": [{"channel": MA_COL, "value": float(y6[ma["token_index"], MA_COL]), "gate": 0.5,
+                                  "up": 0.25}],
+            "super_weights": [{"module": f"model.layers.{MA_LAYER}.mlp.down_proj", "row": MA_ROW, "col": MA_COL,
+                               "value": 1e5, "verified": True, "ma_after": after_max, "ppl_before": 130.0,
+                               "ppl_after": 128.5}],
+            "propagation": [{"layer": i, "value": v} for i, v in enumerate(resid)],
+        }],
+        "channel_outliers": [{"layer": c["layer"], "position": c["position"], "channel": c["channel"],
+                              "ratio": c["ratio"], "gamma": 60.0, "gamma_share": 0.97,
+                              "otc": [{"module": f"model.layers.{CO_LAYER}.self_attn.q_proj", "col": CO_CHANNEL,
+                                       "score": 42.0}]} for c in cos],
+    }
+
+
+def make_run(folder):
+    """A run folder as the pipeline leaves it: profile, explain section, landscapes, mitigate.json,
+    compare.json; every number measured on the tiny model except the fake perplexities."""
+    model = _planted()
+    ids = random_windows(model, n=4, seq_len=32)
+    prof = profile(model, ids, ProfileConfig(batch_size=2))
+    prof.save(folder)
+    layers = L.default_layers(prof)
+    before = L.capture(model, ids[:1], layers)
+    L.save(folder / L.BEFORE_FILE, before, ids=ids[:1], tokens=[f"w{i}" for i in ids[0].tolist()])
+    # "mitigation": remove the super weight, measure again
+    plant_super_weight(model, layer=MA_LAYER, row=MA_ROW, col=MA_COL, value=0.0)
+    after = L.capture(model, ids[:1], layers)
+    L.save(folder / L.AFTER_FILE, after, ids=ids[:1])
+    prof_after = profile(model, ids, ProfileConfig(batch_size=2, weights=False))
+
+    report = json.loads((folder / "report.json").read_text())
+    report["explain"] = _explain_section(prof, before, after)
+    atomic_write_json(folder / "report.json", report)
+
+    def summary(p, ppl):
+        return {"resid_max": max(p.curve("block.out")), "ma_count": len(p.massive_activations),
+                "down_in_max": max(p.curve("mlp.down_in")), "co_ratio_max": 30.0, "ppl": ppl,
+                "resid_max_per_layer": p.curve("block.out"), "down_in_max_per_layer": p.curve("mlp.down_in")}
+
+    atomic_write_json(folder / "mitigate.json", {
+        "methods": [{"method": "tma", "config": {"mode": "zero"}}, {"method": NASTY, "config": {}}],
+        "before": summary(prof, 130.0), "after": summary(prof_after, 128.5), "seconds": 0.5})
+    cells = []
+    for method in ("none", "paper"):
+        for quant, ppl in (("fp", 130.0), ("w8a8-tensor", 140.0 if method == "none" else 131.0)):
+            cells.append({"method": method, "quant": quant, "status": "ok", "ppl": ppl, "delta_ppl": ppl - 130.0,
+                          "rel_delta_pct": 100 * (ppl / 130.0 - 1)})
+    cells.append({"method": "paper", "quant": "w4a4", "status": "error", "ppl": None, "delta_ppl": None,
+                  "rel_delta_pct": None, "error": NASTY})
+    atomic_write_json(folder / "compare.json", {"reference": {"method": "none", "quant": "fp", "ppl": 130.0},
+                                                 "protocol": {"source": "random", "n_samples": 4, "seq_len": 32},
+                                                 "cells": cells, "timings": {"total_s": 1.0}})
+    return {"profile": prof, "layers": layers, "before": before, "after": after, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    info = make_run(folder)
+    path, figs = build(folder, timings={"pipeline": 1.5})
+    info.update(folder=folder, path=path, figs=figs, html=path.read_text())
+    return info
+
+
+# -- landscape ---------------------------------------------------------------------------------------------------
+def test_default_layers_follow_the_residual_ma(run):
+    # the MA first appears at layer 1 (planted) and is carried to the last layer
+    assert run["layers"] == [0, 1, 2]
+    assert L.default_layers([1.0, 2.0, 500.0, 900.0, 880.0, 3.0]) == [1, 2, 4]
+    assert L.default_layers([1.0, 2.0, 500.0, 900.0, 880.0, 3.0], late="last") == [1, 2, 5]
+
+
+def test_capture_keeps_abs_values_of_one_window(run):
+    before, after = run["before"], run["after"]
+    assert sorted(before) == sorted(f"L{l}.{p}" for l in (0, 1, 2) for p in ("block.out", "mlp.down_in"))
+    for k, t in before.items():
+        assert t.dtype == torch.float16 and t.shape[0] == 32 and bool((t >= 0).all()), k
+    assert before["L1.block.out"].shape[1] == 64 and before["L1.mlp.down_in"].shape[1] == 128
+    # the planted MA: residual channel 7 dominates from layer 1 on, and is gone after the "mitigation"
+    for layer in (1, 2):
+        res = before[f"L{layer}.block.out"].float()
+        assert int(res.max(dim=0).values.argmax()) == MA_ROW
+        assert float(res.max()) > 1000 * float(res.median())
+        assert float(after[f"L{layer}.block.out"].float().max()) < float(res.max()) / 100
+    # the tensor the profile saw for window 0 is the same one: the profile's max is at least the landscape's
+    prof = run["profile"]
+    assert float(before["L1.block.out"].float().max()) <= prof.get(1, "block.out").stats["absmax"] * 1.001
+
+
+def test_capture_removes_hooks_and_handles_same_as_positions():
+    model = tiny_model("gpt2")  # GeLU FFN: mlp.down_in is the same tensor as mlp.act
+    ids = random_windows(model, n=1, seq_len=8)
+    out = L.capture(model, ids, [0, 2], positions=("mlp.down_in", "mlp.act", "block.out"))
+    assert sorted(out) == ["L0.block.out", "L0.mlp.act", "L0.mlp.down_in", "L2.block.out", "L2.mlp.act",
+                           "L2.mlp.down_in"]
+    assert torch.equal(out["L0.mlp.act"], out["L0.mlp.down_in"])
+    assert out["L0.mlp.act"].shape == (8, 256)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(OutlierlabError, match="out of range"):
+        L.capture(model, ids, [3])
+    with pytest.raises(OutlierlabError, match="unknown position"):
+        L.capture(model, ids, [0], positions=("mlp.nope",))
+
+
+def test_capture_keeps_float32_where_float16_would_overflow():
+    model = tiny_model("llama")
+    plant_super_weight(model, layer=0, row=3, col=5, value=1e8)
+    out = L.capture(model, random_windows(model, n=1, seq_len=8), [0])
+    assert out["L0.block.out"].dtype == torch.float32 and float(out["L0.block.out"].max()) > 65504
+    assert out["L0.mlp.down_in"].dtype == torch.float16
+
+
+def test_landscape_file_round_trip(run, tmp_path):
+    path = run["folder"] / L.BEFORE_FILE
+    back = L.load(path)
+    assert sorted(back) == sorted(run["before"]) and all(torch.equal(back[k], run["before"][k]) for k in back)
+    meta = L.load_meta(path)
+    assert meta["input_ids"] == run["ids"][0].tolist() and meta["tokens"][0] == f"w{run['ids'][0, 0]}"
+    with pytest.raises(OutlierlabError, match="cannot read"):
+        (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+        L.load(tmp_path / "bad.safetensors")
+
+
+# -- figures -----------------------------------------------------------------------------------------------------
+EXPECTED_FIGURES = (
+    [f"landscape_L{l}_{p}" for l in (0, 1, 2) for p in ("block_out", "mlp_down_in")]
+    + ["topk_curves", "heatmap_attn_norm", "heatmap_mlp_norm", "heatmap_block_out", "heatmap_mlp_down_in",
+       "heatmap_attn_q", "gamma_attn_norm", "gamma_mlp_norm", "mitigation", "compare"]
+)
+
+
+def test_every_figure_is_a_valid_png_file(run):
+    from PIL import Image
+
+    names = [f.name for f in run["figs"]]
+    assert names == EXPECTED_FIGURES
+    for f in run["figs"]:
+        data = (run["folder"] / "figures" / f"{f.name}.png").read_bytes()
+        assert data == f.png and data.startswith(PNG_SIGNATURE)
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size[0] >= 400 and im.size[1] >= 200
+            gray = im.convert("L")
+            lo, hi = gray.getextrema()
+            assert hi - lo > 100, f"{f.name} looks blank"
+
+
+def test_topk_series_match_the_profile(run):
+    prof = run["profile"]
+    s = F.topk_series(json.loads((run["folder"] / "report.json").read_text()), "block.out")
+    assert s["layer"] == [0, 1, 2]
+    for i, layer in enumerate(s["layer"]):
+        st = prof.get(layer, "block.out").stats
+        assert s["top1"][i] == pytest.approx(abs(float(st["top_value"][0])), rel=1e-6)
+        assert s["top1"][i] >= s["top2"][i] >= s["top3"][i]
+        assert s["median"][i] == pytest.approx(st["median"], rel=1e-6)
+    assert s["top1_where"][1][1] == MA_ROW
+
+
+def test_figures_are_deterministic(run):
+    report, arrays = json.loads((run["folder"] / "report.json").read_text()), None
+    from outlierlab.tracing import load_report
+
+    report, arrays = load_report(run["folder"])
+    a = F.heatmap_figure(report, arrays, "attn.norm").png
+    b = F.heatmap_figure(report, arrays, "attn.norm").png
+    assert a == b
+    assert F.topk_figure(report).png == F.topk_figure(report).png
+    land = F.landscape_figure(run["before"]["L1.block.out"], run["after"]["L1.block.out"], 1, "block.out")
+    assert land.png == F.landscape_figure(run["before"]["L1.block.out"], run["after"]["L1.block.out"], 1,
+                                          "block.out").png
+
+
+def test_gamma_and_heatmap_data_show_the_planted_outliers(run):
+    from outlierlab.tracing import load_report
+
+    report, arrays = load_report(run["folder"])
+    layers, g = F.gain_matrix(arrays, "attn.norm")
+    assert layers == [0, 1, 2] and int(g[0].argmax()) == CO_CHANNEL and g[0, CO_CHANNEL] == pytest.approx(60.0)
+    layers, m = F.heatmap_matrix(report, arrays, "attn.norm")
+    assert int(m[0].argmax()) == CO_CHANNEL
+    layers, m = F.heatmap_matrix(report, arrays, "block.out")
+    assert [int(r.argmax()) for r in m[1:]] == [MA_ROW, MA_ROW]
+
+
+# -- HTML --------------------------------------------------------------------------------------------------------
+SECTIONS = ("run", "found", "explain", "mitigation", "compare", "figures")
+
+
+def test_report_has_every_section_in_order(run):
+    html = run["html"]
+    pos = [html.index(f"<section id='{s}'>") for s in SECTIONS]
+    assert pos == sorted(pos)
+    for text in ("Massive activations (MAs)", "Channel-wise outliers (COs)", "Library versions", "Time taken",
+                 "pipeline", "Super weights", "gamma share", "Mitigation: before and after", "perplexity"):
+        assert text in html, text
+
+
+def test_report_states_the_numbers(run):
+    html = run["html"]
+    prof = run["profile"]
+    found = html[html.index("<section id='found'>"):html.index("<section id='explain'>")]
+    ma = max(prof.massive_activations, key=lambda m: abs(m["value"]))
+    assert f"<td>{MA_ROW}</td>" in found and f"{abs(ma['value']):,.0f}" in found
+    explain = html[html.index("<section id='explain'>"):html.index("<section id='mitigation'>")]
+    assert f"[{MA_ROW}, {MA_COL}]" in explain and "<td>yes</td>" in explain and "97%" in explain
+    assert f"layer {MA_LAYER}, mlp.down_in (y6)" in explain
+    mit = html[html.index("<section id='mitigation'>"):html.index("<section id='compare'>")]
+    m = json.loads((run["folder"] / "mitigate.json").read_text())
+    ratio = m["before"]["resid_max"] / m["after"]["resid_max"]
+    assert ratio > 100 and f"{ratio:.3g}x smaller" in mit
+    comp = html[html.index("<section id='compare'>"):html.index("<section id='figures'>")]
+    assert "140" in comp and "+7.7%" in comp and "class='best'" in comp
+
+
+def test_report_is_self_contained(run):
+    html = run["html"]
+    assert not re.search(r"""(src|href|action|poster|data)\s*=\s*["']?\s*(https?:|//|file:|ftp:)""", html, re.I)
+    assert not re.search(r"https?://", html)
+    assert not re.search(r"<\s*(script|link|iframe|object|embed|base)\b", html, re.I)
+    assert "@import" not in html and "url(" not in html
+    for m in re.finditer(r"""\b(src|href)\s*=\s*["']([^"']*)""", html):
+        assert m.group(2).startswith(("data:image/png;base64,", "#")), m.group(0)[:80]
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == len(EXPECTED_FIGURES)
+    embedded = {base64.b64decode(u) for u in uris}
+    assert embedded == {f.png for f in run["figs"]}
+
+
+def test_text_is_escaped(run):
+    html = run["html"]
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in html
+
+
+def test_sections_only_when_their_data_exists(tmp_path):
+    model = _planted()
+    profile(model, random_windows(model, n=2, seq_len=16), ProfileConfig(batch_size=2)).save(tmp_path)
+    path, figs = build(tmp_path)
+    html = path.read_text()
+    assert "<section id='found'>" in html and "<section id='figures'>" in html
+    for absent in ("explain", "mitigation", "compare"):
+        assert f"<section id='{absent}'>" not in html
+    assert not any(f.name.startswith(("landscape", "mitigation", "compare")) for f in figs)
+    # compare alone (as compare.csv) still gives a report
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "compare.csv").write_text("method,quant,status,ppl,delta_ppl,rel_delta_pct\nnone,fp,ok,39.49,0,0\n"
+                                      "tma,fp,ok,39.7,0.21,0.53\n")
+    html = build_report(only).read_text()
+    assert "<section id='compare'>" in html and "39.7" in html and "<section id='found'>" not in html
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(OutlierlabError, match="nothing to report"):
+        collect(tmp_path)
+    with pytest.raises(OutlierlabError, match="not a folder"):
+        collect(tmp_path / "missing")
+    (tmp_path / "mitigate.json").write_text("{broken")
+    with pytest.raises(OutlierlabError, match="cannot read"):
+        collect(tmp_path)
+
+
+def test_cli_rebuilds_the_report(run):
+    from typer.testing import CliRunner
+
+    from outlierlab.cli import app
+
+    folder = run["folder"]
+    (folder / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(folder), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (folder / "report.html").is_file()
+    html = (folder / "report.html").read_text()
+    assert "<section id='explain'>" in html and "data:image/png" not in html
+    result = CliRunner().invoke(app, ["report", str(folder / "nope")])
+    assert result.exit_code == 2 and result.output.strip().startswith("error:")
