@@ -101,13 +101,24 @@ def make_run(folder):
     return {"profile": prof, "layers": layers, "before": before, "after": after, "ids": ids}
 
 
+_SHARED: dict = {}
+
+
+def shared_run(tmp_path_factory) -> dict:
+    """One run folder with its report for the whole session (test_report_browser opens the same report).
+    Tests must not change it (copy it first)."""
+    if "run" not in _SHARED:
+        folder = tmp_path_factory.mktemp("run")
+        info = make_run(folder)
+        path, figs = build(folder, timings={"pipeline": 1.5})
+        info.update(folder=folder, path=path, figs=figs, html=path.read_text())
+        _SHARED["run"] = info
+    return _SHARED["run"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    info = make_run(folder)
-    path, figs = build(folder, timings={"pipeline": 1.5})
-    info.update(folder=folder, path=path, figs=figs, html=path.read_text())
-    return info
+    return shared_run(tmp_path_factory)
 
 
 # -- landscape ---------------------------------------------------------------------------------------------------
@@ -207,17 +218,15 @@ def test_topk_series_match_the_profile(run):
 
 
 def test_figures_are_deterministic(run):
-    report, arrays = json.loads((run["folder"] / "report.json").read_text()), None
     from outlierlab.tracing import load_report
 
     report, arrays = load_report(run["folder"])
-    a = F.heatmap_figure(report, arrays, "attn.norm").png
-    b = F.heatmap_figure(report, arrays, "attn.norm").png
-    assert a == b
-    assert F.topk_figure(report).png == F.topk_figure(report).png
-    land = F.landscape_figure(run["before"]["L1.block.out"], run["after"]["L1.block.out"], 1, "block.out")
-    assert land.png == F.landscape_figure(run["before"]["L1.block.out"], run["after"]["L1.block.out"], 1,
-                                          "block.out").png
+    built = {f.name: f.png for f in run["figs"]}
+    assert F.heatmap_figure(report, arrays, "attn.norm").png == built["heatmap_attn_norm"]
+    assert F.topk_figure(report).png == built["topk_curves"]
+    land = F.landscape_figure(run["before"]["L1.block.out"], run["after"]["L1.block.out"], 1, "block.out",
+                              tokens=[f"w{i}" for i in run["ids"][0].tolist()])
+    assert land.png == built["landscape_L1_block_out"]
 
 
 def test_gamma_and_heatmap_data_show_the_planted_outliers(run):
@@ -310,12 +319,15 @@ def test_errors_are_one_clear_line(tmp_path):
         collect(tmp_path)
 
 
-def test_cli_rebuilds_the_report(run):
+def test_cli_rebuilds_the_report(run, tmp_path):
+    import shutil
+
     from typer.testing import CliRunner
 
     from outlierlab.cli import app
 
-    folder = run["folder"]
+    folder = tmp_path / "copy"
+    shutil.copytree(run["folder"], folder)
     (folder / "report.html").unlink()
     result = CliRunner().invoke(app, ["report", str(folder), "--no-figures"])
     assert result.exit_code == 0, result.output

@@ -185,7 +185,7 @@ def _landscape_axes(fig, spec, z: np.ndarray, zscale: str, max_channels: int):
     ax.set_ylabel("token", labelpad=4)
     ax.set_zlabel("log10 |x|" if zscale == "log" else "|x|", labelpad=8)
     ax.set_xlim(0, max(z.shape[1] - 1, 1))
-    ax.set_ylim(0, max(t - 1, 1))
+    ax.set_ylim(max(t - 1, 1), 0)  # token 0 at the back, level with the |x| axis: spike heights read true
     ax.view_init(elev=22, azim=-62)
     ax.set_box_aspect((1.7, 1.0, 0.85), zoom=1.2)
     # label the largest entries (up to 3, at least a fifth of the largest), with their true channel
@@ -195,7 +195,8 @@ def _landscape_axes(fig, spec, z: np.ndarray, zscale: str, max_channels: int):
         ti, ci = np.unravel_index(int(idx), z.shape)
         if top <= 0 or z[ti, ci] < 0.2 * top:
             break
-        ax.text(ci, ti, float(tr(z[ti, ci])), f"t{ti} c{ci}", fontsize=7, color="#222222")
+        ax.text(ci, ti, float(tr(z[ti, ci])), f"t{ti} c{ci}: {_fmt(float(z[ti, ci]))}", fontsize=7,
+                color="#222222")
     return ax
 
 
@@ -214,7 +215,8 @@ def landscape_figure(before, after=None, layer: int | None = None, position: str
     where = f"layer {layer}, {position}" if layer is not None else position
     with _style():
         fig = _new_figure(7.0 * len(panels), 4.8)
-        gs = fig.add_gridspec(1, len(panels), left=0.0, right=0.97, bottom=0.0, top=0.88, wspace=0.02)
+        gs = fig.add_gridspec(1, len(panels), left=0.0, right=0.97, bottom=0.0,
+                              top=0.84 if len(panels) == 1 else 0.88, wspace=0.02)
         shape = (0, 0)
         for i, (label, tensor) in enumerate(panels):
             z = np.abs(_np(tensor))
@@ -225,10 +227,11 @@ def landscape_figure(before, after=None, layer: int | None = None, position: str
             title = (f"{label}: " if label else "") + \
                 f"max |x| {_fmt(float(z.max()) if z.size else 0)} at token {ti}{tok}, channel {ci}"
             _landscape_axes(fig, gs[0, i], z, zscale, max_channels)
-            fig.text((i + 0.5) / len(panels), 0.9, _tex(title), ha="center", va="bottom", fontsize=9)
-        fig.text(0.5, 0.975, f"Activation landscape at {where}: |x| per token and channel of one window "
-                 f"(first {shape[0]} tokens, {shape[1]} channels)", ha="center", va="top", fontsize=10,
-                 weight="bold")
+            fig.text((i + 0.5) / len(panels), 0.86 if len(panels) == 1 else 0.9, _tex(title), ha="center",
+                     va="bottom", fontsize=9)
+        head = f"Activation landscape, {where}: |x| of one window ({shape[0]} tokens x {shape[1]} channels)"
+        fig.text(0.5, 0.975, head if len(panels) > 1 else head.replace(": |x|", ":\n|x|"), ha="center", va="top",
+                 fontsize=10, weight="bold")
         png = _png(fig)
     layer_s = f"L{layer}_" if layer is not None else ""
     caption = (f"|x| at {where} for the first {shape[0]} tokens of one evaluation window; each line is one token "

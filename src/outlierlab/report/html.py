@@ -149,8 +149,10 @@ def kv(pairs: Iterable[tuple[str, Any]]) -> str:
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
-def details(summary: str, obj: Any) -> str:
+def details(summary: str, obj: Any, limit: int = 20000) -> str:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if len(text) > limit:
+        text = text[:limit] + "\n... (cut; the full text is in the JSON file)"
     return f"<details><summary>{esc(summary)}</summary><pre>{esc(text)}</pre></details>"
 
 
@@ -441,8 +443,11 @@ def section_explain(ex: Mapping | None) -> str:
 
 
 _METRICS = (("resid_max", "residual-stream max |h|", "x"), ("down_in_max", "down-projection input max |x|", "x"),
-            ("ma_count", "massive-activation records", "n"), ("co_ratio_max", "CO ratio max (norm outputs)", "x"),
-            ("co_ratio_linear_inputs", "CO ratio max (all linear inputs)", "x"), ("ppl", "perplexity", "ppl"))
+            ("ma_count", "massive-activation records (all positions)", "n"),
+            ("ma_count_resid", "massive-activation records on the residual stream", "n"),
+            ("co_ratio_max", "CO ratio max (norm outputs)", "x"),
+            ("co_ratio_linear_inputs", "CO ratio max (all linear inputs)", "x"),
+            ("co_channels", "channel-wise outlier records", "n"), ("ppl", "perplexity", "ppl"))
 
 
 def _change(before: Any, after: Any, kind: str) -> str:
@@ -470,15 +475,28 @@ def section_mitigation(doc: Any) -> str:
         rows = [[label, num(b.get(k)), num(a.get(k)), _change(b.get(k), a.get(k), kind)]
                 for k, label, kind in _METRICS if b.get(k) is not None or a.get(k) is not None]
         exact = r.get("exact")
+        listed = [m for m in (r.get("methods") or []) if isinstance(m, Mapping)]
+        if exact is None and listed and all("exact" in m for m in listed):
+            exact = all(bool(m["exact"]) for m in listed)
         head = f"<h3>{esc(r['label'])}</h3>"
         meta = []
         if exact is not None:
             meta.append("function-preserving" if exact else "changes the function (its cost is the perplexity row)")
         if r.get("seconds") is not None:
             meta.append(f"applied in {float(r['seconds']):.1f} s")
+        per_pos = ""
+        cb, ca = b.get("co_ratio"), a.get("co_ratio")
+        if isinstance(cb, Mapping) and isinstance(ca, Mapping):
+            pos_rows = [[p, num(cb.get(p)), num(ca.get(p)), _change(cb.get(p), ca.get(p), "x")]
+                        for p in dict.fromkeys([*cb, *ca])]
+            per_pos = ("<details><summary>CO ratio per position (largest channel median / tensor median over "
+                       "layers)</summary>" + table(["position", "before", "after", "change"], pos_rows)
+                       + "</details>")
+        shown = [{k: m.get(k) for k in ("method", "config", "exact", "seconds", "info") if k in m}
+                 if isinstance(m, Mapping) else m for m in (r.get("methods") or [])]
         parts.append(head + (f"<p>{esc('; '.join(meta))}.</p>" if meta else "")
                      + table(["measured on the evaluation windows", "before", "after", "change"], rows)
-                     + (details("method configuration", r.get("methods")) if r.get("methods") else ""))
+                     + per_pos + (details("methods and their configuration", shown) if shown else ""))
     return _section("mitigation", "Mitigation: before and after", "".join(parts))
 
 

@@ -203,5 +203,42 @@ def capture_to_file(model: nn.Module, ids, path: str | Path, layers: Iterable[in
     return save(path, tensors, ids=ids, tokens=token_texts(tokenizer, ids), meta=meta)
 
 
-__all__ = ["AFTER_FILE", "BEFORE_FILE", "DEFAULT_POSITIONS", "capture", "capture_to_file", "default_layers",
+def capture_for_report(out_dir: str | Path, lm=None, model: str | None = None, file: str = BEFORE_FILE,
+                       layers: Iterable[int] | None = None, positions: Iterable[str] = DEFAULT_POSITIONS,
+                       max_tokens: int = 128, device: str = "cpu") -> Path:
+    """Capture the landscape of a profiled model into ``out_dir/file`` (``landscape_before.safetensors``).
+
+    Layers: ``layers`` or :func:`default_layers` of ``out_dir/report.json``. The model: ``lm`` (a
+    ``LoadedModel``), else ``model`` or the report's ``model.id``, loaded in float32 on ``device``. The window:
+    the first window (``order="sequential"``) of the report's text source and sequence length, cut to
+    ``max_tokens`` tokens.
+    """
+    from ..api import as_windows
+    from ..data import DataConfig
+
+    out_dir = Path(out_dir)
+    path = out_dir / "report.json"
+    if not path.is_file():
+        raise OutlierlabError(f"no report.json in {out_dir}: run `outlierlab profile --out {out_dir}` first")
+    report = json.loads(path.read_text())
+    if lm is None:
+        from ..models import load_model
+
+        name = model or (report.get("model") or {}).get("id")
+        if not name:
+            raise OutlierlabError(f"{path} names no model; pass one")
+        lm = load_model(name, device, "float32")
+    d = report.get("data") or {}
+    cfg = DataConfig(source=d.get("source", "brown:calib"), seq_len=int(d.get("seq_len", 512)), n_samples=1,
+                     seed=int(d.get("seed", 0)), bos=d.get("bos_policy") or "auto", order="sequential")
+    windows = as_windows(cfg, lm)
+    chosen = list(layers) if layers is not None else default_layers(report)
+    meta = {"model": (report.get("model") or {}).get("id"), "data": d.get("source"), "window": "first",
+            "layers": chosen}
+    return capture_to_file(lm.model, windows.input_ids[:1], out_dir / file, chosen, positions, lm.tokenizer,
+                           max_tokens, meta)
+
+
+__all__ = ["AFTER_FILE", "BEFORE_FILE", "DEFAULT_POSITIONS", "capture", "capture_for_report", "capture_to_file",
+           "default_layers",
            "key", "load", "load_meta", "parse_key", "residual_curve", "save", "token_texts"]
