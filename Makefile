@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/outlierlab profile --out $(OUT)
+	$(BIN)/outlierlab run --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,40 @@
+"""``outlierlab run``: the whole pipeline (profile, explain, mitigate, compare, report) on one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, OutOpt, ProgressOpt, app, guarded, out
+
+
+@app.command("run")
+@guarded
+def run_cmd(
+    model: str = ModelOpt,
+    data: str = typer.Option("brown:calib", "--data", "-d", help="calibration text (brown:calib, a file, hf:...)"),
+    out_dir: Path = OutOpt,
+    quick: bool = typer.Option(False, "--quick", help="few short windows and a small compare matrix"),
+    methods: str = typer.Option("", "--methods", help="compare methods, comma-separated (default: all)"),
+    quants: str = typer.Option("", "--quant", help="compare quantization presets, comma-separated"),
+    recommended: str = typer.Option("paper", "--recommended", help="the mitigation shown before/after"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    progress: bool = ProgressOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Profile -> explain -> mitigate -> compare -> report.html, every stage cached by its config hash."""
+    from dataclasses import replace
+
+    from ..pipeline import RunConfig, quick_config
+    from ..pipeline import run as run_pipeline
+
+    cfg = quick_config() if quick else RunConfig()
+    cfg = replace(cfg, model=model, device=device, dtype=dtype, recommended=recommended,
+                  calib=replace(cfg.calib, source=data))
+    if methods:
+        cfg = replace(cfg, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+    if quants:
+        cfg = replace(cfg, quants=tuple(q.strip() for q in quants.split(",") if q.strip()))
+    run_pipeline(cfg, out_dir, console=out, progress=progress)

@@ -1,0 +1,197 @@
+"""The whole study in one call: profile -> explain -> mitigate -> compare -> report.
+
+Every stage writes into one output folder and records, in ``stages.json``, a key made from its configuration,
+the model's content hash and the keys of the stages it reads. A re-run skips each stage whose key and outputs
+are unchanged, so an interrupted run resumes where it stopped (compare also caches each cell on its own).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from .data import DataConfig
+from .evaluation import EvalConfig
+from .paths import atomic_write_json
+
+STAGES = ("profile", "explain", "mitigate", "compare", "report")
+#: the methods and quantization presets of the full comparison (README's main command)
+FULL_METHODS = ("none", "smoothquant", "rotate", "prefix", "tma", "gamma", "otc", "paper")
+FULL_QUANTS = ("fp", "w8a8-tensor", "w8a8-token", "w4a8", "w4a4")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    calib: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    batch_size: int = 4
+    #: the mitigation shown before/after in the report (the study's recommended combination)
+    recommended: str = "paper"
+    methods: tuple[str, ...] = FULL_METHODS
+    quants: tuple[str, ...] = FULL_QUANTS
+    explain_ablations: int = 6
+
+
+def quick_config(**overrides) -> RunConfig:
+    """A first look (and CI): 4 calibration windows of 256 tokens, 2 evaluation windows, a small matrix."""
+    base = dict(calib=DataConfig(seq_len=256, n_samples=4), eval=EvalConfig(seq_len=256, n_samples=2),
+                methods=("none", "smoothquant", "paper"), quants=("fp", "w8a8-tensor", "w8a8-token"),
+                explain_ablations=2)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def _key(*parts) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageLog:
+    """``stages.json``: per stage its key, its seconds, and whether this run computed or reused it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "stages.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, stage: str, key: str, outputs: list[Path]) -> bool:
+        entry = self.data.get(stage)
+        return bool(entry and entry.get("key") == key and all(p.exists() for p in outputs))
+
+    def done(self, stage: str, key: str, seconds: float) -> None:
+        self.data[stage] = {"key": key, "seconds": round(seconds, 2)}
+        atomic_write_json(self.path, self.data)
+
+    def seconds(self) -> dict[str, float]:
+        return {s: self.data[s]["seconds"] for s in STAGES if s in self.data}
+
+
+def _update_report(out_dir: Path, section: str, value) -> None:
+    path = out_dir / "report.json"
+    report = json.loads(path.read_text())
+    report[section] = value
+    atomic_write_json(path, report)
+
+
+def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, progress: bool = True,
+        on_stage: Callable[[str, str], None] | None = None) -> dict:
+    """Run (or resume) the pipeline into ``out_dir``; returns ``{stage: seconds}`` and the report path."""
+    from .analysis.explain import ExplainConfig, explain, profile_from_report
+    from .api import as_windows
+    from .compare import CompareConfig, compare, render_table
+    from .evaluation import eval_windows
+    from .mitigation import mitigate
+    from .mitigation.measure import measure, reduction
+    from .models.loader import load_model, max_positions
+    from .report import landscape
+    from .report.html import build_report
+    from .report.terminal import print_profile_summary
+    from .tracing import ProfileConfig, profile
+
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = StageLog(out)
+    t_all = time.perf_counter()
+
+    def header(stage: str, state: str) -> None:
+        console.rule(f"[bold]{stage}[/] {state}")
+        if on_stage:
+            on_stage(stage, state)
+
+    t0 = time.perf_counter()
+    lm = load_model(config.model, config.device, config.dtype)
+    console.print(f"model {lm.info['id']} ({lm.info['model_type']}, {lm.info['n_layers']} layers) loaded in "
+                  f"{time.perf_counter() - t0:.1f} s")
+    calib = as_windows(config.calib, lm)
+    ev = eval_windows(lm.tokenizer, config.eval, max_positions=max_positions(lm.model))
+    model_id = lm.info.get("sha256") or lm.info["id"]
+
+    # -- profile ------------------------------------------------------------------------------------
+    pconf = ProfileConfig(batch_size=config.batch_size)
+    k_profile = _key("profile", model_id, config.dtype, config.calib, pconf)
+    if log.fresh("profile", k_profile, [out / "report.json", out / "profile.safetensors"]):
+        header("profile", "(cached)")
+        prof = profile_from_report(out)
+    else:
+        header("profile", "")
+        t0 = time.perf_counter()
+        prof = profile(lm.model, calib, pconf, tokenizer=lm.tokenizer, progress=progress, model_info=lm.info)
+        prof.save(out)
+        print_profile_summary(prof, console)
+        log.done("profile", k_profile, time.perf_counter() - t0)
+
+    # -- explain ------------------------------------------------------------------------------------
+    econf = ExplainConfig(batch_size=config.batch_size, eval=config.eval, max_ablations=config.explain_ablations)
+    k_explain = _key("explain", k_profile, econf)
+    if log.fresh("explain", k_explain, [out / "report.json"]) and "explain" in json.loads(
+            (out / "report.json").read_text()):
+        header("explain", "(cached)")
+    else:
+        header("explain", "")
+        t0 = time.perf_counter()
+        exp = explain(lm, calib, econf, profile=prof, eval_windows=ev, progress=progress)
+        section = exp.to_json()
+        section["narrative"] = exp.narrative()
+        _update_report(out, "explain", section)
+        for line in section["narrative"]:
+            console.print(f"  {line}")
+        log.done("explain", k_explain, time.perf_counter() - t0)
+
+    # -- mitigate (the recommended method, before/after, landscapes) ---------------------------------
+    k_mitigate = _key("mitigate", model_id, config.dtype, config.recommended, config.calib, config.eval)
+    outputs = [out / "mitigate.json", out / landscape.BEFORE_FILE, out / landscape.AFTER_FILE]
+    if log.fresh("mitigate", k_mitigate, outputs):
+        header("mitigate", "(cached)")
+    else:
+        header("mitigate", config.recommended)
+        t0 = time.perf_counter()
+        layers = landscape.default_layers(prof)
+        window = ev.input_ids[:1]
+        landscape.capture_to_file(lm.model, window, out / landscape.BEFORE_FILE, layers, tokenizer=lm.tokenizer)
+        before = measure(lm.model, ev, tokenizer=lm.tokenizer)
+        model = copy.deepcopy(lm.model)
+        result = mitigate(model, [config.recommended], calib, lm.tokenizer, log=lambda s: console.print(f"  {s}"))
+        try:
+            after = measure(model, ev, tokenizer=lm.tokenizer)
+            landscape.capture_to_file(model, window, out / landscape.AFTER_FILE, layers, tokenizer=lm.tokenizer)
+        finally:
+            result.remove()
+            del model
+        doc = {"methods": result.applied, "before": before, "after": after, "reduction": reduction(before, after),
+               "protocol": config.eval.protocol(), "seconds": time.perf_counter() - t0}
+        atomic_write_json(out / "mitigate.json", doc)
+        console.print(f"  residual max {before['resid_max']:,.0f} -> {after['resid_max']:,.0f}; CO max ratio "
+                      f"{before['co_ratio_max']:.1f} -> {after['co_ratio_max']:.1f}; perplexity "
+                      f"{before['ppl']:.2f} -> {after['ppl']:.2f}")
+        log.done("mitigate", k_mitigate, time.perf_counter() - t0)
+
+    # -- compare (caches every cell itself) ---------------------------------------------------------
+    cconf = CompareConfig(methods=config.methods, quants=config.quants, eval=config.eval, calib=config.calib,
+                          batch_size=config.batch_size)
+    header("compare", f"{len(config.methods)} methods x {len(config.quants)} quantizations")
+    t0 = time.perf_counter()
+    result = compare(lm, cconf, out, progress=progress)
+    render_table(result, console)
+    log.done("compare", _key("compare", model_id, cconf), time.perf_counter() - t0)
+
+    # -- report -------------------------------------------------------------------------------------
+    header("report", "")
+    t0 = time.perf_counter()
+    timings = {**log.seconds(), "total (this run)": time.perf_counter() - t_all}
+    path = build_report(out, timings=timings)
+    log.done("report", _key("report", time.time()), time.perf_counter() - t0)
+    total = time.perf_counter() - t_all
+    console.print(f"wrote {path} in {total:.0f} s ({total / 60:.1f} min)")
+    return {"report": str(path), "seconds": total, "stages": log.seconds()}
