@@ -132,35 +132,24 @@ def model_hash(model, info: dict | None = None) -> str:
     return f"params:{h.hexdigest()}"
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return None
-
-
-def code_fingerprint(method_cfg: Any = None) -> dict:
-    """Hashes of the code that computes a cell: the method's module, the quantization and evaluation code."""
-    import inspect
-
+def code_fingerprint(method: str | None = None) -> dict:
+    """Hashes of the code that determines a cell's numbers: the quantization package and the perplexity
+    protocol, and (for methods other than ``none``) the mitigation package. Reports and tables are not
+    included, so editing them keeps the cache."""
     from . import __version__
 
     pkg = Path(__file__).parent
-    own = sorted([*pkg.glob("quantization/*.py"), *pkg.glob("evaluation/*.py"), pkg / "compare.py",
-                  *pkg.glob("mitigation/__init__.py")])
-    h = hashlib.sha256()
-    for p in own:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    method_file = None
-    if method_cfg is not None:
-        try:
-            method_file = inspect.getsourcefile(type(method_cfg))
-        except TypeError:
-            method_file = None
-    return {"outlierlab": __version__, "harness": h.hexdigest()[:16], "method": _file_digest(method_file)}
+
+    def digest(paths) -> str:
+        h = hashlib.sha256()
+        for p in sorted(paths):
+            h.update(p.relative_to(pkg).as_posix().encode())
+            h.update(p.read_bytes())
+        return h.hexdigest()[:16]
+
+    harness = digest([*pkg.glob("quantization/*.py"), pkg / "evaluation" / "perplexity.py"])
+    methods = None if method in (None, "none") else digest(pkg.glob("mitigation/**/*.py"))
+    return {"outlierlab": __version__, "harness": harness, "mitigation": methods}
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -235,7 +224,7 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
         mcfg = _method_config(m, methods)
         cell.method_config = _jsonable(mcfg)
         cell.key = _digest({**base, "method": m, "method_config": cell.method_config, "quant": q.to_dict(),
-                            "code": code_fingerprint(mcfg)})[:24]
+                            "code": code_fingerprint(m)})[:24]
         path = cells_dir / f"{cell.key}.json" if cells_dir is not None else None
         if path is not None and path.is_file() and not force:
             try:
@@ -384,7 +373,8 @@ def _fmt(x) -> str:
 
 
 def render_table(result: CompareResult, console=None):
-    """The table for the terminal (rich): methods x quantization settings, ppl and the change vs fp/none."""
+    """The table for the terminal (rich): perplexity and its change against none/fp for every cell. Methods
+    are rows and settings columns, or the other way round when there are more settings than methods."""
     from rich.table import Table
 
     quants = list(dict.fromkeys(c.quant for c in result.cells))
@@ -393,27 +383,34 @@ def render_table(result: CompareResult, console=None):
     p = result.document["protocol"]
     title = f"perplexity on {p['source']} ({p['n_samples']} x {p['seq_len']} tokens)"
     if ref.ppl is not None:
-        title += f"; change vs none/fp ({ref.ppl:.3f})"
+        title += f"; change vs none/fp ({ref.ppl:.2f})"
+    by_method = len(quants) <= len(methods)
+    rows, cols = (methods, quants) if by_method else (quants, methods)
     table = Table(title=title)
-    table.add_column("method", style="bold")
-    for q in quants:
-        table.add_column(q, justify="right")
-    for m in methods:
-        row = [m]
-        for q in quants:
+    table.add_column("method \\ quant" if by_method else "quant \\ method", style="bold", no_wrap=True)
+    for name in cols:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        line = [r]
+        for col in cols:
+            m, q = (r, col) if by_method else (col, r)
             c = next((x for x in result.cells if x.method == m and x.quant == q), None)
             if c is None:
-                row.append("")
+                line.append("")
             elif c.status == "ok":
-                delta = "" if c.delta_ppl is None else f"\n[dim]{c.delta_ppl:+.2f} ({c.rel_delta_pct:+.1f}%)[/]"
-                row.append(f"{c.ppl:.2f}{delta}")
+                delta = "" if c.rel_delta_pct is None else f"\n[dim]{c.rel_delta_pct:+.1f}%[/]"
+                line.append(f"{c.ppl:.2f}{delta}")
             elif c.status == "not available":
-                row.append("[yellow]not available[/]")
+                line.append("[yellow]n/a[/]")
             else:
-                row.append("[red]error[/]")
-        table.add_row(*row)
+                line.append("[red]error[/]")
+        table.add_row(*line)
     if console is not None:
         console.print(table)
+        missing = sorted({c.method for c in result.cells if c.status == "not available"})
+        if missing:
+            console.print(f"[yellow]not available[/] (not in outlierlab.mitigation.METHODS): {', '.join(missing)}",
+                          highlight=False)
         for c in result.cells:
             if c.status == "error":
                 console.print(f"[red]{c.method} x {c.quant}[/]: {c.error}", highlight=False)
