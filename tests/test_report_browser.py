@@ -52,7 +52,7 @@ def chromium() -> str:
         pytest.skip("Chromium is not installed and installing it needs root (sudo apt-get install -y chromium)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             pytest.skip(f"could not install Chromium ({' '.join(cmd)}): {proc.stderr.strip()[-300:]}")
     path = _find_browser()
@@ -73,8 +73,9 @@ class DevTools:
                 "about:blank"]
         # the browser expects the pipe on fds 3 and 4 (bash: dash's redirections take one-digit fds only)
         shell = f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
+        self._log = open(workdir / "chromium.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([shutil.which("bash") or "bash", "-c", shell, *args], pass_fds=(to_browser_r, from_browser_w),
-                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "chromium.log", "wb"),
+                                     stdout=subprocess.DEVNULL, stderr=self._log,
                                      start_new_session=True)
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -196,6 +197,7 @@ class DevTools:
                     os.close(fd)
                 except OSError:
                     pass
+            self._log.close()
 
 
 def _netlog_requests(path: Path) -> tuple[list[str], list[str]]:

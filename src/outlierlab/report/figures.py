@@ -361,7 +361,7 @@ def heatmap_figure(report: Mapping, arrays: Mapping, position: str, stat: str = 
         what = {"chan_absmax": "channel abs-max", "chan_median": "channel median |x|",
                 "chan_mean": "channel mean |x|"}.get(stat, stat)
         ax.set_title(f"{position}" + (f" ({alias})" if alias else "") + f": {what} per layer"
-                     + (f"; {len(set(c for _, c in cos))} CO channel(s) marked above" if cos else ""), pad=16)
+                     + (f"; {len({c for _, c in cos})} CO channel(s) marked above" if cos else ""), pad=16)
         cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04)
         cb.set_label("|x|")
         png = _png(fig)
@@ -402,7 +402,7 @@ def gamma_figure(report: Mapping, arrays: Mapping, norm: str, name: str | None =
     if got is None:
         return None
     layers, g = got
-    gp, lo, hi = _positive(g)
+    gp = _positive(g)[0]
     ratio = gp / np.maximum(np.median(gp, axis=1, keepdims=True), 1e-12)
     # the norm's output position carries the norm's name in every adapter
     cos = [(l, c) for l, c, _ in _co_by_position(report).get(norm, [])]
