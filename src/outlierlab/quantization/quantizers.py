@@ -77,13 +77,14 @@ def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[i
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Quantize ``x`` on the grid given by ``scale`` (and ``zero``: asymmetric) and dequantize it."""
-    xf = x.float()
+    out = x.float() / scale  # a fresh tensor: the steps below work in place on it
+    out.round_()
     if zero is None:
         q = qmax_sym(bits)
-        out = torch.clamp(torch.round(xf / scale), -q, q) * scale
+        out.clamp_(-q, q)
     else:
-        out = (torch.clamp(torch.round(xf / scale) + zero, 0, qmax_asym(bits)) - zero) * scale
-    return out.to(x.dtype)
+        out.add_(zero).clamp_(0, qmax_asym(bits)).sub_(zero)
+    return out.mul_(scale).to(x.dtype)
 
 
 def quant_dynamic(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = -1,
