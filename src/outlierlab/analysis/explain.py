@@ -53,7 +53,7 @@ class ExplainConfig:
     top_channels: int = 3           # down-projection input channels reported per MA
     min_share: float = 0.1          # a candidate's term must carry at least this share of the writer output
     max_candidates: int = 2         # super-weight candidates ablated per MA
-    max_ablations: int = 5          # ablation runs in total (each: eval perplexity + MA windows)
+    max_ablations: int = 4          # ablation runs in total (each: eval perplexity + MA windows)
     ablate: bool = True
     cancel_step: float = 0.2        # a cancelling layer removes at least this fraction of the peak
     cancel_fraction: float = 0.1    # "cancelled" once below this fraction of the peak
@@ -335,10 +335,23 @@ def _pct(v) -> str:
 
 def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
     lines: list[str] = []
+    seen: dict[tuple, int] = {}
     for g in exp.massive_activations:
         tok = f" ({g['token']!r})" if g.get("token") else ""
         where = "" if g["on_residual"] else " (at a projection output only, not on the residual stream)"
         o = g.get("origin")
+        key = (g["channel"], g["on_residual"], o and o["layer"], o and o["position"],
+               tuple((s["row"], s["col"]) for s in g.get("super_weights", [])))
+        if o and key in seen:  # the same mechanism at another token: one line
+            j = g.get("joint_ablation") or (g.get("super_weights") or [{}])[0]
+            after = f"; ablating its weight(s) leaves {_n(j.get('ma_after'))}" if j.get("ma_after") is not None \
+                else ""
+            lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}: "
+                         f"same origin (layer {o['layer']}, {o['position']}) and weights as MA #{seen[key] + 1}"
+                         f"{after}.")
+            continue
+        if o:
+            seen[key] = exp.massive_activations.index(g)
         if not o:
             lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}: "
                          "no origin layer found.")

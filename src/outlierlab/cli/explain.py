@@ -65,7 +65,7 @@ def explain_cmd(
         None, "--profile", help="reuse the profile saved in this folder (report.json + profile.safetensors)"),
     max_mas: int = typer.Option(8, "--max-mas", help="MA groups explained, largest first (0 = all)"),
     candidates: int = typer.Option(2, "--candidates", help="super-weight candidates ablated per MA"),
-    max_ablations: int = typer.Option(5, "--max-ablations", help="ablation runs in total"),
+    max_ablations: int = typer.Option(4, "--max-ablations", help="ablation runs in total"),
     ablate: bool = typer.Option(True, "--ablate/--no-ablate", help="verify super weights by ablation"),
     eval_data: str = typer.Option("brown:eval", "--eval-data", help="text of the perplexity protocol"),
     eval_samples: int = typer.Option(8, "--eval-samples", help="evaluation windows for perplexity"),
