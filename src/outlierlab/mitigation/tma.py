@@ -142,14 +142,22 @@ def _replace_values(model, ids, layers: list[int], thresholds: dict[int, float],
     return out
 
 
-def calibrate(ctx: Context, cfg: TMAConfig) -> dict:
+CALIB_POSITIONS = ("attn.in", "mlp.act", "mlp.down_in", "block.out")
+
+
+def calibration_profile(model, ids, batch_size: int = 4):
+    """The profile :func:`calibrate` reads (residual and y6 positions); reusable across configs (the sweep)."""
+    return calib_profile(model, ids, CALIB_POSITIONS, batch_size)
+
+
+def calibrate(ctx: Context, cfg: TMAConfig, profile=None) -> dict:
     """The runtime parameters of ``cfg`` for ``ctx.model``: active layers, thresholds, replace values."""
     adapter = ctx.adapter
     if cfg.compensate and cfg.mode == "scale" and not is_pre_norm(adapter):
         raise MitigationError("tma: the compensated scale needs a pre-norm model; use compensate=False")
     ids = ctx.calib_ids("tma")
-    positions = ("attn.in", "mlp.act", "mlp.down_in", "block.out")
-    profile = calib_profile(ctx.model, ids, positions, cfg.batch_size)
+    if profile is None:
+        profile = calibration_profile(ctx.model, ids, cfg.batch_size)
     origins = find_origins(profile, cfg.growth)
     if cfg.layers == "origin":
         layers = origins

@@ -1,0 +1,135 @@
+"""Before/after measurements of a mitigation, in one pass over the evaluation windows.
+
+One forward per batch gives both the perplexity (the fixed protocol of :mod:`outlierlab.evaluation`) and the
+operator statistics (the profiler's :class:`~outlierlab.tracing.Tracer`, hooks registered *after* any
+mitigation hook, so they see what the model computes now):
+
+- ``resid_max``: the residual-stream max |h| = max over layers of ``block.out`` abs-max;
+- ``ma_count``: MA records by the detection rule over every position (``ma_count_resid``: on ``block.out``);
+- ``down_in_max``: max |x| of the tensor the down projection (fc2) actually receives, read by a pre-hook on
+  that linear (so runtime hooks at y6, tma's or an online Hadamard, are seen);
+- ``co_ratio``: per position, the largest CO ratio (channel median |x| / tensor median |x|, the detector's
+  ratio) over layers; ``co_ratio_max``: its max over the norm outputs that feed linears (``attn.norm``,
+  ``mlp.norm``: where the study locates the COs, and the inputs that per-token activation quantization
+  sees); ``co_ratio_linear_inputs`` adds ``attn.ctx`` and ``mlp.down_in``;
+- ``ppl``: exp(mean NLL) of next-token prediction.
+
+``fast=True`` skips the tracer (only residual and down-input maxima plus perplexity): used by the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..analysis.detect import DetectConfig
+from ..tracing import HookSet, ProfileConfig
+from ..tracing.hooks import _first_tensor
+from ..tracing.profiler import Tracer, build_profile
+from .base import down_spec, linear_module, window_ids
+
+CONTRACT_KEYS = ("resid_max", "ma_count", "down_in_max", "co_ratio_max", "ppl")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    detect: DetectConfig = DetectConfig()
+    batch_size: int = 4
+    fast: bool = False
+
+
+def co_ratio(stats: dict, detect: DetectConfig) -> float:
+    med = stats["median"]
+    if med <= 0:
+        return 0.0
+    chan = stats["chan_median"]
+    chan = torch.where(chan > detect.co_min, chan, torch.zeros_like(chan))
+    return float(chan.max() / med)
+
+
+@torch.inference_mode()
+def measure(model: nn.Module, windows, config: MeasureConfig | None = None, tokenizer=None) -> dict:
+    """Residual max, MA count, down-input max, CO ratios and perplexity of ``model`` on ``windows``."""
+    cfg = config or MeasureConfig()
+    adapter = get_adapter(model)
+    ids = window_ids(windows)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    pconf = ProfileConfig(detect=cfg.detect, batch_size=cfg.batch_size, weights=False)
+    tracer = None if cfg.fast else Tracer(adapter, pconf)
+    n_layers = adapter.n_layers
+    resid = torch.zeros(n_layers)
+    down = torch.zeros(n_layers)
+    spec = down_spec(adapter)
+    total, count = 0.0, 0
+
+    def down_hook(i):
+        def hook(module, args):
+            down[i] = max(float(down[i]), float(args[0].detach().abs().max()))
+        return hook
+
+    def resid_hook(i):
+        def hook(module, args, out):
+            h = _first_tensor(out)
+            resid[i] = max(float(resid[i]), float(h.detach().abs().max()))
+        return hook
+
+    with HookSet() as hooks:
+        if tracer is not None:
+            tracer.attach(hooks)
+        for i in range(n_layers):
+            hooks.pre(linear_module(adapter, i, spec), down_hook(i))
+            hooks.forward(adapter.layers()[i], resid_hook(i))
+        for start in range(0, len(ids), cfg.batch_size):
+            batch = ids[start:start + cfg.batch_size].to(device)
+            if tracer is not None:
+                tracer.window0 = start
+                tracer.batch_shape = (batch.shape[0], batch.shape[1])
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                              reduction="sum")
+            total += float(nll.double())
+            count += batch[:, 1:].numel()
+    out = {
+        "resid_max": float(resid.max()),
+        "down_in_max": float(down.max()),
+        "ppl": math.exp(total / count),
+        "resid_max_per_layer": [round(float(v), 3) for v in resid],
+        "down_in_max_per_layer": [round(float(v), 3) for v in down],
+    }
+    if tracer is not None:
+        prof = build_profile(adapter, tracer.results(), pconf, ids, tokenizer, None, {}, {}, {})
+        ratios: dict[str, float] = {}
+        for (layer, pos), r in prof.results.items():
+            ratios[pos] = max(ratios.get(pos, 0.0), co_ratio(r.stats, cfg.detect))
+        norm_outputs = {n.output_position for n in adapter.norms() if n.consumers}
+        linear_inputs = norm_outputs | {"attn.ctx", "mlp.down_in"}
+        out.update({
+            "ma_count": len(prof.massive_activations),
+            "ma_count_resid": sum(1 for m in prof.massive_activations if m["position"] == "block.out"),
+            "co_ratio_max": max((v for p, v in ratios.items() if p in norm_outputs), default=0.0),
+            "co_ratio_linear_inputs": max((v for p, v in ratios.items() if p in linear_inputs), default=0.0),
+            "co_ratio": {p: round(v, 3) for p, v in sorted(ratios.items())},
+            "co_channels": len(prof.channel_outliers),
+        })
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def reduction(before: dict, after: dict) -> dict:
+    """Ratios before / after (x times less) and the relative perplexity change."""
+    def times(key):
+        a, b = before.get(key), after.get(key)
+        if a is None or b is None or b <= 0:
+            return None
+        return a / b
+
+    out = {f"{k}_x": times(k) for k in ("resid_max", "down_in_max", "co_ratio_max", "co_ratio_linear_inputs")}
+    if before.get("ppl") and after.get("ppl"):
+        out["ppl_rel"] = after["ppl"] / before["ppl"] - 1.0
+    return out
