@@ -27,9 +27,9 @@ from outlierlab.tracing import ProfileConfig, profile
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "opt", "gpt_neox"]
 BOS = 1
-GAMMA = dict(layer=0, norm="attn.norm", channel=21, gain=60.0)
-MA = dict(layer=1, k=5, j=13, d=7)
-OTC = dict(layer=2, col=40, scale=50.0)
+GAMMA = {"layer": 0, "norm": "attn.norm", "channel": 21, "gain": 60.0}
+MA = {"layer": 1, "k": 5, "j": 13, "d": 7}
+OTC = {"layer": 2, "col": 40, "scale": 50.0}
 RESIDUAL = {"attn.in", "mlp.in", "block.out"}
 NORM_OUT = {"attn.norm", "mlp.norm", "attn.post_norm", "mlp.post_norm"}
 
@@ -120,7 +120,7 @@ def case(request):
 
 
 def test_names_exactly_the_planted_super_weight(case):
-    model_type, model, _, exp = case
+    _, model, _, exp = case
     js = exp.to_json()
     mas = js["massive_activations"]
     assert [(g["token_index"], g["channel"]) for g in mas] == [(0, MA["d"])]
@@ -161,7 +161,7 @@ def test_propagation_covers_every_layer(case):
 
 
 def test_names_exactly_the_planted_gamma_channel(case):
-    model_type, model, _, exp = case
+    _, _, _, exp = case
     cos = exp.to_json()["channel_outliers"]
     upstream = [c for c in cos if c["position"] in NORM_OUT | RESIDUAL]
     assert [(c["layer"], c["position"], c["channel"]) for c in upstream] == [
@@ -180,7 +180,7 @@ def test_names_exactly_the_planted_gamma_channel(case):
 
 
 def test_names_exactly_the_planted_otc_column(case):
-    model_type, model, _, exp = case
+    _, model, _, exp = case
     otcs = exp.to_json()["otcs"]
     ad = get_adapter(model)
     attn_module = next(p.module for p in linear_parts(ad, OTC["layer"]) if p.role in ("q", "qkv") or
@@ -205,7 +205,7 @@ def test_model_untouched_and_no_hooks(case):
 
 
 def test_json_contract_and_narrative(case):
-    model_type, model, _, exp = case
+    _, model, _, exp = case
     js = json.loads(json.dumps(exp.to_json(), allow_nan=False))
     g = js["massive_activations"][0]
     assert {"token_index", "channel", "value", "origin", "down_in_channels", "super_weights",

@@ -78,6 +78,9 @@ class Explanation:
     timings: dict
     notes: list[str] = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
+    #: the profile explained (made here or given); ``profile.extra["explain"] = to_json()`` + ``save`` writes
+    #: the full report
+    profile: object = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         """The ``explain`` section of report.json."""
@@ -170,7 +173,7 @@ def _resolve_model(lm_or_model, tokenizer):
 def _resolve_windows(windows, lm):
     from ..data import DataConfig, Windows
 
-    if isinstance(windows, torch.Tensor) or isinstance(windows, Windows):
+    if isinstance(windows, (torch.Tensor, Windows)):
         return windows
     if windows is None or isinstance(windows, (str, DataConfig)):
         if lm is None:
@@ -279,9 +282,7 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
     timings["explain_s"] = time.perf_counter() - t0
 
     other = _other_massive(profile, mas)
-    exp = Explanation(mas, other, cos, otcs, qk, ppl, cfg, timings, notes, info or {})
-    exp.profile = profile  # type: ignore[attr-defined]
-    return exp
+    return Explanation(mas, other, cos, otcs, qk, ppl, cfg, timings, notes, info or {}, profile)
 
 
 def _other_massive(profile, mas: list[dict]) -> list[dict]:
@@ -302,7 +303,13 @@ def _other_massive(profile, mas: list[dict]) -> list[dict]:
 
 class _bar:
     def __init__(self, total: int, enabled: bool, description: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), disable=not enabled, transient=True)
@@ -432,6 +439,12 @@ def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
                          f"{_n(c['ratio_before'])} before the gain vs {_n(c['ratio_after'])} after: gamma share "
                          f"{_pct(c['gamma_share'])}; {c['persistence']}, {c['kind'] or '?'} "
                          f"({_pct(c['token_fraction'])} of tokens), CO in {len(c['layers'])} layer(s).")
+        dom = sorted((c for c in at_norm if (c["gamma_share"] or 0) >= 0.5), key=lambda c: -c["ratio"])
+        if dom:
+            lines.append("Gamma-dominated: " + "; ".join(
+                f"layer {c['layer']} {c['position']} channel {c['channel']} ({_n(c['ratio'])}x, gamma "
+                f"{_n(c['gamma'])} = {_n(c['gain_ratio'])}x the median gain, share {_pct(c['gamma_share'])})"
+                for c in dom[:max_cos]) + ".")
     else:
         lines.append("No channel-wise outliers.")
     w = [o for o in exp.otcs if o["cause"] == "weight"]

@@ -36,7 +36,13 @@ import torch
 
 from ..adapters.base import Adapter
 from ..tracing.hooks import HookSet, attach_positions
-from .layout import HIDDEN_POSITIONS, RESIDUAL_POSITIONS, as_rows, linear_parts, same_as_map
+from .layout import (
+    HIDDEN_POSITIONS,
+    RESIDUAL_POSITIONS,
+    as_rows,
+    linear_parts,
+    same_as_map,
+)
 
 
 def _norms_by_position(adapter: Adapter) -> dict[str, object]:

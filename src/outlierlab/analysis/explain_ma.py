@@ -208,13 +208,15 @@ def _rows_feeding(adapter: Adapter, parts, layer: int, j: int, rows: _Rows, toke
         w = part.weight(adapter, layer)
         if j >= w.shape[0]:
             continue
+        x = x.to(w.device)
         dots = w @ x
         norms = w.norm(dim=1)
         xn = float(x.norm())
         cos_all = dots / (norms * xn).clamp_min(1e-30)
         cos = float(cos_all[j])
         rank = int((cos_all.abs() > abs(cos)).sum()) + 1
-        terms = w[j] * x
+        terms = (w[j] * x).cpu()
+        x = x.cpu()
         k = min(3, terms.numel())
         idx = terms.abs().topk(k).indices
         dot = float(dots[j])
@@ -224,7 +226,7 @@ def _rows_feeding(adapter: Adapter, parts, layer: int, j: int, rows: _Rows, toke
             "rows": int(w.shape[0]), "row_norm": float(norms[j]),
             "row_norm_ratio": float(norms[j] / norms.median().clamp_min(1e-30)),
             "pre_activation": dot + (float(bias[j]) if bias is not None else 0.0),
-            "drivers": [{"channel": int(c), "input": float(x[c]), "weight": float(w[j, c]),
+            "drivers": [{"channel": int(c), "input": float(x[c]), "weight": float(w[j, c].cpu()),
                          "share": float(terms[c] / dot) if dot else None} for c in idx],
         })
     return out
@@ -274,7 +276,7 @@ def explain_group(g: dict, rows: _Rows, profile, adapter: Adapter, cfg) -> dict:
         return res
     x_in = rows.row(L, wpart.input_position, t)
     W = wpart.weight(adapter, L)
-    terms = W[d] * x_in
+    terms = W[d].cpu() * x_in
     bias = wpart.bias(adapter, L)
     b = float(bias[d]) if bias is not None else 0.0
     total = float(terms.sum()) + b

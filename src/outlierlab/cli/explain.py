@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,6 +26,21 @@ from .common import (
     guarded,
     out,
 )
+
+ProfileDirOpt = typer.Option(
+    None, "--profile", help="reuse the profile saved in this folder (report.json + profile.safetensors)")
+MaxMasOpt = typer.Option(8, "--max-mas", help="MA groups explained, largest first (0 = all)")
+CandidatesOpt = typer.Option(2, "--candidates", help="super-weight candidates ablated per MA")
+MaxAblationsOpt = typer.Option(4, "--max-ablations", help="ablation runs in total")
+AblateOpt = typer.Option(True, "--ablate/--no-ablate", help="verify super weights by ablation")
+EvalDataOpt = typer.Option("brown:eval", "--eval-data", help="text of the perplexity protocol")
+EvalSamplesOpt = typer.Option(8, "--eval-samples", help="evaluation windows for perplexity")
+EvalSeqLenOpt = typer.Option(512, "--eval-seq-len", help="tokens per evaluation window")
+CoWindowsOpt = typer.Option(2, "--co-windows", help="windows of the gain before/after sample pass")
+OtcKOpt = typer.Option(10.0, "--otc-k", help="OTC rule: score above this times the median score")
+MaAbsOpt = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this")
+MaRelOpt = typer.Option(1000.0, "--ma-rel", help="MA rule: |x| above this times the tensor median")
+CoKOpt = typer.Option(10.0, "--co-k", help="CO rule: channel median above this times the tensor median")
 
 
 def _windows_from_report(prof, lm):
@@ -61,20 +75,19 @@ def explain_cmd(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     batch_size: int = BatchOpt,
-    profile_dir: Optional[Path] = typer.Option(
-        None, "--profile", help="reuse the profile saved in this folder (report.json + profile.safetensors)"),
-    max_mas: int = typer.Option(8, "--max-mas", help="MA groups explained, largest first (0 = all)"),
-    candidates: int = typer.Option(2, "--candidates", help="super-weight candidates ablated per MA"),
-    max_ablations: int = typer.Option(4, "--max-ablations", help="ablation runs in total"),
-    ablate: bool = typer.Option(True, "--ablate/--no-ablate", help="verify super weights by ablation"),
-    eval_data: str = typer.Option("brown:eval", "--eval-data", help="text of the perplexity protocol"),
-    eval_samples: int = typer.Option(8, "--eval-samples", help="evaluation windows for perplexity"),
-    eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="tokens per evaluation window"),
-    co_windows: int = typer.Option(2, "--co-windows", help="windows of the gain before/after sample pass"),
-    otc_k: float = typer.Option(10.0, "--otc-k", help="OTC rule: score above this times the median score"),
-    ma_abs: float = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this"),
-    ma_rel: float = typer.Option(1000.0, "--ma-rel", help="MA rule: |x| above this times the tensor median"),
-    co_k: float = typer.Option(10.0, "--co-k", help="CO rule: channel median above this times the tensor median"),
+    profile_dir: Path | None = ProfileDirOpt,
+    max_mas: int = MaxMasOpt,
+    candidates: int = CandidatesOpt,
+    max_ablations: int = MaxAblationsOpt,
+    ablate: bool = AblateOpt,
+    eval_data: str = EvalDataOpt,
+    eval_samples: int = EvalSamplesOpt,
+    eval_seq_len: int = EvalSeqLenOpt,
+    co_windows: int = CoWindowsOpt,
+    otc_k: float = OtcKOpt,
+    ma_abs: float = MaAbsOpt,
+    ma_rel: float = MaRelOpt,
+    co_k: float = CoKOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
