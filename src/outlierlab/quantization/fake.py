@@ -32,7 +32,7 @@ from ..adapters.base import Adapter, LinearSpec
 from ..tracing.hooks import HookSet
 from . import kv as kvmod
 from .config import QuantConfig, QuantConfigError, get_quant
-from .quantizers import asym_params, fake_quant, qparams, quant_weight, sym_scale
+from .quantizers import asym_params, fake_quant, qparams, quant_dynamic, quant_weight, sym_scale
 
 PREFIX_ATTR = "outlierlab_fp_prefix"
 
@@ -140,17 +140,19 @@ class ActQuantizer:
             x3 = x.reshape(1, -1, x.shape[-1])
         p = min(self.prefix, x3.shape[1])
         if self.granularity == "token":
-            scale, zero = qparams(x3, self.bits, self.symmetric, -1, self.clip)
+            xq = quant_dynamic(x3, self.bits, self.symmetric, -1, self.clip)
+        elif self.granularity == "tensor-dynamic" and not p:
+            xq = quant_dynamic(x3, self.bits, self.symmetric, (1, 2), self.clip)
         elif self.granularity == "tensor-dynamic":
-            rest = x3[:, p:] if p else x3
+            rest = x3[:, p:]
             if rest.shape[1] == 0:
                 return x
             scale, zero = qparams(rest, self.bits, self.symmetric, (1, 2), self.clip)
+            xq = fake_quant(x3, scale, zero, self.bits)
         else:
             if self.scale is None:
                 raise QuantConfigError("static activation scale used before calibration")
-            scale, zero = self.scale, self.zero
-        xq = fake_quant(x3, scale, zero, self.bits)
+            xq = fake_quant(x3, self.scale, self.zero, self.bits)
         if p:
             xq[:, :p] = x3[:, :p]
         return xq.view(x.shape) if flat else xq
@@ -165,13 +167,40 @@ class ActQuantizer:
         return d
 
 
-def _pre_hook(quantizer: ActQuantizer) -> Callable:
+class _SharedInput:
+    """Linears that read the very same tensor (q, k and v; gate and up) with the same quantizer settings
+    get the same quantized tensor: it is computed once, for the first of them, and reused."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.group: object = None
+        self.out: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.x = self.out = self.group = None
+
+
+def _pre_hook(quantizer: ActQuantizer, group: object = None, shared: _SharedInput | None = None) -> Callable:
     def hook(module, args):
         if not args or not isinstance(args[0], torch.Tensor):
             return None
-        return (quantizer(args[0]), *args[1:])
+        x = args[0]
+        if shared is not None and group is not None and shared.x is x and shared.group == group:
+            return (shared.out, *args[1:])
+        out = quantizer(x)
+        if shared is not None:
+            shared.x, shared.group, shared.out = x, group, out
+        return (out, *args[1:])
 
     return hook
+
+
+def _share_key(t: Target, q: ActQuantizer) -> object:
+    """Targets with equal keys see the same tensor and quantize it identically (static scales of one input
+    position are equal: they are the abs-max of the same tensors)."""
+    if t.layer is None:
+        return None
+    return (t.layer, t.input_position, q.bits, q.symmetric, q.granularity, q.clip, q.prefix)
 
 
 class _RangeObserver:
@@ -254,12 +283,19 @@ class QuantPlan:
                 state._swap(module, w)
             if self.acts:
                 shape = _SeqShape()
-                state.hooks.pre(model, shape.hook, with_kwargs=True)
+                shared = _SharedInput()
+
+                def start(module, args, kwargs):
+                    shared.clear()
+                    shape.hook(module, args, kwargs)
+
+                state.hooks.pre(model, start, with_kwargs=True)
+                state.hooks.forward(model, lambda m, a, o: shared.clear())
                 for t in self.targets:
                     q = self.acts.get(t.name)
                     if q is not None:
                         q.shape = shape
-                        state.hooks.pre(t.module, _pre_hook(q))
+                        state.hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
             if self.kv is not None:
                 state._undo.append(kvmod.install(model, get_adapter(model), self.kv, self.config.layers))
         except BaseException:
