@@ -279,3 +279,30 @@ def test_gptq_beats_rtn_on_a_tiny_model():
             errs[spec] = float(((_logits(model, ids) - ref) ** 2).mean())
     assert errs["w4a16:w_bits=3:w_method=gptq"] < 0.8 * errs["w4a16:w_bits=3"]
     assert torch.equal(_logits(model, ids), ref)
+
+
+@pytest.mark.parametrize("spec", ["w8a8-token", "w8a8-tensor"])
+def test_shared_inputs_are_quantized_once(spec, monkeypatch):
+    """q, k and v (and gate and up) read the same tensor: it is quantized once, with the same result."""
+    import outlierlab.quantization.fake as fake
+
+    model = tiny_model("llama")
+    ids = random_windows(model, n=2, seq_len=16)
+    calls = []
+    real = fake.ActQuantizer.__call__
+
+    def counting(self, x):
+        calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(fake.ActQuantizer, "__call__", counting)
+    with quantize_(model, spec, calib=ids):
+        calls.clear()
+        shared = _logits(model, ids)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # attn.norm, attn.ctx, mlp.norm, down_in
+    monkeypatch.setattr(fake, "_share_key", lambda t, q: None)
+    with quantize_(model, spec, calib=ids):
+        calls.clear()
+        separate = _logits(model, ids)
+    assert len(calls) == 7 * model.config.num_hidden_layers
+    assert torch.equal(shared, separate)
