@@ -15,14 +15,15 @@ Contract shared with the compare stage (issue 5) and the pipeline (issue 6):
 
 Composition order (``ORDER``), whatever order the methods are given in:
 
-1. ``gamma``, 2. ``smoothquant`` - per-channel rescales folded into the weights, calibrated on the model as
+1. ``prefix`` - only marks positions for the quantizer; it finds the MA tokens on the model as it is, before
+   any other method removes (tma) or spreads (rotate) them;
+2. ``gamma``, 3. ``smoothquant`` - per-channel rescales folded into the weights, calibrated on the model as
    it is (exact ones leave every later statistic unchanged);
-3. ``tma`` - runtime hooks at y6, calibrated after any weight rescale that changes y6 (smoothquant's
+4. ``tma`` - runtime hooks at y6, calibrated after any weight rescale that changes y6 (smoothquant's
    up -> down migration does), so its thresholds see the y6 the hooks will see;
-4. ``otc`` - its fine-tuning runs with the tma hooks live, so it learns around them; its teacher is the
+5. ``otc`` - its fine-tuning runs with the tma hooks live, so it learns around them; its teacher is the
    model before *any* method (computed first);
-5. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input;
-6. ``prefix`` - only marks positions for the quantizer.
+6. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input.
 
 ``paper`` expands to tma + gamma + otc. Each method module documents its config; docs/mitigation.md has the
 measurements behind the defaults.
@@ -31,8 +32,9 @@ measurements behind the defaults.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import gamma as _gamma
 from . import otc as _otc
@@ -97,7 +99,7 @@ METHODS: dict[str, type] = {
     "paper": PaperConfig,
 }
 
-ORDER: tuple[str, ...] = ("none", "gamma", "smoothquant", "tma", "otc", "rotate", "prefix")
+ORDER: tuple[str, ...] = ("none", "prefix", "gamma", "smoothquant", "tma", "otc", "rotate")
 
 #: config class -> apply(ctx, cfg) -> {"info": ..., "runtime": params (runtime methods only)}
 _APPLY = {

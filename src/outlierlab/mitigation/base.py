@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +228,7 @@ class Context:
     log: Any = None
 
     @classmethod
-    def for_model(cls, model, calib=None, tokenizer=None, log=None) -> "Context":
+    def for_model(cls, model, calib=None, tokenizer=None, log=None) -> Context:
         return cls(model, get_adapter(model), calib, tokenizer, log=log)
 
     def calib_ids(self, what: str) -> torch.Tensor:
@@ -245,12 +244,3 @@ class Context:
     def say(self, msg: str) -> None:
         if self.log is not None:
             self.log(msg)
-
-
-class Timer:
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.t0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ CONTRACT_KEYS = ("resid_max", "ma_count", "down_in_max", "co_ratio_max", "ppl")
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    detect: DetectConfig = DetectConfig()
+    detect: DetectConfig = field(default_factory=DetectConfig)
     batch_size: int = 4
     fast: bool = False
 

@@ -269,9 +269,9 @@ def finetune(ctx: Context, cfg: OTCConfig, otcs: dict, co: dict) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append({"step": step, "kl": float(kl), "penalty": float(pen)})
+                history.append({"step": step, "kl": float(kl.detach()), "penalty": float(pen.detach())})
                 if step == 0 or (step + 1) % max(1, cfg.steps // 5) == 0:
-                    ctx.say(f"otc: step {step + 1}/{cfg.steps} kl {float(kl):.4f} penalty {float(pen):.3f} "
+                    ctx.say(f"otc: step {step + 1}/{cfg.steps} kl {history[-1]['kl']:.4f} penalty {history[-1]['penalty']:.3f} "
                             f"({time.perf_counter() - t0:.0f} s)")
         seconds = time.perf_counter() - t0
     finally:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import ClassVar
 
 import torch
@@ -106,7 +106,7 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(c, a) + torch.kron(torch.eye(n), b)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_orders(limit: int = 400) -> dict[int, tuple[str, int]]:
     orders: dict[int, tuple[str, int]] = {1: ("one", 1)}
     for q in range(3, limit):

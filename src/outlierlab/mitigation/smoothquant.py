@@ -97,9 +97,8 @@ def apply(ctx: Context, cfg: SmoothQuantConfig) -> dict:
             scale_input_columns(adapter, layer, spec, s)
             _track(ratio_before, ratio_after, "down", act, act / s)
     done = [p for p in cfg.pairs if p != "down" or do_down]
-    ctx.say("smoothquant: alpha %.2f on %s; activation max/median per channel abs-max %s" % (
-        cfg.alpha, ", ".join(done),
-        ", ".join(f"{k} {ratio_before[k]:.0f} -> {ratio_after[k]:.1f}" for k in ratio_before)))
+    summary = ", ".join(f"{k} {ratio_before[k]:.0f} -> {ratio_after[k]:.1f}" for k in ratio_before)
+    ctx.say(f"smoothquant: alpha {cfg.alpha:.2f} on {', '.join(done)}; per-channel abs-max max/median {summary}")
     return {"info": {"pairs": done, "chan_absmax_max_over_median_before": ratio_before,
                      "chan_absmax_max_over_median_after": ratio_after}}
 

@@ -24,7 +24,7 @@ The hooks live on the model until ``MitigationResult.remove()``; their parameter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -63,7 +63,7 @@ class TMAConfig:
     compensate: bool = True
     #: |y6| above which an entry is an MA; None = calibrated per layer by the detection rule
     threshold: float | None = None
-    detect: DetectConfig = DetectConfig()
+    detect: DetectConfig = field(default_factory=DetectConfig)
     #: origin rule: the block multiplies the residual max by at least this
     growth: float = 2.0
     batch_size: int = 4
@@ -155,6 +155,17 @@ def calibrate(ctx: Context, cfg: TMAConfig, profile=None) -> dict:
     adapter = ctx.adapter
     if cfg.compensate and cfg.mode == "scale" and not is_pre_norm(adapter):
         raise MitigationError("tma: the compensated scale needs a pre-norm model; use compensate=False")
+    known_layers = cfg.layers != "origin"
+    needs_threshold = cfg.mode != "clip" and cfg.threshold is None
+    if known_layers and not needs_threshold and cfg.mode != "replace" and profile is None:
+        # nothing to calibrate (no data pass): the layers are given and the threshold is given or unused
+        layers = layer_list(adapter, cfg.layers)
+        thr = float(cfg.threshold) if cfg.threshold is not None else float(cfg.target)
+        params = {
+            "mode": cfg.mode, "target": cfg.target, "factor": cfg.factor, "compensate": bool(cfg.compensate),
+            "layers": layers, "thresholds": {str(k): thr for k in layers}, "origins": None,
+        }
+        return {"params": params, "y6_absmax": {}}
     ids = ctx.calib_ids("tma")
     if profile is None:
         profile = calibration_profile(ctx.model, ids, cfg.batch_size)
@@ -193,7 +204,7 @@ class _Runtime:
         self.model = model
         self.adapter = get_adapter(model)
         self.p = params
-        self.layers = set(int(i) for i in params["layers"])
+        self.layers = {int(i) for i in params["layers"]}
         self.thr = {int(k): float(v) for k, v in params["thresholds"].items()}
         self.replace = {int(k): {int(c): float(v) for c, v in d.items()} for k, d in params.get("replace", {}).items()}
         self.comp = params["mode"] == "scale" and params["compensate"]
@@ -344,7 +355,7 @@ def apply(ctx: Context, cfg: TMAConfig) -> dict:
     if not params["layers"]:
         ctx.say("tma: no massive activation at y6 on the calibration data; nothing to do")
     else:
-        ctx.say(f"tma: {cfg.mode} at layers {params['layers']} (origins {params['origins']}), "
-                f"y6 max there {max(cal['y6_absmax'].values()):,.0f}")
+        y6 = f", y6 max there {max(cal['y6_absmax'].values()):,.0f}" if cal["y6_absmax"] else ""
+        ctx.say(f"tma: {cfg.mode} at layers {params['layers']} (origins {params['origins']}){y6}")
     return {"runtime": params, "info": {"layers": params["layers"], "origins": params["origins"],
                                         "y6_absmax_before": cal["y6_absmax"]}}
