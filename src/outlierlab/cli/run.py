@@ -16,8 +16,8 @@ def run_cmd(
     data: str = typer.Option("brown:calib", "--data", "-d", help="calibration text (brown:calib, a file, hf:...)"),
     out_dir: Path = OutOpt,
     quick: bool = typer.Option(False, "--quick", help="few short windows and a small compare matrix"),
-    methods: str = typer.Option("", "--methods", help="compare methods, comma-separated (default: all)"),
-    quants: str = typer.Option("", "--quant", help="compare quantization presets, comma-separated"),
+    methods: str = typer.Option("", "--methods", help="compare methods, comma-separated, or all (default: none,smoothquant,rotate,paper)"),
+    quants: str = typer.Option("", "--quant", help="quantization presets, comma-separated, or all (default: fp,w8a8-tensor,w8a8-token,w4a8)"),
     recommended: str = typer.Option("paper", "--recommended", help="the mitigation shown before/after"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -27,14 +27,16 @@ def run_cmd(
     """Profile -> explain -> mitigate -> compare -> report.html, every stage cached by its config hash."""
     from dataclasses import replace
 
-    from ..pipeline import RunConfig, quick_config
+    from ..pipeline import FULL_METHODS, FULL_QUANTS, RunConfig, quick_config
     from ..pipeline import run as run_pipeline
 
     cfg = quick_config() if quick else RunConfig()
     cfg = replace(cfg, model=model, device=device, dtype=dtype, recommended=recommended,
                   calib=replace(cfg.calib, source=data))
     if methods:
-        cfg = replace(cfg, methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+        picked = FULL_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
+        cfg = replace(cfg, methods=picked)
     if quants:
-        cfg = replace(cfg, quants=tuple(q.strip() for q in quants.split(",") if q.strip()))
+        picked = FULL_QUANTS if quants == "all" else tuple(q.strip() for q in quants.split(",") if q.strip())
+        cfg = replace(cfg, quants=picked)
     run_pipeline(cfg, out_dir, console=out, progress=progress)
