@@ -1,0 +1,42 @@
+"""``outlierlab run`` end to end on a tiny local model: every stage's output, then a resumed re-run."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from outlierlab.data import DataConfig
+from outlierlab.evaluation import EvalConfig
+from outlierlab.pipeline import RunConfig, run
+
+
+def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
+    text = str(tmp_path / "text.txt")
+    cfg = RunConfig(model=str(tiny_folder), calib=DataConfig(source=text, seq_len=32, n_samples=3),
+                    eval=EvalConfig(source=text, seq_len=32, n_samples=2), recommended="smoothquant",
+                    methods=("none", "smoothquant"), quants=("fp", "w8a8-token"), explain_ablations=1)
+    out = tmp_path / "run"
+    states = []
+    result = run(cfg, out, console=Console(quiet=True), progress=False,
+                 on_stage=lambda stage, state: states.append((stage, state)))
+    for name in ("report.json", "profile.safetensors", "mitigate.json", "compare.json", "compare.csv",
+                 "report.html", "stages.json", "landscape_before.safetensors", "landscape_after.safetensors"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert "explain" in report and report["kind"] == "profile"
+    mit = json.loads((out / "mitigate.json").read_text())
+    assert set(mit["before"]) >= {"resid_max", "ma_count", "down_in_max", "co_ratio_max", "ppl"}
+    assert [m["method"] for m in mit["methods"]] == ["smoothquant"]
+    html = (out / "report.html").read_text()
+    assert "Comparison" in html and "http://" not in html
+    assert [s for s, _ in states] == ["profile", "explain", "mitigate", "compare", "report"]
+    assert not any("cached" in st for _, st in states)
+    assert set(result["stages"]) == {"profile", "explain", "mitigate", "compare", "report"}
+
+    states.clear()
+    run(cfg, out, console=Console(quiet=True), progress=False, on_stage=lambda s, st: states.append((s, st)))
+    cached = {s for s, st in states if "cached" in st}
+    assert cached == {"profile", "explain", "mitigate"}
+    cells = json.loads((out / "compare.json").read_text())["cells"]
+    assert len(cells) == 4 and all(c["cached"] for c in cells)  # every cell reused from the per-cell cache
