@@ -280,7 +280,7 @@ def test_tma_origin_detection_and_modes():
     seen = {}
     for mode in ("clip", "zero", "replace", "scale"):
         m = copy.deepcopy(model)
-        cfg = TMAConfig(mode=mode, target=50.0, compensate=False)
+        cfg = TMAConfig(mode=mode, target=50.0, compensate=False, layers="origin")
         result = mitigate(m, [cfg], ids)
         assert result.applied[0]["info"]["origins"] == [1]
         after = measure(m, ids, MeasureConfig(fast=True))
@@ -290,10 +290,24 @@ def test_tma_origin_detection_and_modes():
         result.remove()
         assert torch.equal(logits(m, ids), ref)
     assert seen["clip"]["down_in_max_per_layer"][1] == pytest.approx(50.0, rel=1e-4)
-    replace = mitigate(copy.deepcopy(model), [TMAConfig(mode="replace")], ids).applied[0]["runtime"]["replace"]
+    replace = mitigate(copy.deepcopy(model), [TMAConfig(mode="replace", layers="origin")], ids).applied[0]["runtime"]["replace"]
     assert "3" in replace["1"]  # the planted channel got a calibrated value
     with pytest.raises(MitigationError, match="tma.mode"):
         TMAConfig(mode="shrink")
+
+
+def test_tma_default_needs_no_data_and_bounds_every_y6():
+    from outlierlab.mitigation.measure import MeasureConfig, measure
+
+    model = perturbed("llama", tiny_eps=True)
+    plant_massive_token(model, 1)
+    ids = ma_windows(model)
+    ref = logits(model, ids)
+    result = mitigate(model, ["tma"], None)  # no calibration windows needed
+    assert result.exact and result.applied[0]["runtime"]["thresholds"]["0"] == TMAConfig().target
+    after = measure(model, ids, MeasureConfig(fast=True))
+    assert after["down_in_max"] <= TMAConfig().target * (1 + 1e-5)
+    assert rel(logits(model, ids), ref) < 1e-4
 
 
 def test_tma_generation_with_kv_cache_matches():
@@ -301,7 +315,8 @@ def test_tma_generation_with_kv_cache_matches():
     plant_massive_token(model, 1)
     ids = ma_windows(model, 1, 12)
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
-    result = mitigate(model, [TMAConfig(mode="scale", target=5.0, threshold=20.0)], ma_windows(model))
+    result = mitigate(model, [TMAConfig(mode="scale", target=5.0, threshold=20.0, layers="origin")],
+                      ma_windows(model))
     assert result.applied[0]["info"]["layers"] == [1]
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), ref)
 
@@ -333,7 +348,7 @@ def test_otc_scoring_closed_forms_and_finetune():
     tuned = copy.deepcopy(model)
     state = {k: v.clone() for k, v in tuned.state_dict().items()}
     flags = {n: p.requires_grad for n, p in tuned.named_parameters()}
-    r = mitigate(tuned, [OTCConfig(roles=("q",), steps=3, lr=1e-2, seq_len=16)], ids)
+    r = mitigate(tuned, [OTCConfig(roles=("q",), steps=3, lr=1e-2, seq_len=16, train_gains=False)], ids)
     ft = r.applied[0]["info"]["finetune"]
     assert ft["steps"] == 3 and len(ft["history"]) == 3
     for name, value in tuned.state_dict().items():
@@ -392,6 +407,13 @@ def test_export_then_load_restores_runtime_parts(tmp_path):
     assert rel(logits(plain, ids), ref) < 1e-4  # the gamma fold alone is exact: plain load = original function
     with pytest.raises(Exception, match="outlierlab.json"):
         export.load(tmp_path)
+    export.save(model, _tokenizer(), result, folder)  # an export is replaced
+    other = tmp_path / "someone_elses_model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(MitigationError, match="not an outlierlab export"):
+        export.save(model, _tokenizer(), result, other)
+    assert (other / "config.json").read_text() == "{}"
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------

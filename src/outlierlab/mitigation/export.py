@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ModelNotFound
 from ..paths import atomic_write_json
+from .base import MitigationError
 
 MANIFEST = "outlierlab.json"
 SCHEMA_VERSION = "1.0"
@@ -64,8 +65,11 @@ def save(model, tokenizer, result, out_dir: str | os.PathLike, overwrite: bool =
     """Write the checkpoint folder ``out_dir`` (see the module docstring); returns its path."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists")
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists")
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
+            raise MitigationError(f"{out_dir} exists and is not an outlierlab export; refusing to replace it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

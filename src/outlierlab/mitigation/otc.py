@@ -58,7 +58,7 @@ class OTCConfig:
     """Closed-form shrink and selective fine-tuning of OTC columns (see the module docstring)."""
 
     name: ClassVar[str] = "otc"
-    roles: tuple[str, ...] = ("q", "k")
+    roles: tuple[str, ...] = ("q", "k", "v")
     #: OTC rule: score > k x median score of the linear
     k: float = 8.0
     #: closed form: shrink OTC columns so that their score is target_k x median (0 = no closed form)
@@ -67,9 +67,10 @@ class OTCConfig:
     compensate: str = "none"
     #: selective fine-tuning steps (0 = none)
     steps: int = 0
-    lr: float = 5e-4
-    lam: float = 0.1
-    train_gains: bool = False
+    #: fine-tuning defaults = the run measured in docs/mitigation.md
+    lr: float = 1e-3
+    lam: float = 0.02
+    train_gains: bool = True
     #: fine-tuning windows are the first seq_len tokens of the calibration windows
     seq_len: int = 256
     batch_size: int = 2

@@ -145,6 +145,11 @@ def plot(result: dict) -> bytes | None:
         ax.plot([v["resid_x"] for v in ref.values()], [100 * v["ppl_rel"] for v in ref.values()], "k--", lw=0.8,
                 label="issue's clamp reference")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([1, 2, 3, 5, 10, 20, 30, 50, 100, 200]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_yscale("symlog", linthresh=1.0)
     ax.axhline(1.0, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("residual max |h| cut (before / after, x)")
