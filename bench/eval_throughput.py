@@ -136,6 +136,9 @@ def main() -> None:
           + (f" (max |fused - eager| = {diff:.3g})" if fused else ""))
     print(f"eval throughput / bare forward throughput = {eval_ratio:.3f}   (target >= 0.95)")
     print(f"fake-quant overhead ({args.quant}) = {quant_ratio:.3f}x   (target <= 1.5 on GPU)")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"(fastest runs instead of medians, less sensitive to other load on the machine: "
+          f"{best['bare'] / best['eval']:.3f} and {best['quant'] / best['eval']:.3f}x)")
     if args.json:
         print(json.dumps({"model": desc, "device": machine, "dtype": args.dtype, "tokens": tokens,
                           "times_s": times, "eval_over_bare": eval_ratio, "quant_overhead": quant_ratio,

@@ -21,16 +21,16 @@ def calib(smollm):
     from outlierlab.api import as_windows
     from outlierlab.data import DataConfig
 
-    return as_windows(DataConfig(source="brown:calib", seq_len=512, n_samples=8), smollm)
+    return as_windows(DataConfig(source="brown:calib", seq_len=512, n_samples=4), smollm)
 
 
-def test_w8a8_tensor_is_worse_than_fp_and_per_token_recovers(smollm, calib, tmp_path):
+def test_w8a8_tensor_is_worse_than_fp_and_per_token_recovers(smollm, tmp_path):
     from outlierlab.compare import CompareConfig, compare
     from outlierlab.data import DataConfig
     from outlierlab.evaluation import EvalConfig
 
     cfg = CompareConfig(methods=("none",), quants=("fp", "w8a8-tensor", "w8a8-token"),
-                        eval=EvalConfig(n_samples=4), calib=DataConfig(n_samples=8))
+                        eval=EvalConfig(n_samples=4), calib=DataConfig(n_samples=4))
     res = compare(smollm, cfg, tmp_path)
     fp, tensor, token = (res.get("none", q) for q in ("fp", "w8a8-tensor", "w8a8-token"))
     assert all(c.status == "ok" for c in (fp, tensor, token))
