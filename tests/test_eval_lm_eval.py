@@ -78,7 +78,7 @@ def test_simple_evaluate_with_a_local_task(tmp_path, loaded):
         "test_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    tm = TaskManager(include_path=str(tmp_path / "tasks"))
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     scores = {}
     for quant in ("fp", "w4a4kv4"):
         lm = OutlierlabLM(model=loaded, quant=quant)
@@ -93,3 +93,28 @@ def test_simple_evaluate_with_a_local_task(tmp_path, loaded):
 
     assert get_model("outlierlab") is OutlierlabLM and get_model("hf") is not None
     assert math.isfinite(OutlierlabLM(model=loaded).loglikelihood([_Req("w5", " w6")])[0][0])
+
+
+def test_cli_lm_eval(tmp_path, tiny_folder, cache):
+    from typer.testing import CliRunner
+
+    from outlierlab.cli import app
+
+    (tmp_path / "data.jsonl").write_text("".join(
+        json.dumps({"question": f"w{5 + i} w{9 + i}", "choices": [" w20", " w30"], "answer": i % 2}) + "\n"
+        for i in range(4)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "t.yaml").write_text(
+        f"task: outlierlab_cli\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        f"  cache_dir: {tmp_path / 'hf'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    out = tmp_path / "o"
+    args = ["lm-eval", "--tasks", "outlierlab_cli", "--include-path", str(tmp_path / "tasks"), "--model",
+            str(tiny_folder), "--quant", "w8a8-token", "--out", str(out), "--no-builtin-tasks"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "lm_eval.json").read_text())
+    assert doc["quant"]["name"] == "w8a8-token" and 0 <= doc["results"]["outlierlab_cli"]["acc,none"] <= 1
+    bad = CliRunner().invoke(app, args[:2] + ["nope"] + args[3:])
+    assert bad.exit_code == 2 and "unknown lm_eval task" in bad.output

@@ -96,3 +96,77 @@ def quant_error_cmd(
                   f"({worst_kv['state']})")
     out.print(f"wrote {out_dir / 'quant_error.json'} and {out_dir / 'quant_error.csv'} in "
               f"{time.perf_counter() - t0:.1f} s")
+
+
+@app.command("lm-eval")
+@guarded
+def lm_eval_cmd(
+    tasks: str = typer.Option(..., "--tasks", help="comma-separated lm_eval task names"),
+    include_path: Path = typer.Option(None, "--include-path", help="folder of task YAML files (local data)"),
+    method: str = typer.Option("none", "--method", help="mitigation method(s) applied first (comma-separated)"),
+    quant: str = typer.Option("fp", "--quant", "-q", help="quantization preset (with :key=value overrides)"),
+    model: str = ModelOpt,
+    out_dir: Path = OutOpt,
+    builtin: bool = typer.Option(True, "--builtin-tasks/--no-builtin-tasks", help="also index lm_eval's own "
+                                 "tasks (slow to scan; their data usually needs the network)"),
+    limit: int = typer.Option(None, "--limit", help="at most this many documents per task"),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", help="few-shot examples (task default if unset)"),
+    calib_samples: int = typer.Option(16, "--calib-samples", help="calibration windows (methods, static "
+                                      "scales, GPTQ)"),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Score a mitigated, fake-quantized model on lm-evaluation-harness tasks -> lm_eval.json (needs outlierlab[eval])."""
+    from ..errors import OutlierlabError
+    from ..evaluation.lm_eval import HAVE_LM_EVAL, INSTALL_HINT
+    from ..paths import atomic_write_json
+
+    if not HAVE_LM_EVAL:
+        raise OutlierlabError(INSTALL_HINT)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ..evaluation.lm_eval import OutlierlabLM
+
+    t0 = time.perf_counter()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=builtin or include_path is None)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise OutlierlabError(f"unknown lm_eval task(s) {', '.join(unknown)}; pass --include-path with their YAML")
+    with err.status("loading, mitigating and quantizing the model"):
+        lm = OutlierlabLM(model=model, methods=method, quant=quant, calib_samples=calib_samples,
+                          batch_size=batch_size, device=device, dtype=dtype)
+    res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    results = res["results"] if res else {}
+    doc = {"schema": "outlierlab.lm_eval/1", **lm.describe(), "tasks": names, "limit": limit,
+           "num_fewshot": num_fewshot, "results": results, "timings": {"total_s": time.perf_counter() - t0}}
+    atomic_write_json(out_dir / "lm_eval.json", json_safe(doc))
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        out.print(f"{task}: {shown}", highlight=False)
+    out.print(f"wrote {out_dir / 'lm_eval.json'} in {time.perf_counter() - t0:.1f} s")
+
+
+def json_safe(obj):
+    """lm_eval results hold non-JSON values (numpy numbers, 'N/A', inf): make them plain."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return repr(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return repr(obj)
