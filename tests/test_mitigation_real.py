@@ -84,7 +84,7 @@ def test_rotated_export_loads_in_a_fresh_process_and_generates_the_same_text(smo
                           "rel": float((logits - ref).abs().max() / ref.abs().max()),
                           "modules": sorted(m.split(".")[0] for m in __import__("sys").modules if m.startswith("outlierlab"))}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["modules"] == []  # plain transformers, no outlierlab code
