@@ -82,7 +82,11 @@ def main() -> None:
 
     from outlierlab.evaluation import perplexity
     from outlierlab.quantization import prepare
-    from outlierlab.quantization.quantizers import _quant_dynamic_eager, compile_enabled, quant_dynamic
+    from outlierlab.quantization.quantizers import (
+        _quant_dynamic_eager,
+        compile_enabled,
+        quant_dynamic,
+    )
 
     device = torch.device(args.device)
     model, ids, desc = _model(args)

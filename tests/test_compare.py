@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import outlierlab.compare as cmp
-import outlierlab.mitigation as mitigation
+from outlierlab import mitigation
 from outlierlab.cli import app
 from outlierlab.compare import CompareConfig, compare
 from outlierlab.data import DataConfig
@@ -70,7 +70,8 @@ def test_table_files_and_resume(tiny_folder, tiny_lm, tmp_path, counted):
     assert {"torch", "transformers", "outlierlab"} <= set(doc["versions"])
     assert doc["quant_presets"]["w8a8-tensor"]["a_granularity"] == "tensor-static"
     assert len(doc["cells"]) == 6 and "linears" not in doc["cells"][1]["sqnr"]
-    rows = list(csv.DictReader(open(out / "compare.csv")))
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"method", "quant", "ppl", "delta_ppl"} <= set(rows[0])
     assert float(rows[1]["delta_ppl"]) == pytest.approx(res.get("none", "w8a8-tensor").delta_ppl, rel=1e-5)
     cell_files = sorted((out / "cells").glob("*.json"))

@@ -66,10 +66,9 @@ def test_simple_evaluate_with_a_local_task(tmp_path, loaded):
     rng = random.Random(0)
     data = tmp_path / "data.jsonl"
     with open(data, "w") as f:
-        for _ in range(6):
-            f.write(json.dumps({"question": " ".join(f"w{rng.randrange(4, 128)}" for _ in range(5)),
+        f.writelines(json.dumps({"question": " ".join(f"w{rng.randrange(4, 128)}" for _ in range(5)),
                                 "choices": [f" w{rng.randrange(4, 128)}" for _ in range(3)],
-                                "answer": rng.randrange(3)}) + "\n")
+                                "answer": rng.randrange(3)}) + "\n" for _ in range(6))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny.yaml").write_text(
         "task: outlierlab_tiny\n"

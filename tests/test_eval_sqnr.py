@@ -76,7 +76,8 @@ def test_kv_error_and_files(tmp_path):
     assert torch.equal(_out(model.lm_head, model, ids), ref)  # KV probe removed, attention restored
     assert model.config._attn_implementation == "eager"
     rep.save_csv(tmp_path / "e.csv")
-    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    with open(tmp_path / "e.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == len(rep.rows) == 4 * model.config.n_layer
     assert {"name", "layer", "role", "sqnr_db", "rel_mse", "rel_mse_act", "rel_mse_weight"} <= set(rows[0])
     doc = rep.to_json()

@@ -284,7 +284,7 @@ def test_gptq_beats_rtn_on_a_tiny_model():
 @pytest.mark.parametrize("spec", ["w8a8-token", "w8a8-tensor"])
 def test_shared_inputs_are_quantized_once(spec, monkeypatch):
     """q, k and v (and gate and up) read the same tensor: it is quantized once, with the same result."""
-    import outlierlab.quantization.fake as fake
+    from outlierlab.quantization import fake
 
     model = tiny_model("llama")
     ids = random_windows(model, n=2, seq_len=16)

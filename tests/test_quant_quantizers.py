@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from outlierlab.quantization import PRESETS, QuantConfig, QuantConfigError, get_quant, parse_quant_list
+from outlierlab.quantization import (
+    PRESETS,
+    QuantConfig,
+    QuantConfigError,
+    get_quant,
+    parse_quant_list,
+)
 from outlierlab.quantization.quantizers import (
     fake_quant,
     qmax_asym,

@@ -98,11 +98,14 @@ def quant_error_cmd(
               f"{time.perf_counter() - t0:.1f} s")
 
 
+IncludeOpt = typer.Option(None, "--include-path", help="folder of task YAML files (local data)")
+
+
 @app.command("lm-eval")
 @guarded
 def lm_eval_cmd(
     tasks: str = typer.Option(..., "--tasks", help="comma-separated lm_eval task names"),
-    include_path: Path = typer.Option(None, "--include-path", help="folder of task YAML files (local data)"),
+    include_path: Path | None = IncludeOpt,
     method: str = typer.Option("none", "--method", help="mitigation method(s) applied first (comma-separated)"),
     quant: str = typer.Option("fp", "--quant", "-q", help="quantization preset (with :key=value overrides)"),
     model: str = ModelOpt,
@@ -118,7 +121,7 @@ def lm_eval_cmd(
     dtype: str = DtypeOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Score a mitigated, fake-quantized model on lm-evaluation-harness tasks -> lm_eval.json (needs outlierlab[eval])."""
+    """Score a mitigated, fake-quantized model on lm-evaluation-harness tasks -> lm_eval.json (needs the eval extra: lm_eval)."""
     from ..errors import OutlierlabError
     from ..evaluation.lm_eval import HAVE_LM_EVAL, INSTALL_HINT
     from ..paths import atomic_write_json

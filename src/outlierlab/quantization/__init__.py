@@ -6,7 +6,16 @@ The arithmetic lives in :mod:`.quantizers`; docs/quantization.md documents every
 """
 
 from .config import PRESETS, QuantConfig, QuantConfigError, get_quant, parse_quant_list
-from .fake import ActQuantizer, QuantPlan, QuantState, Target, find_targets, prepare, quantize_, static_scales
+from .fake import (
+    ActQuantizer,
+    QuantPlan,
+    QuantState,
+    Target,
+    find_targets,
+    prepare,
+    quantize_,
+    static_scales,
+)
 from .kv import KVQuantizer
 
 __all__ = [

@@ -152,7 +152,7 @@ class QuantConfig:
         """A canonical JSON string of every field (for hashing)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def with_(self, **changes) -> "QuantConfig":
+    def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)
 
 
@@ -193,7 +193,7 @@ def _parse_value(field_type: str, key: str, text: str):
     return text.strip()
 
 
-def get_quant(spec: "str | QuantConfig") -> QuantConfig:
+def get_quant(spec: str | QuantConfig) -> QuantConfig:
     """A :class:`QuantConfig` from a preset name with optional ``:key=value`` overrides (or a config)."""
     if isinstance(spec, QuantConfig):
         return spec

@@ -21,18 +21,26 @@ precision and are left out of the static calibration.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
+from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from ..adapters import get_adapter
 from ..adapters.base import Adapter, LinearSpec
 from ..tracing.hooks import HookSet
 from . import kv as kvmod
 from .config import QuantConfig, QuantConfigError, get_quant
-from .quantizers import asym_params, fake_quant, qparams, quant_dynamic, quant_weight, sym_scale
+from .quantizers import (
+    asym_params,
+    fake_quant,
+    qparams,
+    quant_dynamic,
+    quant_weight,
+    sym_scale,
+)
 
 PREFIX_ATTR = "outlierlab_fp_prefix"
 
@@ -270,7 +278,7 @@ class QuantPlan:
     prefix: int = 0
     info: dict = field(default_factory=dict)
 
-    def install(self, model: nn.Module, restore: bool = True) -> "QuantState":
+    def install(self, model: nn.Module, restore: bool = True) -> QuantState:
         """Put the plan on ``model`` (the model it was prepared on). ``restore=False`` drops the original
         weights (the state then cannot give them back)."""
         state = QuantState(model, self.config, self, restore)
@@ -330,7 +338,7 @@ class QuantState:
             module.weight = old
         self.active = False
 
-    def __enter__(self) -> "QuantState":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -355,7 +363,7 @@ def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, config: "QuantConfig | str", calib=None, *, batch_size: int = 4,
+def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_size: int = 4,
             progress: bool = False) -> QuantPlan:
     """Compute what fake quantization installs (see module docstring); the model is left as it was."""
     config = get_quant(config)
@@ -399,7 +407,7 @@ def prepare(model: nn.Module, config: "QuantConfig | str", calib=None, *, batch_
     return plan
 
 
-def quantize_(model: nn.Module, config: "QuantConfig | str", calib=None, *, restore: bool = True,
+def quantize_(model: nn.Module, config: QuantConfig | str, calib=None, *, restore: bool = True,
               batch_size: int = 4, progress: bool = False) -> QuantState:
     """Fake-quantize ``model`` in place; returns the :class:`QuantState` that undoes it (``remove()`` or
     ``with quantize_(...):``). ``calib`` (Windows or ids) is needed for static scales and GPTQ."""

@@ -44,7 +44,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool =
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()
-    n_out, n_in = W.shape
+    n_in = W.shape[1]
     if H.shape != (n_in, n_in):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {n_in}")
     dead = torch.diag(H) == 0

@@ -14,13 +14,13 @@ implementation and deletes the attributes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from .config import QuantConfigError
-from .quantizers import qparams, fake_quant
+from .quantizers import fake_quant, qparams
 
 ATTR = "_outlierlab_kv"
 PREFIX = "outlierlab_kv_"
@@ -88,7 +88,10 @@ def _make_wrapper(base: str) -> Callable:
 def register(base: str) -> str:
     """Register the wrapper around ``base`` (and its mask builder) once; returns its name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     name = f"{PREFIX}{base}"
     if name not in _REGISTERED:

@@ -18,7 +18,7 @@ Conventions (documented in docs/quantization.md):
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
