@@ -4,18 +4,22 @@ from .adapters import get_adapter, supported_model_types
 from .analysis.detect import DetectConfig
 from .analysis.explain import ExplainConfig, Explanation, explain
 from .api import profile
+from .compare import CompareConfig, compare
 from .data import DataConfig, Windows, make_windows
 from .errors import OutlierlabError
 from .mitigation import METHODS, MitigationResult, mitigate
 from .mitigation.export import load
 from .models import load_model
+from .quantization import QuantConfig, get_quant, quantize_
 from .tracing import Profile, ProfileConfig, StatsConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "CompareConfig",
     "DataConfig",
+    "QuantConfig",
     "DetectConfig",
     "ExplainConfig",
     "Explanation",
@@ -25,7 +29,10 @@ __all__ = [
     "ProfileConfig",
     "StatsConfig",
     "Windows",
+    "compare",
     "explain",
+    "get_quant",
+    "quantize_",
     "get_adapter",
     "load",
     "load_model",
