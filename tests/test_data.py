@@ -10,7 +10,6 @@ import torch
 
 from outlierlab.data import DataConfig, Windows, brown_text, fetch_brown, load_text, make_windows
 from outlierlab.data import brown as brown_mod
-from outlierlab.data import sources as sources_mod
 from outlierlab.data.brown import detokenize, detokenize_tagged, split_files, strip_tag
 from outlierlab.data.windows import text_chunks, tokenizer_adds_bos
 from outlierlab.errors import DataError, OutlierlabError

@@ -73,7 +73,7 @@ def sweep(model, calib, eval_windows, variants=None, targets=TARGETS, before: di
     rows = []
     from ..tracing.profiler import _progress
 
-    with _progress(len(points), progress, "tma sweep") as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("tma sweep", total=len(points))
         for variant, target in points:
             cfg = variant_config(variant, target)

@@ -84,7 +84,8 @@ def _windows_tensor(windows) -> torch.Tensor:
     return ids
 
 
-def _progress(total: int, enabled: bool, description: str):
+def _progress(enabled: bool):
+    """A transient rich progress bar (disabled when ``enabled`` is False)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -104,7 +105,7 @@ def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tr
                 progress: bool = False, description: str = "profiling") -> None:
     """Forward every window once, in batches, telling ``tracer`` which window each batch starts at."""
     device = next(model.parameters()).device
-    with _progress(len(ids), progress, description) as bar:
+    with _progress(progress) as bar:
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size].to(device)
