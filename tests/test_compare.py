@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 from typer.testing import CliRunner
 
-import outlierlab.compare as cmp
+import outlierlab.evaluation.compare as cmp
 from outlierlab import mitigation
 from outlierlab.cli import app
-from outlierlab.compare import CompareConfig, compare
 from outlierlab.data import DataConfig
 from outlierlab.evaluation import EvalConfig
+from outlierlab.evaluation.compare import CompareConfig, compare
 
 
 @pytest.fixture

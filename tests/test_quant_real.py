@@ -25,7 +25,7 @@ def calib(smollm):
 
 
 def test_w8a8_tensor_is_worse_than_fp_and_per_token_recovers(smollm, tmp_path):
-    from outlierlab.compare import CompareConfig, compare
+    from outlierlab.evaluation.compare import CompareConfig, compare
     from outlierlab.data import DataConfig
     from outlierlab.evaluation import EvalConfig
 

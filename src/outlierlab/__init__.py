@@ -4,7 +4,7 @@ from .adapters import get_adapter, supported_model_types
 from .analysis.detect import DetectConfig
 from .analysis.explain import ExplainConfig, Explanation, explain
 from .api import profile
-from .compare import CompareConfig, compare
+from .evaluation.compare import CompareConfig, compare
 from .data import DataConfig, Windows, make_windows
 from .errors import OutlierlabError
 from .mitigation import METHODS, MitigationResult, mitigate

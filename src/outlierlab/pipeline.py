@@ -93,7 +93,7 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     """Run (or resume) the pipeline into ``out_dir``; returns ``{stage: seconds}`` and the report path."""
     from .analysis.explain import ExplainConfig, explain, profile_from_report
     from .api import as_windows
-    from .compare import CompareConfig, compare, render_table
+    from .evaluation.compare import CompareConfig, compare, render_table
     from .evaluation import eval_windows
     from .mitigation import mitigate
     from .mitigation.measure import measure, reduction

@@ -28,7 +28,7 @@ DEFAULT_QUANT = "fp,w8a8-tensor,w8a8-token,w4a8,w4a4"
 
 
 def _methods(text: str) -> tuple[str, ...]:
-    from ..compare import available_methods
+    from ..evaluation.compare import available_methods
     from ..errors import OutlierlabError
 
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -68,7 +68,7 @@ def compare_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Perplexity of every mitigation method x quantization setting -> compare.json, compare.csv, a table."""
-    from ..compare import CompareConfig, compare, render_table
+    from ..evaluation.compare import CompareConfig, compare, render_table
     from ..data import DataConfig
     from ..evaluation import EvalConfig
     from ..models.loader import load_model

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from .data import DataConfig, make_windows
-from .evaluation import EvalConfig, eval_windows, perplexity
-from .paths import atomic_write_json, atomic_write_text
-from .quantization import QuantConfig, get_quant
+from ..data import DataConfig, make_windows
+from ..paths import atomic_write_json, atomic_write_text
+from ..quantization import QuantConfig, get_quant
+from .perplexity import EvalConfig, eval_windows, perplexity
 
 SCHEMA = "outlierlab.compare/1"
 DEFAULT_QUANTS = ("fp", "w8a8-tensor", "w8a8-token", "w4a8", "w4a4")
@@ -136,9 +136,9 @@ def code_fingerprint(method: str | None = None) -> dict:
     """Hashes of the code that determines a cell's numbers: the quantization package and the perplexity
     protocol, and (for methods other than ``none``) the mitigation package. Reports and tables are not
     included, so editing them keeps the cache."""
-    from . import __version__
+    from .. import __version__
 
-    pkg = Path(__file__).parent
+    pkg = Path(__file__).parents[1]
 
     def digest(paths) -> str:
         h = hashlib.sha256()
@@ -157,7 +157,7 @@ def code_fingerprint(method: str | None = None) -> dict:
 
 def available_methods() -> dict[str, type]:
     """``outlierlab.mitigation.METHODS`` as it is now (new methods are picked up without changes here)."""
-    from . import mitigation
+    from .. import mitigation
 
     return dict(mitigation.METHODS)
 
@@ -165,7 +165,7 @@ def available_methods() -> dict[str, type]:
 def _versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"outlierlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -197,8 +197,8 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
             progress: bool = False, force: bool = False, on_cell=None) -> CompareResult:
     """Run (or resume) the table for a :class:`~outlierlab.models.LoadedModel`. ``out_dir`` None: no files
     and no cache. ``force``: recompute cached cells. ``on_cell(cell)`` is called after each cell."""
-    from .mitigation import mitigate
-    from .models.loader import max_positions
+    from ..mitigation import mitigate
+    from ..models.loader import max_positions
 
     config = config or CompareConfig()
     out = Path(out_dir) if out_dir is not None else None
@@ -319,8 +319,8 @@ def _brief(cell: Cell) -> dict:
 
 
 def _run_cell(work, cell: Cell, q: QuantConfig, calib, ev, sqnr_ids, config: CompareConfig) -> None:
-    from .evaluation.sqnr import quant_error
-    from .quantization.fake import prepare
+    from ..quantization.fake import prepare
+    from .sqnr import quant_error
 
     try:
         t0 = time.perf_counter()
