@@ -130,3 +130,54 @@ def test_shape_change_is_an_error():
     st.update(torch.randn(1, 8, 4))
     with pytest.raises(ValueError, match="shape changed"):
         st.update(torch.randn(1, 8, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["outliers", "ties"])
+def test_cpu_fast_path_equals_device_path(data, dtype, kind):
+    """The eager CPU update (top-k prefilter, numpy channel medians, reused |x| buffer) computes exactly what
+    the path compiled for GPUs computes, including on tensors full of ties (ReLU zeros, repeated values)."""
+    from outlierlab.tracing.stats import _fixed_sample, _update_math
+
+    x = data if kind == "outliers" else data.clamp(-1, 1).round()  # values in {-1, 0, 1}: ties everywhere
+    x = x[:4].to(dtype).reshape(4 * 40, 24)
+    c = StatsConfig(top_k=7, channel_median_rows=16)
+    args = (torch.zeros(24 + 40), torch.zeros(2 * 24 + 40 + c.n_bins, dtype=torch.float64),
+            _fixed_sample(160, 16, 0, x.device), _fixed_sample(160 * 24, 1000, 1, x.device), 4, 40, 16, 28, 28,
+            float(c.log2_min), float(c.log2_max), c.n_bins)
+    ref = _update_math(x, *args)
+    fast = _update_math(x, *args, -1.0, torch.empty(160, 24))
+    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(fast[1], ref[1], rtol=0, atol=0)
+    assert sorted(fast[2].tolist()) == sorted(ref[2].tolist())  # the same top values (ties may pick other keys)
+    got = {(int(r), int(ch)): v for v, r, ch in zip(fast[3].tolist(), fast[4], fast[5])}
+    assert all(float(x[r, ch]) == v for (r, ch), v in got.items())  # signed values at their own coordinates
+    if kind == "outliers":
+        want = {(int(r), int(ch)) for r, ch in zip(ref[4], ref[5])}
+        assert set(got) == want
+        # a floor (the smallest |x| of a full running top-k) keeps exactly the candidates at or above it
+        floor = sorted(ref[2].tolist())[-10]
+        floored = _update_math(x, *args, floor, torch.empty(160, 24))
+        assert sorted(floored[2].tolist()) == sorted(v for v in ref[2].tolist() if v >= floor)
+
+
+def test_floor_keeps_the_exact_top_k(data, monkeypatch):
+    """The CPU path's running floor (entries below the k-th best never enter) leaves every statistic as the
+    device path (no floor, no host sync) computes it."""
+    import functools
+
+    from outlierlab.tracing import stats as S
+
+    cfg = StatsConfig(top_k=5, merge_every=100)
+    host = PositionStats(cfg)
+    feed(host, data, 1)
+    assert host._floor > 0  # the floor was in use
+    monkeypatch.setattr(S, "update_fn", lambda device, mode: functools.partial(S._update_math))
+    device_path = PositionStats(cfg)
+    feed(device_path, data, 1)
+    a, b = host.finalize(), device_path.finalize()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+        else:
+            assert a[key] == b[key], key
