@@ -97,7 +97,11 @@ def _update_math(x, max_state, sum_state, rows_idx, elem_idx, batch: int, seq_le
         a = torch.abs(x, out=work)
     else:
         a = work.copy_(x).abs_()
-    chan_max, chan_sum, row_max = a.amax(0), a.sum(0), a.amax(1)
+    if floor is None:
+        chan_max = a.amax(0)
+    else:  # |x| >= 0 orders like its int32 bits (NaN above inf), and integer max is cheaper on a CPU
+        chan_max = a.view(torch.int32).amax(0).view(torch.float32)
+    chan_sum, row_max = a.sum(0), a.amax(1)
     tok = row_max.view(batch, seq_len)
     # channel medians over a fixed random subset of rows (the lower median, as torch.median gives)
     sub = a.index_select(0, rows_idx)
@@ -272,7 +276,10 @@ class PositionStats:
         self.samples += k
         self.tok_windows += batch
         self._pending.append((vals, signed, r + window0 * seq_len, ch))
-        if len(self._pending) >= c.merge_every or (host and self._floor < 0):
+        if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
+            # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
+            self._floor = float(vals.min())
+        if len(self._pending) >= c.merge_every:
             self._flush()
 
     def _flush(self) -> None:
@@ -305,7 +312,7 @@ class PositionStats:
         self.top_token = token[keep]
         self.top_channel = channel[keep]
         if keep.device.type == "cpu":
-            self._floor = float(self.top_abs.min())  # EMPTY while a slot is unused
+            self._floor = max(self._floor, float(self.top_abs.min()))  # EMPTY while a slot is unused
 
     # -- merging ---------------------------------------------------------------------------------------
     _COUNTS = ("rows", "n_updates", "samples", "tok_windows")

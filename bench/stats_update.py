@@ -1,0 +1,76 @@
+"""Cost of one statistics update (:meth:`PositionStats.update`) per traced tensor, on CPU or GPU.
+
+    python bench/stats_update.py --device cuda --dtype bfloat16 --rows 8192 --channels 4096,11008
+
+For each shape and compile mode it prints, per update: the wall time when updates are issued back to back
+(what tracing pays), the host time to issue one update (launch cost; on a GPU the work is asynchronous), and
+the device time of one update measured alone (CUDA events). If the host time exceeds the device time, tracing
+is launch-bound: the GPU waits for the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from outlierlab.models.loader import resolve_device, resolve_dtype
+from outlierlab.tracing.stats import PositionStats, StatsConfig
+
+
+def measure(x: torch.Tensor, mode: str, n: int, batch: int) -> dict:
+    dev = x.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    st = PositionStats(StatsConfig(compile=mode))
+    x = x.view(batch, -1, x.shape[-1])
+    for _ in range(3):  # compile and warm up
+        st.update(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        st.update(x)
+    host = (time.perf_counter() - t0) / n
+    sync()
+    wall = (time.perf_counter() - t0) / n
+    device = float("nan")
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(n):
+            sync()
+            start.record()
+            st.update(x)
+            end.record()
+            sync()
+            times.append(start.elapsed_time(end) / 1e3)
+        device = sorted(times)[len(times) // 2]
+    return {"wall": wall, "host": host, "device": device}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--rows", type=int, default=2048, help="batch x tokens per update")
+    ap.add_argument("--batch", type=int, default=4, help="windows per update (rows = batch x tokens)")
+    ap.add_argument("--channels", default="576,1536")
+    ap.add_argument("--modes", default="auto")
+    ap.add_argument("--n", type=int, default=50)
+    args = ap.parse_args()
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{where} | torch {torch.__version__} | {args.rows} rows ({args.batch} windows) | {args.dtype}")
+    gen = torch.Generator().manual_seed(0)
+    for c in (int(v) for v in args.channels.split(",")):
+        x = torch.randn(args.rows, c, generator=gen).to(device=device, dtype=dtype)
+        x[0, 7] = 3000.0  # one massive entry, as real traces have
+        bytes_ = x.numel() * x.element_size()
+        for mode in args.modes.split(","):
+            r = measure(x, mode, args.n, args.batch)
+            print(f"channels {c:6d}  {mode:6s}  wall {r['wall'] * 1e6:8.1f} us  host {r['host'] * 1e6:8.1f} us  "
+                  f"device {r['device'] * 1e6:8.1f} us  (one read of x at 3 TB/s: {bytes_ / 3e12 * 1e6:.1f} us)")
+
+
+if __name__ == "__main__":
+    main()
