@@ -8,7 +8,14 @@ import re
 import pytest
 import torch
 
-from outlierlab.data import DataConfig, Windows, brown_text, fetch_brown, load_text, make_windows
+from outlierlab.data import (
+    DataConfig,
+    Windows,
+    brown_text,
+    fetch_brown,
+    load_text,
+    make_windows,
+)
 from outlierlab.data import brown as brown_mod
 from outlierlab.data.brown import detokenize, detokenize_tagged, split_files, strip_tag
 from outlierlab.data.windows import text_chunks, tokenizer_adds_bos
@@ -16,10 +23,7 @@ from outlierlab.errors import DataError, OutlierlabError
 
 # ----------------------------------------------------------------------------- fixtures
 
-WORDS = (
-    "the quick brown fox jumps over lazy dog and a cat sat on mat while birds sing in trees "
-    "every morning sun rises slowly above hills"
-).split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "a", "cat", "sat", "on", "mat", "while", "birds", "sing", "in", "trees", "every", "morning", "sun", "rises", "slowly", "above", "hills"]
 
 
 def _tokenizer(add_bos: bool = True, bos: bool = True):

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from outlierlab.adapters import get_adapter
-from outlierlab.testing import TINY_FAMILIES, plant_gain, plant_super_weight, random_windows, tiny_model
+from outlierlab.testing import (
+    TINY_FAMILIES,
+    plant_gain,
+    plant_super_weight,
+    random_windows,
+    tiny_model,
+)
 from outlierlab.tracing import ProfileConfig, profile
 from outlierlab.tracing.stats import PositionStats
 

@@ -25,9 +25,9 @@ def calib(smollm):
 
 
 def test_w8a8_tensor_is_worse_than_fp_and_per_token_recovers(smollm, tmp_path):
-    from outlierlab.evaluation.compare import CompareConfig, compare
     from outlierlab.data import DataConfig
     from outlierlab.evaluation import EvalConfig
+    from outlierlab.evaluation.compare import CompareConfig, compare
 
     cfg = CompareConfig(methods=("none",), quants=("fp", "w8a8-tensor", "w8a8-token"),
                         eval=EvalConfig(n_samples=4), calib=DataConfig(n_samples=4))

@@ -16,7 +16,12 @@ from outlierlab.paths import atomic_write_json
 from outlierlab.report import figures as F
 from outlierlab.report import landscape as L
 from outlierlab.report.html import build, build_report, collect
-from outlierlab.testing import plant_gain, plant_super_weight, random_windows, tiny_model
+from outlierlab.testing import (
+    plant_gain,
+    plant_super_weight,
+    random_windows,
+    tiny_model,
+)
 from outlierlab.tracing import ProfileConfig, profile
 
 MA_LAYER, MA_ROW, MA_COL = 1, 7, 13        # the planted super weight: W_down[7, 13] of layer 1
@@ -273,9 +278,9 @@ def test_report_states_the_numbers(run):
 
 def test_report_is_self_contained(run):
     html = run["html"]
-    assert not re.search(r"""(src|href|action|poster|data)\s*=\s*["']?\s*(https?:|//|file:|ftp:)""", html, re.I)
+    assert not re.search(r"""(src|href|action|poster|data)\s*=\s*["']?\s*(https?:|//|file:|ftp:)""", html, re.IGNORECASE)
     assert not re.search(r"https?://", html)
-    assert not re.search(r"<\s*(script|link|iframe|object|embed|base)\b", html, re.I)
+    assert not re.search(r"<\s*(script|link|iframe|object|embed|base)\b", html, re.IGNORECASE)
     assert "@import" not in html and "url(" not in html
     for m in re.finditer(r"""\b(src|href)\s*=\s*["']([^"']*)""", html):
         assert m.group(2).startswith(("data:image/png;base64,", "#")), m.group(0)[:80]

@@ -4,9 +4,9 @@ from .adapters import get_adapter, supported_model_types
 from .analysis.detect import DetectConfig
 from .analysis.explain import ExplainConfig, Explanation, explain
 from .api import profile
-from .evaluation.compare import CompareConfig, compare
 from .data import DataConfig, Windows, make_windows
 from .errors import OutlierlabError
+from .evaluation.compare import CompareConfig, compare
 from .mitigation import METHODS, MitigationResult, mitigate
 from .mitigation.export import load
 from .models import load_model
@@ -19,7 +19,6 @@ __all__ = [
     "METHODS",
     "CompareConfig",
     "DataConfig",
-    "QuantConfig",
     "DetectConfig",
     "ExplainConfig",
     "Explanation",
@@ -27,17 +26,18 @@ __all__ = [
     "OutlierlabError",
     "Profile",
     "ProfileConfig",
+    "QuantConfig",
     "StatsConfig",
     "Windows",
     "compare",
     "explain",
-    "get_quant",
-    "quantize_",
     "get_adapter",
+    "get_quant",
     "load",
     "load_model",
     "make_windows",
     "mitigate",
     "profile",
+    "quantize_",
     "supported_model_types",
 ]

@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 
@@ -93,8 +93,8 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     """Run (or resume) the pipeline into ``out_dir``; returns ``{stage: seconds}`` and the report path."""
     from .analysis.explain import ExplainConfig, explain, profile_from_report
     from .api import as_windows
-    from .evaluation.compare import CompareConfig, compare, render_table
     from .evaluation import eval_windows
+    from .evaluation.compare import CompareConfig, compare, render_table
     from .mitigation import mitigate
     from .mitigation.measure import measure, reduction
     from .models.loader import load_model, max_positions

@@ -8,8 +8,9 @@ these declarations, so adding a model family is adding one file in this package 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn

@@ -303,16 +303,9 @@ def _other_massive(profile, mas: list[dict]) -> list[dict]:
 
 class _bar:
     def __init__(self, total: int, enabled: bool, description: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from ..progress import progress_bar
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), disable=not enabled, transient=True)
+        self.progress = progress_bar(enabled)
         self.total, self.description = total, description
 
     def __enter__(self):

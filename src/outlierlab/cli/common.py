@@ -65,7 +65,7 @@ def guarded(fn):
             err.print(f"[bold red]error:[/] {exc.strerror or exc} ({getattr(exc, 'filename', '') or ''})",
                       highlight=False)
             raise typer.Exit(1)
-        except Exception as exc:  # noqa: BLE001 - last resort, one line unless --debug
+        except Exception as exc:
             if debug:
                 raise
             err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",

@@ -28,8 +28,8 @@ DEFAULT_QUANT = "fp,w8a8-tensor,w8a8-token,w4a8,w4a4"
 
 
 def _methods(text: str) -> tuple[str, ...]:
-    from ..evaluation.compare import available_methods
     from ..errors import OutlierlabError
+    from ..evaluation.compare import available_methods
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
@@ -68,9 +68,9 @@ def compare_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Perplexity of every mitigation method x quantization setting -> compare.json, compare.csv, a table."""
-    from ..evaluation.compare import CompareConfig, compare, render_table
     from ..data import DataConfig
     from ..evaluation import EvalConfig
+    from ..evaluation.compare import CompareConfig, compare, render_table
     from ..models.loader import load_model
     from ..quantization import parse_quant_list
 

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .common import DebugOpt, DeviceOpt, DtypeOpt, ModelOpt, OutOpt, ProgressOpt, app, guarded, out
+from .common import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    ProgressOpt,
+    app,
+    guarded,
+    out,
+)
 
 
 @app.command("run")

@@ -4,4 +4,4 @@ from outlierlab.data.brown import brown_text, fetch_brown
 from outlierlab.data.sources import load_text
 from outlierlab.data.windows import DataConfig, Windows, make_windows
 
-__all__ = ["DataConfig", "Windows", "make_windows", "load_text", "brown_text", "fetch_brown"]
+__all__ = ["DataConfig", "Windows", "brown_text", "fetch_brown", "load_text", "make_windows"]

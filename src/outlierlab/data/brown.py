@@ -25,8 +25,8 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from outlierlab.errors import DataError
 from outlierlab.paths import atomic_write_text, cache_dir

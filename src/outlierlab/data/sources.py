@@ -71,7 +71,7 @@ def _load_hf(source: str) -> tuple[str, dict]:
     config = parts[1] if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
     try:
-        import datasets  # noqa: PLC0415 - optional dependency
+        import datasets
     except ImportError as exc:
         raise DataError("hf: sources need the datasets library: pip install outlierlab[hf]") from exc
     try:

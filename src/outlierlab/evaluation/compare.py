@@ -36,6 +36,7 @@ import torch
 
 from ..data import DataConfig, make_windows
 from ..paths import atomic_write_json, atomic_write_text
+from ..progress import progress_bar
 from ..quantization import QuantConfig, get_quant
 from .perplexity import EvalConfig, eval_windows, perplexity
 
@@ -180,19 +181,6 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, transient=True)
-
-
 def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None = None, *,
             progress: bool = False, force: bool = False, on_cell=None) -> CompareResult:
     """Run (or resume) the table for a :class:`~outlierlab.models.LoadedModel`. ``out_dir`` None: no files
@@ -246,7 +234,7 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
         todo.setdefault(m, []).append((cell, q))
 
     n_todo = sum(len(v) for v in todo.values())
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("compare", total=n_todo)
         for m, items in todo.items():
             mcfg = _method_config(m, methods)

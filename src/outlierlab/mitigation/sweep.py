@@ -71,9 +71,9 @@ def sweep(model, calib, eval_windows, variants=None, targets=TARGETS, before: di
         else:
             points.extend((v, t) for t in targets)
     rows = []
-    from ..tracing.profiler import _progress
+    from ..progress import progress_bar
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("tma sweep", total=len(points))
         for variant, target in points:
             cfg = variant_config(variant, target)

@@ -193,7 +193,7 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
 
     The model is unchanged on return (weights are swapped in during the layer-by-layer replay and restored).
     """
-    from ..tracing.profiler import _progress
+    from ..progress import progress_bar
 
     layers = adapter.layers()
     by_layer: dict[int, list] = {}
@@ -207,7 +207,7 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
     inputs, calls = _record_layer_calls(model, layers, ids, batch_size)
     swapped: list[tuple[nn.Module, torch.Tensor]] = []
     try:
-        with _progress(progress) as bar, torch.inference_mode():
+        with progress_bar(progress) as bar, torch.inference_mode():
             task = bar.add_task("GPTQ", total=last + 1)
             for index in range(last + 1):
                 layer = layers[index]

@@ -24,8 +24,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..errors import OutlierlabError
 from ..paths import atomic_write_text
@@ -74,7 +75,7 @@ def collect(out_dir: str | Path) -> dict:
 
         try:
             data["report"], data["arrays"] = load_report(out_dir)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        except Exception as exc:
             raise OutlierlabError(f"cannot read the profile in {out_dir}: {exc}") from exc
         data["explain"] = data["report"].get("explain")
     if data["explain"] is None and (out_dir / "explain.json").is_file():

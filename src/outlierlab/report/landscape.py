@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -156,7 +156,7 @@ def load(path: str | Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+    except Exception as exc:
         raise OutlierlabError(f"cannot read the landscape file {path}: {exc}") from exc
 
 
@@ -168,7 +168,7 @@ def load_meta(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+    except Exception as exc:
         raise OutlierlabError(f"cannot read the landscape file {path}: {exc}") from exc
     for k, v in meta.items():
         try:

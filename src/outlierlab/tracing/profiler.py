@@ -13,6 +13,7 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
+from ..progress import progress_bar
 from .hooks import HookSet, attach_positions
 from .result import PositionResult, Profile
 from .stats import PositionStats, StatsConfig, median_error
@@ -84,28 +85,12 @@ def _windows_tensor(windows) -> torch.Tensor:
     return ids
 
 
-def _progress(enabled: bool):
-    """A transient rich progress bar (disabled when ``enabled`` is False)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
-    )
-
-
 @torch.inference_mode()
 def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tracer | None = None,
                 progress: bool = False, description: str = "profiling") -> None:
     """Forward every window once, in batches, telling ``tracer`` which window each batch starts at."""
     device = next(model.parameters()).device
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size].to(device)
@@ -140,7 +125,7 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     weights = weight_stats(adapter) if config.weights else None
     t_weights = time.perf_counter() - t2
     return build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {},
-                         getattr(windows, "describe", lambda: {})(),
+                         getattr(windows, "describe", dict)(),
                          {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights})
 
 
