@@ -103,26 +103,34 @@ def _update_math(x, max_state, sum_state, rows_idx, elem_idx, batch: int, seq_le
         chan_max = a.view(torch.int32).amax(0).view(torch.float32)
     chan_sum, row_max = a.sum(0), a.amax(1)
     tok = row_max.view(batch, seq_len)
+
+    def abs_rows(idx):  # |x| of some rows: from the host path's buffer, or gathered from x (on a GPU this
+        # keeps inductor from writing a full fp32 copy of |x| for the gathers)
+        return a.index_select(0, idx) if floor is not None else x.index_select(0, idx).abs().float()
+
     # channel medians over a fixed random subset of rows (the lower median, as torch.median gives)
-    sub = a.index_select(0, rows_idx)
+    sub = abs_rows(rows_idx)
     if floor is None:
         med = sub.kthvalue((k_rows + 1) // 2, 0).values
     else:
         part = np.partition(sub.t().contiguous().numpy(), (k_rows - 1) // 2, axis=1)
         med = torch.from_numpy(part[:, (k_rows - 1) // 2].copy())
     # tensor-median histogram over a fixed random sample of elements
-    sample = a.reshape(-1).index_select(0, elem_idx)
+    if floor is not None:
+        sample = a.reshape(-1).index_select(0, elem_idx)
+    else:
+        sample = x.reshape(-1).index_select(0, elem_idx).abs().float()
     logs = sample.clamp(min=2.0 ** log2_min, max=2.0 ** log2_max * 0.999).log2()
     hist = torch.histc(logs, bins=n_bins, min=log2_min, max=log2_max)
     # Exact top-k distinct (token, channel) keys of this update. A key occurs at most `batch` times, so the
     # k * batch largest elements hold the k best keys, and they lie in the k * batch rows with the largest max.
     if floor is None:
         cand_rows = row_max.topk(kk, sorted=False).indices
-        vals, flat = a.index_select(0, cand_rows).view(-1).topk(top, sorted=False)
+        vals, flat = abs_rows(cand_rows).view(-1).topk(top, sorted=False)
     else:  # the kk rows hold kk entries >= their smallest max: the kk largest entries are >= it (and >= floor)
         tau = max(float(row_max.topk(kk, sorted=False).values.min()), floor)
         cand_rows = (row_max >= tau).nonzero().squeeze(1)
-        cand = a.index_select(0, cand_rows).view(-1)
+        cand = abs_rows(cand_rows).view(-1)
         idx = (cand >= tau).nonzero().squeeze(1)
         vals, sub_idx = cand.index_select(0, idx).topk(min(top, idx.numel()), sorted=False)
         flat = idx.index_select(0, sub_idx)
