@@ -51,3 +51,18 @@ def channel_outliers(stats: dict, cfg: DetectConfig) -> list[dict]:
         for c in hits
     ]
     return sorted(rows, key=lambda r: -r["ratio"])
+
+
+def otc_scores(chan_mean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Score of every input column c of a linear: E|x_c| * ||W[:, c]||_2, the column's typical contribution
+    to the output (``chan_mean`` from the profile of the linear's input, ``weight`` [out, in])."""
+    return chan_mean.detach().float().cpu() * weight.detach().float().norm(dim=0).cpu()
+
+
+def otc_columns(scores: torch.Tensor, k: float) -> tuple[list[int], float]:
+    """The outlier-triggering columns (score at least ``k`` x the median score) and that median; none when
+    the median is 0."""
+    med = float(scores.median())
+    if med <= 0:
+        return [], med
+    return torch.nonzero(scores >= k * med).flatten().tolist(), med

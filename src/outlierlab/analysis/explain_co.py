@@ -36,6 +36,7 @@ import torch
 
 from ..adapters.base import Adapter
 from ..tracing.hooks import HookSet, attach_positions
+from .detect import otc_columns, otc_scores
 from .layout import (
     HIDDEN_POSITIONS,
     RESIDUAL_POSITIONS,
@@ -72,18 +73,17 @@ def find_otcs(adapter: Adapter, profile, cfg) -> list[dict]:
             x_mean = _stat(profile, layer, part.input_position, "chan_mean", smap)
             if x_mean is None:
                 continue
-            x_mean = x_mean.float()
-            col = part.weight(adapter, layer).norm(dim=0).cpu()
-            if col.numel() != x_mean.numel():
+            weight = part.weight(adapter, layer)
+            if weight.shape[1] != x_mean.numel():
                 continue
-            score = x_mean * col
-            med = float(score.median())
-            if med <= 0:
+            score = otc_scores(x_mean, weight)
+            cols, med = otc_columns(score, cfg.otc_k)
+            if not cols:
                 continue
-            ratio = score / med
+            x_mean, col, ratio = x_mean.float(), weight.detach().float().norm(dim=0).cpu(), score / med
             x_med = float(x_mean.median().clamp_min(1e-30))
             c_med = float(col.median().clamp_min(1e-30))
-            for c in torch.nonzero(ratio >= cfg.otc_k).flatten().tolist():
+            for c in cols:
                 r = float(ratio[c])
                 wr = float(col[c]) / c_med
                 ws = math.log(max(wr, 1e-30)) / math.log(r) if r > 1 else 0.0

@@ -1,9 +1,9 @@
 """OTC tuning: the outlier-triggering channels of the linears that read a norm (W_q first).
 
 Score of input channel ``c`` of a linear ``W`` reading activation ``x``: ``E|x_c| * ||W[:, c]||_2``, the
-typical contribution of that channel to the output. Channel ``c`` is an OTC when its score exceeds ``k``
-times the median score of that linear. (A deliberately small scoring; ``outlierlab.analysis.explain`` has
-the fuller one.) A fused projection (``qkv``, ``gate_up``) is scored as a whole when ``q``/``gate`` is asked.
+typical contribution of that channel to the output. Channel ``c`` is an OTC when its score is at least
+``k`` times the median score of that linear (``analysis.detect.otc_scores``/``otc_columns``, the rule the
+explainer uses too, which adds the cause of each OTC). A fused projection (``qkv``, ``gate_up``) is scored as a whole when ``q``/``gate`` is asked.
 
 Closed form (``shrink``): each OTC column is scaled by ``s_c = min(1, target_k x median / score_c)``.
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import LinearSpec
+from ..analysis.detect import otc_columns, otc_scores
 from ..tracing import HookSet, attach_positions
 from .base import (
     Context,
@@ -59,7 +60,7 @@ class OTCConfig:
 
     name: ClassVar[str] = "otc"
     roles: tuple[str, ...] = ("q", "k", "v")
-    #: OTC rule: score > k x median score of the linear
+    #: OTC rule: score >= k x median score of the linear
     k: float = 8.0
     #: closed form: shrink OTC columns so that their score is target_k x median (0 = no closed form)
     target_k: float = 0.0
@@ -113,8 +114,7 @@ def resolve_roles(adapter, roles) -> list[LinearSpec]:
 
 
 def scores(adapter, profile, layer: int, spec: LinearSpec) -> torch.Tensor:
-    mean_abs = profile.get(layer, spec.input_position).stats["chan_mean"].float()
-    return mean_abs * linear_weight(adapter, layer, spec).float().norm(dim=0)
+    return otc_scores(profile.get(layer, spec.input_position).stats["chan_mean"], linear_weight(adapter, layer, spec))
 
 
 def find_otcs(adapter, profile, specs, layers, k: float) -> dict[tuple[int, str], dict]:
@@ -123,10 +123,9 @@ def find_otcs(adapter, profile, specs, layers, k: float) -> dict[tuple[int, str]
     for layer in layers:
         for spec in specs:
             s = scores(adapter, profile, layer, spec)
-            med = float(s.median())
-            hit = torch.nonzero(s > k * med).flatten()
-            if len(hit):
-                out[(layer, spec.role)] = {"channels": hit.tolist(), "median": med,
+            hit, med = otc_columns(s, k)
+            if hit:
+                out[(layer, spec.role)] = {"channels": hit, "median": med,
                                            "score_ratio": [round(float(s[c] / med), 2) for c in hit]}
     return out
 
@@ -304,7 +303,7 @@ def apply(ctx: Context, cfg: OTCConfig) -> dict:
     otcs = find_otcs(adapter, profile, specs, layers, cfg.k)
     n = sum(len(v["channels"]) for v in otcs.values())
     peak = max((max(v["score_ratio"]) for v in otcs.values()), default=0.0)
-    ctx.say(f"otc: {n} OTC columns in {len(otcs)} linears (score > {cfg.k:g} x median; largest {peak:.1f}x)")
+    ctx.say(f"otc: {n} OTC columns in {len(otcs)} linears (score >= {cfg.k:g} x median; largest {peak:.1f}x)")
     info = {"n_otc": n, "largest_score_ratio": peak,
             "otcs": [{"layer": layer, "role": role, **v} for (layer, role), v in sorted(otcs.items())]}
     if cfg.target_k > 0 and otcs:
