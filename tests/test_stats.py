@@ -181,3 +181,21 @@ def test_floor_keeps_the_exact_top_k(data, monkeypatch):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
         else:
             assert a[key] == b[key], key
+
+
+def test_top_entries_do_not_depend_on_the_batching(data):
+    """Exact ties (the same token in several windows, equal values at several keys) resolve the same way
+    whatever the batch size: the smaller window, then the smaller (token, channel)."""
+    x = data.clone()
+    x[:, 0] = x[0, 0]  # token 0 identical in every window: ties across windows
+    x[3, 5, :4] = 777.0  # four keys tied on value
+    tops = []
+    for batch in (1, 2, 3, 6):
+        st = PositionStats(StatsConfig(top_k=6, merge_every=1))
+        feed(st, x, batch)
+        r = st.finalize()
+        tops.append([r[f"top_{n}"].tolist() for n in ("value", "window", "token", "channel")])
+    assert all(t == tops[0] for t in tops)
+    value, window, token, channel = tops[0]
+    assert (token[:4], channel[:4], window[:4]) == ([5, 5, 5, 5], [0, 1, 2, 3], [3, 3, 3, 3])
+    assert all(w == 0 for w, t in zip(window, token) if t == 0)  # ties across windows: the first window

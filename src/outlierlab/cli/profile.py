@@ -47,7 +47,11 @@ def profile_cmd(
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Operator-level profile of every decoder layer: statistics, MAs, COs, weight statistics -> report.json."""
+    """Operator-level profile of every decoder layer: statistics, MAs, COs, weight statistics -> report.json.
+
+    Under torchrun (WORLD_SIZE > 1) every rank traces a shard of the windows, the statistics are merged
+    across ranks, and rank 0 writes the report: ``torchrun --nproc-per-node N $(which outlierlab) profile``.
+    """
     from ..analysis.detect import DetectConfig
     from ..api import as_windows
     from ..data import DataConfig
@@ -55,7 +59,10 @@ def profile_cmd(
     from ..report.terminal import print_profile_summary
     from ..tracing import ProfileConfig, StatsConfig
     from ..tracing import profile as run_profile
+    from ..tracing.distributed import finish, init_from_env
 
+    rank, world, device = init_from_env(device)
+    progress = progress and rank == 0
     t0 = time.perf_counter()
     data_cfg = DataConfig(source=data, seq_len=seq_len, n_samples=n_samples, seed=seed, bos=bos)
     config = ProfileConfig(stats=StatsConfig(top_k=top_k, seed=seed),
@@ -64,11 +71,15 @@ def profile_cmd(
         lm = load_model(model, device, dtype)
         t_load = time.perf_counter() - t0
         windows = as_windows(data_cfg, lm)
-    result = run_profile(lm.model, windows, config, tokenizer=lm.tokenizer, progress=progress, model_info=lm.info)
+    result = run_profile(lm.model, windows, config, tokenizer=lm.tokenizer, progress=progress, model_info=lm.info,
+                         distributed=world > 1)
     result.timings["load_s"] = t_load
     result.timings["total_s"] = time.perf_counter() - t0
-    path = result.save(out_dir)
-    print_profile_summary(result, out)
-    out.print(f"wrote {path} in {result.timings['total_s']:.1f} s")
+    if rank == 0:
+        path = result.save(out_dir)
+        print_profile_summary(result, out)
+        ranks = f" ({world} ranks)" if world > 1 else ""
+        out.print(f"wrote {path} in {result.timings['total_s']:.1f} s{ranks}")
+    finish()
 
 

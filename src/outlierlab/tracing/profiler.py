@@ -14,6 +14,7 @@ from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
 from ..progress import progress_bar
+from .distributed import rank_world, shard
 from .hooks import HookSet, attach_positions
 from .result import PositionResult, Profile
 from .stats import PositionStats, StatsConfig, median_error
@@ -87,34 +88,42 @@ def _windows_tensor(windows) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tracer | None = None,
-                progress: bool = False, description: str = "profiling") -> None:
-    """Forward every window once, in batches, telling ``tracer`` which window each batch starts at."""
+                progress: bool = False, description: str = "profiling", first_window: int = 0) -> None:
+    """Forward every window once, in batches, telling ``tracer`` which window each batch starts at
+    (``ids[0]`` being window ``first_window`` of the whole set)."""
     device = next(model.parameters()).device
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size].to(device)
             if tracer is not None:
-                tracer.window0 = start
+                tracer.window0 = first_window + start
                 tracer.batch_shape = (batch.shape[0], batch.shape[1])
             model(input_ids=batch, use_cache=False)
             bar.advance(task, len(batch))
 
 
 def profile(model: nn.Module, windows, config: ProfileConfig | None = None, tokenizer=None,
-            progress: bool = False, model_info: dict | None = None) -> Profile:
+            progress: bool = False, model_info: dict | None = None, distributed: bool = False,
+            group=None) -> Profile:
     """Trace ``windows`` through ``model`` and return a :class:`Profile` (statistics, MAs, COs, weights).
 
-    The model is only read: hooks are removed on every exit path and no weight is touched.
+    The model is only read: hooks are removed on every exit path and no weight is touched. With
+    ``distributed``, call it on every rank of ``group`` (torch.distributed initialized) with the same
+    windows: each rank traces its contiguous shard, and every rank returns the merged profile of all windows.
     """
     config = config or ProfileConfig()
     adapter = get_adapter(model)
     ids = _windows_tensor(windows)
+    rank, world = rank_world(group) if distributed else (0, 1)
+    lo, hi = shard(len(ids), rank, world)
     tracer = Tracer(adapter, config)
     t0 = time.perf_counter()
     with HookSet() as hooks:
         tracer.attach(hooks)
-        run_windows(model, ids, config.batch_size, tracer, progress)
+        run_windows(model, ids[lo:hi], config.batch_size, tracer, progress and rank == 0, first_window=lo)
+    if world > 1:
+        tracer.all_reduce_(group)
     if ids.device.type == "cuda" or next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     t_trace = time.perf_counter() - t0
@@ -124,8 +133,10 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     t2 = time.perf_counter()
     weights = weight_stats(adapter) if config.weights else None
     t_weights = time.perf_counter() - t2
-    return build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {},
-                         getattr(windows, "describe", dict)(),
+    data_info = getattr(windows, "describe", dict)()
+    if world > 1:
+        data_info = {**data_info, "ranks": world}  # windows traced in `ranks` contiguous shards, merged
+    return build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {}, data_info,
                          {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights})
 
 

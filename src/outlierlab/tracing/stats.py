@@ -298,23 +298,27 @@ class PositionStats:
         self._merge_top(vals, signed, grow // self.seq_len, grow % self.seq_len, ch)
 
     def _merge_top(self, abs_v, val, window, token, channel) -> None:
-        """Merge candidates into the running top-k, keeping one entry per (token, channel): the largest."""
+        """Merge candidates into the running top-k, keeping one entry per (token, channel): the largest.
+
+        Deterministic whatever the order the candidates come in (batch sizes, ranks): equal |values| go to
+        the smaller window, and equal scores of different keys to the smaller (token, channel)."""
         abs_v = torch.cat([self.top_abs, abs_v])
         val = torch.cat([self.top_val, val])
         window = torch.cat([self.top_window, window.to(self.top_window.dtype)])
         token = torch.cat([self.top_token, token])
         channel = torch.cat([self.top_channel, channel])
         key_all = token * self.channels + channel
-        order = abs_v.argsort(descending=True, stable=True)
-        order = order[key_all[order].argsort(stable=True)]  # grouped by key, largest first in each group
+        order = window.argsort(stable=True)
+        order = order[abs_v[order].argsort(descending=True, stable=True)]
+        order = order[key_all[order].argsort(stable=True)]  # grouped by key (ascending), best first in each
         key = key_all[order]
         dup = torch.zeros_like(key, dtype=torch.bool)
         dup[1:] = key[1:] == key[:-1]
         score = abs_v[order]
         score = torch.where(dup | (score < 0), torch.full_like(score, EMPTY), score)
-        sel = score.topk(self.config.top_k)
-        keep = order[sel.indices]
-        self.top_abs = sel.values
+        sel = score.argsort(descending=True, stable=True)[:self.config.top_k]
+        keep = order[sel]
+        self.top_abs = score[sel]
         self.top_val = val[keep]
         self.top_window = window[keep]
         self.top_token = token[keep]
