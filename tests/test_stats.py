@@ -196,6 +196,6 @@ def test_top_entries_do_not_depend_on_the_batching(data):
         r = st.finalize()
         tops.append([r[f"top_{n}"].tolist() for n in ("value", "window", "token", "channel")])
     assert all(t == tops[0] for t in tops)
-    value, window, token, channel = tops[0]
+    _value, window, token, channel = tops[0]
     assert (token[:4], channel[:4], window[:4]) == ([5, 5, 5, 5], [0, 1, 2, 3], [3, 3, 3, 3])
     assert all(w == 0 for w, t in zip(window, token) if t == 0)  # ties across windows: the first window
