@@ -98,3 +98,26 @@ def test_cli_profile_under_torchrun(tiny_folder, cache, tmp_path):
     for key in ("massive_activations", "channel_outliers"):
         assert two[key] == one[key]
     assert two["layers"] == one["layers"]
+
+
+def test_offloaded_model_profiles_like_the_model_in_memory(tiny_folder, cache, tmp_path):
+    """``--max-memory``: weights that do not fit stay on disk (accelerate) and run layer by layer; the
+    profile, weight statistics included, equals the one of the model held in memory."""
+    from outlierlab.models.loader import input_device, load_model
+
+    whole = load_model(str(tiny_folder))
+    offloaded = load_model(str(tiny_folder), max_memory="cpu=20KB")
+    assert any(p.device.type == "meta" for p in offloaded.model.parameters())  # really on disk
+    assert input_device(offloaded.model).type == "cpu"
+    ids = random_windows(whole.model, n=4, seq_len=32)
+    cfg = ProfileConfig(batch_size=2)
+    a, b = profile(whole.model, ids, cfg), profile(offloaded.model, ids, cfg)
+    assert a.massive_activations == b.massive_activations and a.channel_outliers == b.channel_outliers
+    for key, r in a.results.items():
+        for name, value in r.stats.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(b.results[key].stats[name], value, rtol=1e-5, atol=1e-6)
+    assert a.weights and set(a.weights) == set(b.weights)  # weight statistics read from the offloaded layers
+    for k, value in a.weights.items():
+        torch.testing.assert_close(b.weights[k], value)
+    assert all(p.device.type == "meta" for p in offloaded.model.model.layers[0].parameters())  # back on disk

@@ -44,6 +44,9 @@ def profile_cmd(
     ma_abs: float = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this"),
     ma_rel: float = typer.Option(1000.0, "--ma-rel", help="MA rule: |x| above this times the tensor median"),
     co_k: float = typer.Option(10.0, "--co-k", help="CO rule: channel median above this times the tensor median"),
+    max_memory: str = typer.Option(None, "--max-memory",
+                                   help="place the model with accelerate within this budget, e.g. 0=20GiB,cpu=60GiB: "
+                                        "what does not fit is offloaded and run layer by layer"),
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -68,7 +71,7 @@ def profile_cmd(
     config = ProfileConfig(stats=StatsConfig(top_k=top_k, seed=seed),
                            detect=DetectConfig(ma_abs=ma_abs, ma_rel=ma_rel, co_k=co_k), batch_size=batch_size)
     with err.status("loading model and data"):
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, max_memory=max_memory)
         t_load = time.perf_counter() - t0
         windows = as_windows(data_cfg, lm)
     result = run_profile(lm.model, windows, config, tokenizer=lm.tokenizer, progress=progress, model_info=lm.info,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data import DataConfig, Windows, make_windows
+from ..models.loader import input_device
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def perplexity(model: nn.Module, windows, batch_size: int = 4) -> float:
     off, which would copy them), and the sum stays on the device until the end (no host sync per batch).
     """
     ids = getattr(windows, "input_ids", windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for start in range(0, len(ids), batch_size):

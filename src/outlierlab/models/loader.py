@@ -6,6 +6,7 @@ by the SHA-256 of the file's content, so a changed file is never served stale. I
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -166,8 +167,28 @@ def check_architecture(location: str, model: str, kind: str) -> None:
     adapter_class(config.model_type)
 
 
-def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``."""
+def parse_max_memory(spec: str) -> dict:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (GPU indices as ints), for accelerate."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not value.strip() or not (key.isdigit() or key == "cpu"):
+            raise OutlierlabError(f"--max-memory {spec!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=60GiB")
+        out[int(key) if key.isdigit() else key] = value.strip()
+    if not out:
+        raise OutlierlabError("--max-memory is empty")
+    return out
+
+
+def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               max_memory: str | dict | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
+
+    With ``max_memory`` (e.g. ``"0=20GiB,cpu=60GiB"``) the model is placed by accelerate: layers beyond the
+    budget stay in CPU memory or on disk and are brought to the executing device one module at a time
+    (layer-by-layer execution for models larger than the accelerator).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(model)
@@ -182,12 +203,20 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
     try:
         local = hub_offline()
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
-        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, local_files_only=local)
+        placement = {}
+        if max_memory is not None:
+            budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+            placement = {"device_map": "auto", "max_memory": budget, "offload_folder": _offload_folder()}
+        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, local_files_only=local, **placement)
     except OSError as exc:
         if source.kind == "hub":
             raise _hub_error(model, exc) from exc
         raise ModelNotFound(f"cannot load a causal LM from {location}: {exc}") from exc
-    hf_model.to(dev).eval()
+    if max_memory is None:
+        hf_model.to(dev)
+    else:
+        dev = input_device(hf_model)
+    hf_model.eval()
     cfg = hf_model.config
     info = {
         "id": source.alias or source.location,
@@ -203,6 +232,38 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
         "n_params": sum(p.numel() for p in hf_model.parameters()),
     }
     return LoadedModel(hf_model, tokenizer, source, dev, dt, info)
+
+
+def _offload_folder() -> str:
+    """A temporary folder for the weights accelerate offloads to disk, removed when the process ends."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="outlierlab-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def input_device(model) -> torch.device:
+    """Where the input ids must go: the execution device of the input embeddings when accelerate placed the
+    model (their weights may be offloaded, on the meta device), else the device of the first parameter."""
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def onloaded(module):
+    """Inside the block, the weights accelerate offloaded from ``module`` and its children are real tensors
+    on their execution device (a no-op for a model that is not offloaded)."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if has_offloaded_params(m):
+                stack.enter_context(align_module_device(m))
+        yield module
 
 
 def max_positions(model) -> int | None:

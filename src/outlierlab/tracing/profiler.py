@@ -13,6 +13,7 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
+from ..models.loader import input_device
 from ..progress import progress_bar
 from .distributed import rank_world, shard
 from .hooks import HookSet, attach_positions
@@ -91,7 +92,7 @@ def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tr
                 progress: bool = False, description: str = "profiling", first_window: int = 0) -> None:
     """Forward every window once, in batches, telling ``tracer`` which window each batch starts at
     (``ids[0]`` being window ``first_window`` of the whole set)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(ids))
         for start in range(0, len(ids), batch_size):
@@ -124,7 +125,7 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
         run_windows(model, ids[lo:hi], config.batch_size, tracer, progress and rank == 0, first_window=lo)
     if world > 1:
         tracer.all_reduce_(group)
-    if ids.device.type == "cuda" or next(model.parameters()).device.type == "cuda":
+    if ids.device.type == "cuda" or input_device(model).type == "cuda":
         torch.cuda.synchronize()
     t_trace = time.perf_counter() - t0
     t1 = time.perf_counter()

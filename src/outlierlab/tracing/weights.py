@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter
+from ..models.loader import onloaded
 
 
 @torch.no_grad()
@@ -13,14 +14,21 @@ def weight_stats(adapter: Adapter) -> dict[str, torch.Tensor]:
     ``.row_norm`` (columns are input channels, rows output channels, whatever the storage layout)."""
     out: dict[str, torch.Tensor] = {}
     for layer in range(adapter.n_layers):
-        for norm in adapter.norms():
-            gain = adapter.norm_gain(layer, norm)
-            if gain is not None:
-                out[f"L{layer}.gain.{norm.name}"] = gain.float().cpu()
-        for spec in adapter.linears():
-            w = adapter.linear_weight(layer, spec).float()
-            out[f"L{layer}.{spec.role}.col_norm"] = w.norm(dim=0).cpu()
-            out[f"L{layer}.{spec.role}.row_norm"] = w.norm(dim=1).cpu()
+        with onloaded(adapter.layers()[layer]):  # weights offloaded by accelerate, if any, read in place
+            out.update(_layer_stats(adapter, layer))
+    return out
+
+
+def _layer_stats(adapter: Adapter, layer: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for norm in adapter.norms():
+        gain = adapter.norm_gain(layer, norm)
+        if gain is not None:
+            out[f"L{layer}.gain.{norm.name}"] = gain.float().cpu()
+    for spec in adapter.linears():
+        w = adapter.linear_weight(layer, spec).float()
+        out[f"L{layer}.{spec.role}.col_norm"] = w.norm(dim=0).cpu()
+        out[f"L{layer}.{spec.role}.row_norm"] = w.norm(dim=1).cpu()
     return out
 
 
