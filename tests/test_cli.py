@@ -77,3 +77,57 @@ def test_sequence_longer_than_model_allows(tiny_folder, tmp_path, cache):
 @pytest.mark.parametrize("args", [["--help"], ["profile", "--help"]])
 def test_help(args):
     assert run(*args).exit_code == 0
+
+
+def _profile_args(tiny_folder, tmp_path, out):
+    return ("profile", "--model", str(tiny_folder), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
+            "-n", "3", "-o", str(out), "--no-progress")
+
+
+def test_full_disk_is_one_line_error_and_leaves_no_partial_file(tiny_folder, tmp_path, cache, monkeypatch):
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def full(fd):  # the disk fills up while the report is written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "out"
+    line = one_line_error(run(*_profile_args(tiny_folder, tmp_path, out)), code=1)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert "No space left on device" in line
+    assert not out.exists() or not any(out.iterdir())  # neither a half-written file nor a temp file
+
+
+def test_ctrl_c_stops_cleanly_with_no_output_and_no_hook(tiny_folder, tmp_path, cache, monkeypatch):
+    from outlierlab.tracing import stats
+
+    calls = []
+    real = stats.PositionStats.update
+
+    def interrupted(self, x, window0=0):
+        calls.append(1)
+        if len(calls) == 20:  # Ctrl-C in the middle of tracing
+            raise KeyboardInterrupt
+        return real(self, x, window0)
+
+    monkeypatch.setattr(stats.PositionStats, "update", interrupted)
+    hooks_left = []
+    import outlierlab.tracing.profiler as profiler
+
+    real_profile = profiler.profile
+
+    def watched(model, *a, **k):
+        try:
+            return real_profile(model, *a, **k)
+        finally:
+            hooks_left.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+
+    monkeypatch.setattr("outlierlab.tracing.profile", watched)
+    out = tmp_path / "out"
+    result = run(*_profile_args(tiny_folder, tmp_path, out))
+    assert result.exit_code == 130 and "interrupted" in result.output and "Traceback" not in result.output
+    assert hooks_left == [0]
+    assert not (out / "report.json").exists() and not (out / "profile.safetensors").exists()
