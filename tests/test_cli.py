@@ -115,7 +115,7 @@ def test_ctrl_c_stops_cleanly_with_no_output_and_no_hook(tiny_folder, tmp_path, 
 
     monkeypatch.setattr(stats.PositionStats, "update", interrupted)
     hooks_left = []
-    import outlierlab.tracing.profiler as profiler
+    from outlierlab.tracing import profiler
 
     real_profile = profiler.profile
 
