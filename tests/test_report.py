@@ -341,3 +341,20 @@ def test_cli_rebuilds_the_report(run, tmp_path):
     assert "<section id='explain'>" in html and "data:image/png" not in html
     result = CliRunner().invoke(app, ["report", str(folder / "nope")])
     assert result.exit_code == 2 and result.output.strip().startswith("error:")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Results are written through a temp file, but end with the permissions of any new file (umask), not
+    mkstemp's 0600, so a shared folder or a web server can read the report."""
+    import os
+    import stat
+
+    from outlierlab.paths import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp file left
