@@ -53,10 +53,16 @@ def channel_outliers(stats: dict, cfg: DetectConfig) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ratio"])
 
 
-def otc_scores(chan_mean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W[:, c]||_2 of every input column of a linear weight [out, in], as a CPU float tensor."""
+    return weight.detach().float().norm(dim=0).cpu()
+
+
+def otc_scores(chan_mean: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
     """Score of every input column c of a linear: E|x_c| * ||W[:, c]||_2, the column's typical contribution
-    to the output (``chan_mean`` from the profile of the linear's input, ``weight`` [out, in])."""
-    return chan_mean.detach().float().cpu() * weight.detach().float().norm(dim=0).cpu()
+    to the output (``chan_mean`` from the profile of the linear's input, ``col_norm`` from
+    :func:`column_norms`)."""
+    return chan_mean.detach().float().cpu() * col_norm
 
 
 def otc_columns(scores: torch.Tensor, k: float) -> tuple[list[int], float]:

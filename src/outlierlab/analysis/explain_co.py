@@ -36,7 +36,7 @@ import torch
 
 from ..adapters.base import Adapter
 from ..tracing.hooks import HookSet, attach_positions
-from .detect import otc_columns, otc_scores
+from .detect import column_norms, otc_columns, otc_scores
 from .layout import (
     HIDDEN_POSITIONS,
     RESIDUAL_POSITIONS,
@@ -73,14 +73,14 @@ def find_otcs(adapter: Adapter, profile, cfg) -> list[dict]:
             x_mean = _stat(profile, layer, part.input_position, "chan_mean", smap)
             if x_mean is None:
                 continue
-            weight = part.weight(adapter, layer)
-            if weight.shape[1] != x_mean.numel():
+            col = column_norms(part.weight(adapter, layer))
+            if col.numel() != x_mean.numel():
                 continue
-            score = otc_scores(x_mean, weight)
+            score = otc_scores(x_mean, col)
             cols, med = otc_columns(score, cfg.otc_k)
             if not cols:
                 continue
-            x_mean, col, ratio = x_mean.float(), weight.detach().float().norm(dim=0).cpu(), score / med
+            x_mean, ratio = x_mean.float(), score / med
             x_med = float(x_mean.median().clamp_min(1e-30))
             c_med = float(col.median().clamp_min(1e-30))
             for c in cols:

@@ -43,6 +43,11 @@ DebugOpt = typer.Option(False, "--debug", help="show tracebacks")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars")
 
 
+def split_list(text: str) -> list[str]:
+    """A comma-separated option value as its non-empty, stripped items."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def guarded(fn):
     """Run a command turning known failures into one clear line and a non-zero exit status."""
 

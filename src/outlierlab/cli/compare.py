@@ -22,6 +22,7 @@ from .common import (
     err,
     guarded,
     out,
+    split_list,
 )
 
 DEFAULT_QUANT = "fp,w8a8-tensor,w8a8-token,w4a8,w4a4"
@@ -31,7 +32,7 @@ def _methods(text: str) -> tuple[str, ...]:
     from ..errors import OutlierlabError
     from ..evaluation.compare import available_methods
 
-    names = [m.strip() for m in text.split(",") if m.strip()]
+    names = split_list(text)
     if not names:
         raise OutlierlabError("--methods is empty; give names such as none,smoothquant")
     if names == ["all"]:

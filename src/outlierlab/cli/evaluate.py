@@ -23,6 +23,7 @@ from .common import (
     err,
     guarded,
     out,
+    split_list,
 )
 
 
@@ -62,7 +63,7 @@ def quant_error_cmd(
 
     t0 = time.perf_counter()
     config = get_quant(quant)
-    names = [m.strip() for m in method.split(",") if m.strip()] or ["none"]
+    names = split_list(method) or ["none"]
     missing = [m for m in names if m not in METHODS]
     if missing:
         raise OutlierlabError(f"mitigation method(s) {', '.join(missing)} not available; have {', '.join(METHODS)}")
@@ -134,7 +135,7 @@ def lm_eval_cmd(
     from ..evaluation.lm_eval import OutlierlabLM
 
     t0 = time.perf_counter()
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    names = split_list(tasks)
     manager = TaskManager(include_path=str(include_path) if include_path else None,
                           include_defaults=builtin or include_path is None)
     unknown = [t for t in names if t not in manager.all_tasks]

@@ -25,6 +25,7 @@ from .common import (
     err,
     guarded,
     out,
+    split_list,
 )
 
 
@@ -49,7 +50,7 @@ def _coerce(proto, text: str, where: str):
     except ValueError:
         raise MitigationError(f"--set {where}: expected a number, got {text!r}") from None
     if isinstance(proto, tuple) or "," in text or (proto is None and text.strip().isdigit()):
-        items = [s.strip() for s in text.split(",") if s.strip()]
+        items = split_list(text)
         parsed = []
         for s in items:
             try:
@@ -88,7 +89,7 @@ def build_configs(methods: str, sets: list[str]) -> list:
     from ..mitigation import METHODS
     from ..mitigation.base import MitigationError
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = split_list(methods)
     if not names:
         raise MitigationError("--method: give at least one method (" + ", ".join(METHODS) + ")")
     unknown = [n for n in names if n not in METHODS]

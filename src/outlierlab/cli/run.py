@@ -16,6 +16,7 @@ from .common import (
     app,
     guarded,
     out,
+    split_list,
 )
 
 
@@ -44,9 +45,9 @@ def run_cmd(
     cfg = replace(cfg, model=model, device=device, dtype=dtype, recommended=recommended,
                   calib=replace(cfg.calib, source=data))
     if methods:
-        picked = FULL_METHODS if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
+        picked = FULL_METHODS if methods == "all" else tuple(split_list(methods))
         cfg = replace(cfg, methods=picked)
     if quants:
-        picked = FULL_QUANTS if quants == "all" else tuple(q.strip() for q in quants.split(",") if q.strip())
+        picked = FULL_QUANTS if quants == "all" else tuple(split_list(quants))
         cfg = replace(cfg, quants=picked)
     run_pipeline(cfg, out_dir, console=out, progress=progress)

@@ -3,7 +3,8 @@
 Score of input channel ``c`` of a linear ``W`` reading activation ``x``: ``E|x_c| * ||W[:, c]||_2``, the
 typical contribution of that channel to the output. Channel ``c`` is an OTC when its score is at least
 ``k`` times the median score of that linear (``analysis.detect.otc_scores``/``otc_columns``, the rule the
-explainer uses too, which adds the cause of each OTC). A fused projection (``qkv``, ``gate_up``) is scored as a whole when ``q``/``gate`` is asked.
+explainer uses too, which adds the cause of each OTC). A fused projection (``qkv``, ``gate_up``) is scored as
+a whole when ``q``/``gate`` is asked.
 
 Closed form (``shrink``): each OTC column is scaled by ``s_c = min(1, target_k x median / score_c)``.
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import LinearSpec
-from ..analysis.detect import otc_columns, otc_scores
+from ..analysis.detect import column_norms, otc_columns, otc_scores
 from ..tracing import HookSet, attach_positions
 from .base import (
     Context,
@@ -114,7 +115,8 @@ def resolve_roles(adapter, roles) -> list[LinearSpec]:
 
 
 def scores(adapter, profile, layer: int, spec: LinearSpec) -> torch.Tensor:
-    return otc_scores(profile.get(layer, spec.input_position).stats["chan_mean"], linear_weight(adapter, layer, spec))
+    return otc_scores(profile.get(layer, spec.input_position).stats["chan_mean"],
+                      column_norms(linear_weight(adapter, layer, spec)))
 
 
 def find_otcs(adapter, profile, specs, layers, k: float) -> dict[tuple[int, str], dict]:
