@@ -51,7 +51,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from outlierlab.models.loader import load_model, resolve_device, resolve_dtype
-    from outlierlab.tracing import ProfileConfig, StatsConfig, profile, run_windows
+    from outlierlab.runtime import run
+    from outlierlab.tracing import ProfileConfig, StatsConfig, profile
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.synthetic:
@@ -72,7 +73,7 @@ def main() -> None:
     def bare() -> float:
         sync()
         t = time.perf_counter()
-        run_windows(model, ids, args.batch_size)
+        run(model, ids, args.batch_size)
         sync()
         return time.perf_counter() - t
 

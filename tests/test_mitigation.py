@@ -23,6 +23,7 @@ from outlierlab.mitigation import (
     resolve,
 )
 from outlierlab.mitigation.base import down_spec, linear_spec, linear_weight
+from outlierlab.runtime import registry
 from outlierlab.testing import TINY_FAMILIES, random_windows, tiny_model
 
 FAMILIES = sorted(TINY_FAMILIES)
@@ -235,7 +236,7 @@ def test_rotate_online_hadamard_exact_in_memory_and_after_load(tmp_path):
     assert man["runtime_required"] and "wrong" in man["plain_transformers"]
     lm = export.load(tmp_path / "ckpt")
     assert rel(logits(lm.model, ids), ref) < 1e-4
-    lm.model.outlierlab_mitigation.remove()
+    lm.mitigation.remove()
     assert rel(logits(lm.model, ids), ref) > 1e-3  # without the runtime part the export is not the model
 
 
@@ -370,11 +371,11 @@ def test_prefix_attribute_detected_and_removed():
     plant_massive_token(model, 1)
     ids = ma_windows(model)
     result = mitigate(model, ["prefix"], ids)
-    assert model.outlierlab_fp_prefix == 1 and result.runtime == ["prefix"]
+    assert registry(model).fp_prefix == 1 and result.runtime == ["prefix"]
     result.remove()
-    assert not hasattr(model, "outlierlab_fp_prefix")
+    assert registry(model).fp_prefix == 0 and not registry(model).entries
     result = mitigate(model, [PrefixConfig(n=3)], ids)
-    assert model.outlierlab_fp_prefix == 3
+    assert registry(model).fp_prefix == 3
 
 
 # -- export / load ------------------------------------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_export_then_load_restores_runtime_parts(tmp_path):
     assert man["runtime_required"] and [m["method"] for m in man["methods"]] == ["prefix", "gamma", "tma"]
     lm = export.load(folder)
     assert torch.allclose(logits(lm.model, ids), mitigated, rtol=0, atol=1e-5 * float(mitigated.abs().max()))
-    assert lm.model.outlierlab_fp_prefix == 1
+    assert registry(lm.model).fp_prefix == 1
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert rel(logits(plain, ids), ref) < 1e-4  # the gamma fold alone is exact: plain load = original function
     with pytest.raises(Exception, match="outlierlab.json"):

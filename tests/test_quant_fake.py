@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from outlierlab.adapters import get_adapter
+from outlierlab.mitigation.prefix import FPPrefix
 from outlierlab.quantization import (
     ActQuantizer,
     KVQuantizer,
@@ -21,6 +22,7 @@ from outlierlab.quantization import (
 )
 from outlierlab.quantization.gptq import HessianAccumulator, gptq_quantize
 from outlierlab.quantization.quantizers import quant_weight
+from outlierlab.runtime import install
 from outlierlab.testing import TINY_FAMILIES, plant_gain, random_windows, tiny_model
 
 
@@ -170,7 +172,7 @@ def test_fp_prefix_is_left_unquantized():
     h = q_proj.register_forward_pre_hook(lambda m, args: fp_in.append(args[0].detach().clone()))
     _logits(model, ids)
     h.remove()
-    model.outlierlab_fp_prefix = 1
+    install(model, FPPrefix({"n": 1}))
     seen = []
     with quantize_(model, "w8a8-token") as state:
         assert state.info["fp_prefix"] == 1
@@ -186,7 +188,7 @@ def test_static_calibration_skips_the_prefix():
     model = tiny_model("llama")
     ids = random_windows(model, n=2, seq_len=16)
     plain = static_scales(prepare(model, "w8a8-tensor", ids))
-    model.outlierlab_fp_prefix = 4
+    install(model, FPPrefix({"n": 4}))
     prefixed = static_scales(prepare(model, "w8a8-tensor", ids))
     assert any(prefixed[k] < plain[k] for k in plain) and all(prefixed[k] <= plain[k] for k in plain)
 

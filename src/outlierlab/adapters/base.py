@@ -111,11 +111,52 @@ class Adapter:
     #: True when each layer's input is exactly the previous layer's output (``attn.in`` of layer L is
     #: ``block.out`` of layer L - 1), so the profiler traces that tensor once.
     residual_chain: ClassVar[bool] = True
+    #: the attention module of a layer (relative path): the KV cache is quantized around its attention call.
+    attention_module: ClassVar[str] = "self_attn"
+    #: learned absolute position embeddings added to the residual stream (GPT-2's ``transformer.wpe``).
+    position_embedding_paths: ClassVar[tuple[str, ...]] = ()
+    #: projections of the residual stream between the embeddings, the layers and the head (OPT's
+    #: ``project_in`` / ``project_out`` when ``word_embed_proj_dim != hidden_size``); None where absent.
+    residual_projection_paths: ClassVar[tuple[str, ...]] = ()
+    #: norms on the branch outputs before the residual add (sandwich norms, Gemma 2/3): branch -> module.
+    branch_output_norms: ClassVar[dict[str, str]] = {}
+    #: positions whose tensors the family flattens to ``[batch * tokens, C]`` (OPT's FFN).
+    flat_positions: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def parallel(self) -> bool:
         """True when attention and FFN read the same input (GPT-NeoX, Phi)."""
         return False
+
+    @property
+    def pre_norm(self) -> bool:
+        """False for post-norm layouts (OPT-350m), where a norm's output is the residual stream itself."""
+        return True
+
+    def _existing(self, paths: tuple[str, ...]) -> list[nn.Module]:
+        out = []
+        for path in paths:
+            try:
+                out.append(self.model.get_submodule(path))
+            except AttributeError:
+                continue
+        return [m for m in out if m is not None]
+
+    def position_embeddings(self) -> list[nn.Module]:
+        """The learned position embeddings that write into the residual stream (none for RoPE families)."""
+        return self._existing(self.position_embedding_paths)
+
+    def residual_projections(self) -> list[nn.Module]:
+        """Projections of the residual stream outside the layers (empty for almost every model)."""
+        return self._existing(self.residual_projection_paths)
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].get_submodule(self.attention_module)
+
+    def branch_norm(self, layer: int, branch: str) -> nn.Module | None:
+        """The norm on ``branch``'s (``"attn"`` / ``"mlp"``) output before the residual add, if the family has one."""
+        path = self.branch_output_norms.get(branch)
+        return None if path is None else self.layers()[layer].get_submodule(path)
 
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layers_path)
@@ -179,6 +220,10 @@ class Adapter:
                 for n in self.norms()
             ],
             "linears": [{"role": s.role, "module": s.module, "input": s.input_position} for s in self.linears()],
+            "pre_norm": self.pre_norm,
+            "attention_module": self.attention_module,
+            "branch_output_norms": dict(self.branch_output_norms),
+            "flat_positions": sorted(self.flat_positions),
         }
 
 

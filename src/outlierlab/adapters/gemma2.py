@@ -3,6 +3,8 @@ feed-forward norms around the FFN. Each extra norm gets a position of its own.""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from . import register
 from .base import NormSpec, Position, pos
 from .gemma import GemmaAdapter
@@ -12,6 +14,7 @@ from .gemma import GemmaAdapter
 class Gemma2Adapter(GemmaAdapter):
     model_types = ("gemma2",)
     ffn_norm = "pre_feedforward_layernorm"
+    branch_output_norms: ClassVar[dict[str, str]] = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
 
     def post_attention_positions(self) -> list[Position]:
         return [pos("attn.post_norm", "post_attention_layernorm", doc="norm of the attention output")]

@@ -16,6 +16,8 @@ class GPT2Adapter(Adapter):
     layers_paths = ("transformer.h",)
     final_norm_paths = ("transformer.ln_f",)
     embed_paths = ("transformer.wte",)
+    attention_module = "attn"
+    position_embedding_paths = ("transformer.wpe",)
 
     def positions(self) -> list[Position]:
         d, a = self.config.n_embd, MLP_ALIASES

@@ -26,6 +26,7 @@ class GPTNeoXAdapter(Adapter):
     layers_paths = ("gpt_neox.layers",)
     final_norm_paths = ("gpt_neox.final_layer_norm",)
     embed_paths = ("gpt_neox.embed_in",)
+    attention_module = "attention"
 
     @property
     def parallel(self) -> bool:

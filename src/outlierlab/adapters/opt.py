@@ -17,6 +17,10 @@ class OPTAdapter(Adapter):
     layers_paths = ("model.decoder.layers",)
     final_norm_paths = ("model.decoder.final_layer_norm",)
     embed_paths = ("model.decoder.embed_tokens",)
+    position_embedding_paths = ("model.decoder.embed_positions",)
+    residual_projection_paths = ("model.decoder.project_in", "model.decoder.project_out")
+    #: the decoder layer reshapes the FFN part to [batch * tokens, C]
+    flat_positions = frozenset({"mlp.in", "mlp.norm", "mlp.fc1", "mlp.act", "mlp.down_in", "mlp.out"})
 
     @property
     def pre_norm(self) -> bool:

@@ -35,12 +35,12 @@ from collections import defaultdict
 import torch
 
 from ..adapters.base import Adapter
-from ..tracing.hooks import HookSet, attach_positions
+from ..runtime import BatchInfo, registry
+from ..tracing.hooks import observe
 from .detect import column_norms, otc_columns, otc_scores
 from .layout import (
     HIDDEN_POSITIONS,
     RESIDUAL_POSITIONS,
-    as_rows,
     linear_parts,
     same_as_map,
 )
@@ -154,7 +154,7 @@ class _SamplePass:
         self.wanted = wanted  # (layer, traced position) -> count threshold
         self.norm_keys = norm_keys
         self.norms = norms
-        self.batch_shape = (1, 1)
+        self.batch = BatchInfo(1, 1)
         self.counts: dict[tuple[int, str], torch.Tensor] = {}
         self.rows: dict[tuple[int, str], int] = defaultdict(int)
         self.med: dict[tuple[int, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -175,8 +175,7 @@ class _SamplePass:
         key = (layer, name)
         if key not in self.wanted:
             return
-        b, t = self.batch_shape
-        xr = as_rows(x.detach(), b, t)
+        xr = self.batch.as_3d(x.detach())
         rows = xr.reshape(-1, xr.shape[-1]).float()
         a = rows.abs()
         above = (a > self.wanted[key]).sum(0)
@@ -226,15 +225,10 @@ def sample_pass(model, adapter: Adapter, profile, ids: torch.Tensor, cfg) -> _Sa
     if not wanted:
         return sp
     n = min(cfg.co_windows, len(ids))
-    device = next(model.parameters()).device
     layers = sorted({k[0] for k in wanted})
     positions = sorted({k[1] for k in wanted})
-    with HookSet() as hooks:
-        attach_positions(hooks, adapter, sp, layers, positions)
-        for start in range(0, n, cfg.batch_size):
-            batch = ids[start:min(start + cfg.batch_size, n)].to(device)
-            sp.batch_shape = (batch.shape[0], batch.shape[1])
-            model(input_ids=batch, use_cache=False)
+    sp.batch = registry(model).batch
+    observe(model, adapter, sp, ids[:n], layers=layers, positions=positions, batch_size=cfg.batch_size)
     return sp
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..adapters.base import Adapter, LinearSpec
-from ..tracing.hooks import HookSet, attach_positions
+from ..runtime import BatchInfo
+from ..tracing.hooks import observe
 
 #: the residual stream, read at the three places every block exposes it
 RESIDUAL_POSITIONS = ("attn.in", "mlp.in", "block.out")
@@ -91,11 +92,7 @@ def same_as_map(adapter: Adapter) -> dict[str, str]:
 
 def as_rows(x: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
     """A captured tensor as ``[batch, tokens, channels]`` (OPT flattens tokens; q/k norms add a head dim)."""
-    if x.dim() == 2 and x.shape[0] == batch * tokens:
-        return x.view(batch, tokens, x.shape[1])
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return BatchInfo(batch, tokens).as_3d(x)
 
 
 class RowCapture:
@@ -112,13 +109,9 @@ class RowCapture:
         self.rows[(layer, name)] = x[0].index_select(0, self.index.to(x.device)).detach().float().cpu()
 
 
-@torch.inference_mode()
 def capture_token_rows(model: nn.Module, adapter: Adapter, ids: torch.Tensor, tokens: list[int],
                        layers=None, positions=None) -> dict[tuple[int, str], torch.Tensor]:
     """Forward one window ``ids`` ([seq_len]) and return ``{(layer, position): [len(tokens), C]}``."""
-    device = next(model.parameters()).device
     cap = RowCapture(tokens, ids.shape[-1])
-    with HookSet() as hooks:
-        attach_positions(hooks, adapter, cap, layers, positions)
-        model(input_ids=ids.view(1, -1).to(device), use_cache=False)
+    observe(model, adapter, cap, ids.view(1, -1), layers=layers, positions=positions)
     return cap.rows

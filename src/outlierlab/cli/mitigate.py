@@ -261,12 +261,13 @@ def export_check(model, folder: Path, ids) -> dict:
     import torch
 
     from ..mitigation import export as export_mod
+    from ..runtime import call, input_device
 
-    lm2 = export_mod.load(folder)
+    lm2 = export_mod.load(folder, str(input_device(model)), model.dtype)
     with torch.inference_mode():
-        a = model(input_ids=ids, use_cache=False).logits.float()
-        b = lm2.model(input_ids=ids, use_cache=False).logits.float()
+        a = call(model, ids).logits.float()
+        b = call(lm2.model, ids).logits.float().to(a.device)
     man = export_mod.read_manifest(folder)
-    lm2.model.outlierlab_mitigation.remove()
+    lm2.mitigation.remove()
     return {"reload_max_rel_diff": float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)),
             "runtime_required": man["runtime_required"], "load_with": man["load_with"]}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import DataConfig, Windows, make_windows
-from ..models.loader import input_device
+from ..runtime import next_token_nll, run
 
 
 @dataclass(frozen=True)
@@ -40,26 +40,19 @@ def eval_windows(tokenizer, config: EvalConfig | None = None, max_positions: int
     return make_windows(tokenizer, (config or EvalConfig()).data_config(), max_positions=max_positions)
 
 
-@torch.inference_mode()
-def perplexity(model: nn.Module, windows, batch_size: int = 4) -> float:
+def perplexity(model: nn.Module, windows, batch_size: int = 4, progress: bool = False) -> float:
     """exp(mean NLL) of next-token prediction over every window (``Windows`` or a [n, T] LongTensor).
 
-    The loss reads the logits in place (the last position is masked with ``ignore_index`` instead of sliced
-    off, which would copy them), and the sum stays on the device until the end (no host sync per batch).
+    The sum stays on the device until the end (no host sync per batch).
     """
-    ids = getattr(windows, "input_ids", windows)
-    device = input_device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total: list[torch.Tensor] = []
     count = 0
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        labels = torch.full_like(batch, -100)
-        labels[:, :-1] = batch[:, 1:]
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                          ignore_index=-100, reduction="sum")
-        total += nll.double()
-        count += batch[:, 1:].numel()
-    return math.exp(float(total) / count)
+
+    def add(batch, out) -> None:
+        nonlocal count
+        nll, n = next_token_nll(out.logits, batch.ids)
+        total.append(nll)
+        count += n
+
+    run(model, windows, batch_size, add, progress=progress, description="perplexity")
+    return math.exp(float(torch.stack([t.to(total[0].device) for t in total]).sum()) / count)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..tracing.hooks import HookSet
+from ..runtime import ORDER, FunctionEntry, installed, registry, run
 
 #: accumulator slots
 _SIG, _EQ, _EA, _EW, _RQ, _RA, _RW, _NTOK, _AMAX = range(9)
@@ -202,38 +202,34 @@ def quant_error(model: nn.Module, config, calib=None, windows=None, *, batch_siz
                 progress: bool = False, plan=None) -> QuantErrorReport:
     """Per-linear SQNR and relative MSE of ``config`` on ``model`` (left unchanged), measured on ``windows``
     (default: the calibration windows ``calib``, which also calibrate static scales and GPTQ)."""
-    from ..adapters import get_adapter
     from ..quantization import kv as kvmod
-    from ..quantization.fake import _SeqShape, prepare
-    from ..tracing.profiler import run_windows
+    from ..quantization.fake import prepare
 
     plan = plan or prepare(model, config, calib, batch_size=batch_size, progress=progress)
     data = windows if windows is not None else calib
     if data is None:
         raise ValueError("quant_error needs windows (or calib) to measure on")
     ids = getattr(data, "input_ids", data)
-    shape = _SeqShape()
+    shape = registry(model).batch
     measures = []
     kv_measure: dict = {}
-    undo = None
-    with HookSet() as hooks:
-        hooks.pre(model, shape.hook, with_kwargs=True)
-        for t in plan.targets:
-            act = plan.acts.get(t.name)
-            if act is not None:
-                act.shape = shape
-            m = _Measure(t, plan.weights.get(t.name), act)
-            measures.append(m)
-            hooks.forward(t.module, m)
-        if plan.kv is not None:
-            probe = kvmod.KVQuantizer(plan.kv.bits, plan.kv.symmetric, plan.kv.clip, plan.kv.prefix,
-                                      measure=kv_measure, passthrough=True)
-            undo = kvmod.install(model, get_adapter(model), probe, plan.config.layers)
-        try:
-            run_windows(model, ids, batch_size, None, progress, "quantization error")
-        finally:
-            if undo is not None:
-                undo()
+    for t in plan.targets:
+        act = plan.acts.get(t.name)
+        if act is not None:
+            act.shape = shape
+        measures.append(_Measure(t, plan.weights.get(t.name), act))
+
+    def declare(hooks) -> None:
+        for m in measures:
+            hooks.forward(m.target.module, m)
+
+    entries = [FunctionEntry("quant-error", ORDER["trace"], declare)]
+    if plan.kv is not None:
+        probe = kvmod.KVQuantizer(plan.kv.bits, plan.kv.symmetric, plan.kv.clip, plan.kv.prefix,
+                                  measure=kv_measure, passthrough=True)
+        entries.append(kvmod.KVEntry(probe, plan.config.layers))
+    with installed(model, *entries):
+        run(model, ids, batch_size, progress=progress, description="quantization error")
     kv_rows = []
     for (layer, which), acc in sorted(kv_measure.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         sig, err = acc.tolist()

@@ -7,13 +7,16 @@ Contract shared with the compare stage (issue 5) and the pipeline (issue 6):
   documented composition order, to ``model`` **in place** (callers that need the original deep-copy it first)
   and returns what was done. ``methods`` is a list of names (``"tma"``, or ``"tma,gamma"``) or config
   instances; ``calib`` is a ``Windows`` (calibration windows, brown:calib by default).
-- Runtime-only methods (tma, prefix, rotate's online Hadamard) leave hooks or attributes on the model; they
-  are listed in ``MitigationResult.runtime`` and removed by ``MitigationResult.remove()``.
-- Prefix-style methods mark tokens that later quantization must leave in full precision by setting the
-  model attribute ``outlierlab_fp_prefix`` (int: the first N positions of every sequence); the fake-quant
-  harness honours it for activations and the KV cache.
+- Runtime-only methods (tma, prefix, rotate's online Hadamard) install entries in the model's registry
+  (:mod:`outlierlab.runtime`); they are listed in ``MitigationResult.runtime`` and removed by
+  ``MitigationResult.remove()``.
+- Prefix-style methods mark tokens that later quantization must leave in full precision with a registry entry
+  whose ``fp_prefix`` is N (the first N positions of every sequence); the fake-quant harness reads
+  ``registry(model).fp_prefix`` for activations and the KV cache.
 
-Composition order (``ORDER``), whatever order the methods are given in:
+One table (``TABLE``) declares every method: its name, config class, ``apply`` and, for runtime methods, the
+registry entry that rebuilds its runtime part from JSON parameters (used by ``export.load`` too). Its row
+order is the composition order (``ORDER``), whatever order the methods are given in:
 
 1. ``prefix`` - only marks positions for the quantizer; it finds the MA tokens on the model as it is, before
    any other method removes (tma) or spreads (rotate) them;
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime import Entry, install, uninstall
 from . import gamma as _gamma
 from . import otc as _otc
 from . import prefix as _prefix
@@ -66,12 +70,17 @@ class MitigationResult:
     model: Any
     applied: list[dict] = field(default_factory=list)
     runtime: list[str] = field(default_factory=list)
-    _removers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    entries: list[Entry] = field(default_factory=list, repr=False)
+
+    def install(self, name: str, entry: Entry) -> None:
+        install(self.model, entry)
+        self.entries.append(entry)
+        self.runtime.append(name)
 
     def remove(self) -> None:
-        """Undo runtime-only parts (hooks, attributes); weight changes stay."""
-        while self._removers:
-            self._removers.pop()()
+        """Take the runtime parts off the model's registry; weight changes stay."""
+        while self.entries:
+            uninstall(self.model, self.entries.pop())
         self.runtime.clear()
 
     @property
@@ -88,37 +97,49 @@ class MitigationResult:
         return [{"method": a["method"], "config": a["config"]} for a in self.applied]
 
 
-METHODS: dict[str, type] = {
-    "none": NoneConfig,
-    "tma": TMAConfig,
-    "gamma": GammaConfig,
-    "otc": OTCConfig,
-    "smoothquant": SmoothQuantConfig,
-    "rotate": RotateConfig,
-    "prefix": PrefixConfig,
-    "paper": PaperConfig,
-}
+@dataclass(frozen=True)
+class Method:
+    """One mitigation method: ``apply(ctx, cfg) -> {"info": ..., "runtime": params}`` and, for runtime
+    methods, ``entry(params)``: the registry entry that installs the runtime part."""
 
-ORDER: tuple[str, ...] = ("none", "prefix", "gamma", "smoothquant", "tma", "otc", "rotate")
+    name: str
+    config: type
+    apply: Callable | None = None
+    entry: Callable[[dict], Entry] | None = None
 
-#: config class -> apply(ctx, cfg) -> {"info": ..., "runtime": params (runtime methods only)}
-_APPLY = {
-    GammaConfig: _gamma.apply,
-    SmoothQuantConfig: _smoothquant.apply,
-    TMAConfig: _tma.apply,
-    OTCConfig: _otc.apply,
-    RotateConfig: _rotate.apply,
-    PrefixConfig: _prefix.apply,
-}
 
-#: method name -> attach(model, params) -> remover: rebuilds the runtime part (used by export.load too)
-RUNTIME: dict[str, Callable] = {"tma": _tma.attach, "rotate": _rotate.attach, "prefix": _prefix.attach}
+#: every method, in the composition order (``paper`` expands to its parts and has no row of its own)
+TABLE: tuple[Method, ...] = (
+    Method("none", NoneConfig),
+    Method("prefix", PrefixConfig, _prefix.apply, _prefix.FPPrefix),
+    Method("gamma", GammaConfig, _gamma.apply),
+    Method("smoothquant", SmoothQuantConfig, _smoothquant.apply),
+    Method("tma", TMAConfig, _tma.apply, _tma.TMAEntry),
+    Method("otc", OTCConfig, _otc.apply),
+    Method("rotate", RotateConfig, _rotate.apply, _rotate.OnlineHadamard),
+)
+_BY_NAME = {m.name: m for m in TABLE}
+_BY_CONFIG = {m.config: m for m in TABLE}
+
+#: method name -> config class (``paper`` included), the names users type
+METHODS: dict[str, type] = {**{m.name: m.config for m in TABLE}, "paper": PaperConfig}
+ORDER: tuple[str, ...] = tuple(m.name for m in TABLE)
+
+
+def runtime_entry(name: str, params: dict) -> Entry:
+    """The registry entry of method ``name``'s runtime part, rebuilt from its JSON parameters."""
+    method = _BY_NAME.get(name)
+    if method is None or method.entry is None:
+        raise MitigationError(f"{name!r} has no runtime part")
+    return method.entry(params)
 
 
 def method_name(cfg) -> str:
-    for name, cls in METHODS.items():
-        if type(cfg) is cls:
-            return name
+    if type(cfg) is PaperConfig:
+        return "paper"
+    method = _BY_CONFIG.get(type(cfg))
+    if method is not None:
+        return method.name
     raise MitigationError(f"{type(cfg).__name__} is not a mitigation config ({', '.join(METHODS)})")
 
 
@@ -167,16 +188,13 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
             name = method_name(cfg)
             record = {"method": name, "config": config_to_json(cfg), "exact": bool(cfg.exact)}
             t0 = time.perf_counter()
-            if isinstance(cfg, NoneConfig):
-                out = {}
-            else:
-                out = _APPLY[type(cfg)](ctx, cfg)
+            method = _BY_NAME[name]
+            out = method.apply(ctx, cfg) if method.apply is not None else {}
             record["info"] = out.get("info", {})
             params = out.get("runtime")
             if params is not None:
                 record["runtime"] = params
-                result._removers.append(RUNTIME[name](model, params))
-                result.runtime.append(name)
+                result.install(name, method.entry(params))
             record["seconds"] = time.perf_counter() - t0
             result.applied.append(record)
     except BaseException:
@@ -188,8 +206,9 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
 __all__ = [
     "METHODS",
     "ORDER",
-    "RUNTIME",
+    "TABLE",
     "GammaConfig",
+    "Method",
     "MitigationError",
     "MitigationResult",
     "NoneConfig",
@@ -201,4 +220,5 @@ __all__ = [
     "TMAConfig",
     "mitigate",
     "resolve",
+    "runtime_entry",
 ]

@@ -18,6 +18,8 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..adapters.base import LinearSpec, NormSpec
 from ..errors import OutlierlabError
+from ..runtime import like
+from ..runtime import window_ids as _window_ids
 
 
 class MitigationError(OutlierlabError):
@@ -101,14 +103,9 @@ def out_spec(adapter: Adapter) -> LinearSpec:
     return spec
 
 
-def is_pre_norm(adapter: Adapter) -> bool:
-    """False for post-norm layouts (OPT-350m), where a norm's output is the residual stream itself."""
-    return bool(getattr(adapter, "pre_norm", True))
-
-
 def folding_norms(adapter: Adapter) -> list[NormSpec]:
     """Norms whose output only feeds linear layers (so a per-channel rescale can be folded into them)."""
-    if not is_pre_norm(adapter):
+    if not adapter.pre_norm:
         raise MitigationError(
             f"{type(adapter).__name__}: post-norm layout (the norm output is the residual stream itself); "
             "gain folding is not function-preserving there"
@@ -136,7 +133,7 @@ def get_gain(adapter: Adapter, layer: int, norm: NormSpec) -> torch.Tensor:
 
 def set_gain(adapter: Adapter, layer: int, norm: NormSpec, gain: torch.Tensor) -> None:
     w = norm_module(adapter, layer, norm).weight
-    w.data.copy_((gain - norm.gain_offset).to(w.dtype))
+    w.data.copy_(like(gain - norm.gain_offset, w))
 
 
 def norm_bias(adapter: Adapter, layer: int, norm: NormSpec) -> torch.Tensor | None:
@@ -148,17 +145,17 @@ def norm_bias(adapter: Adapter, layer: int, norm: NormSpec) -> torch.Tensor | No
 def scale_norm_output(adapter: Adapter, layer: int, norm: NormSpec, ratio: torch.Tensor) -> None:
     """Multiply the norm's output channels by ``ratio`` (gain and bias), no compensation."""
     gain = get_gain(adapter, layer, norm)
-    set_gain(adapter, layer, norm, gain * ratio)
+    set_gain(adapter, layer, norm, gain * ratio.to(gain.device))
     bias = norm_bias(adapter, layer, norm)
     if bias is not None:
-        bias.mul_(ratio.to(bias.dtype))
+        bias.mul_(like(ratio, bias))
 
 
 @torch.no_grad()
 def scale_input_columns(adapter: Adapter, layer: int, spec: LinearSpec, factor: torch.Tensor) -> None:
     """``W[:, c] *= factor[c]``: compensates an input rescaled by ``1 / factor``."""
     w = linear_weight(adapter, layer, spec)
-    w.mul_(factor.to(w.dtype).unsqueeze(0))
+    w.mul_(like(factor, w).unsqueeze(0))
 
 
 @torch.no_grad()
@@ -199,10 +196,10 @@ def glu_up_rows(adapter: Adapter, layer: int) -> tuple[LinearSpec, slice] | None
 
 # -- calibration -----------------------------------------------------------------------------------------
 def window_ids(windows) -> torch.Tensor:
-    ids = getattr(windows, "input_ids", windows)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise MitigationError("calibration data must be Windows or a [n, seq_len] LongTensor of token ids")
-    return ids
+    try:
+        return _window_ids(windows)
+    except TypeError:
+        raise MitigationError("calibration data must be Windows or a [n, seq_len] LongTensor of token ids") from None
 
 
 def calib_profile(model: nn.Module, windows, positions: tuple[str, ...], batch_size: int = 4,

@@ -97,23 +97,25 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 def restore_runtime(model, man: dict):
     """Re-install the runtime parts listed in a manifest on ``model``; returns a :class:`MitigationResult`."""
-    from . import RUNTIME, MitigationResult
+    from . import MitigationResult, runtime_entry
 
     result = MitigationResult(model)
-    for entry in man.get("methods", []):
-        record = dict(entry)
-        result.applied.append(record)
-        if "runtime" in entry:
-            result._removers.append(RUNTIME[entry["method"]](model, entry["runtime"]))
-            result.runtime.append(entry["method"])
+    try:
+        for entry in man.get("methods", []):
+            result.applied.append(dict(entry))
+            if "runtime" in entry:
+                result.install(entry["method"], runtime_entry(entry["method"], entry["runtime"]))
+    except BaseException:
+        result.remove()
+        raise
     return result
 
 
 def load(folder: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype = "float32"):
     """Load a checkpoint written by :func:`save` with its runtime parts restored.
 
-    Returns a :class:`~outlierlab.models.loader.LoadedModel`; the restored parts are on
-    ``lm.model.outlierlab_mitigation`` (a ``MitigationResult``: ``.remove()`` takes them off again).
+    Returns a :class:`~outlierlab.models.loader.LoadedModel`; the restored parts are ``lm.mitigation`` (a
+    ``MitigationResult`` whose ``.remove()`` takes them off the model's registry again).
     """
     from ..models.loader import load_model
 
@@ -123,6 +125,6 @@ def load(folder: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtyp
         raise ModelNotFound(f"{folder} has no {MANIFEST}: not a checkpoint written by outlierlab mitigate --export")
     lm = load_model(str(folder), device, dtype)
     result = restore_runtime(lm.model, man)
-    lm.model.outlierlab_mitigation = result
+    lm.mitigation = result
     lm.info["mitigation"] = [m["method"] for m in man.get("methods", [])]
     return lm

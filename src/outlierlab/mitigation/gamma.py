@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ..runtime import like
 from .base import (
     Context,
     MitigationError,
@@ -70,7 +71,7 @@ def target_ratio(gain: torch.Tensor, cfg: GammaConfig) -> torch.Tensor:
     """Per-channel multiplier ``g' / g`` (1 where the channel is not an outlier)."""
     a = gain.abs()
     med = a.median()
-    t = {"median": med, "mean": a.mean(), "one": torch.tensor(1.0)}[cfg.target]
+    t = {"median": med, "mean": a.mean(), "one": a.new_tensor(1.0)}[cfg.target]
     hit = a > cfg.k * med
     new = a.clamp_min(1e-12).pow(1.0 - cfg.alpha) * t.pow(cfg.alpha)
     ratio = torch.where(hit, new / a.clamp_min(1e-12), torch.ones_like(a))
@@ -125,12 +126,12 @@ def _final(ctx: Context, cfg: GammaConfig, changed: list) -> None:
     idx = torch.nonzero(ratio != 1).flatten().tolist()
     if not idx:
         return
-    norm.weight.data.copy_((gain * ratio - offset).to(norm.weight.dtype))
+    norm.weight.data.copy_(like(gain * ratio - offset, norm.weight))
     if getattr(norm, "bias", None) is not None:
-        norm.bias.data.mul_(ratio.to(norm.bias.dtype))
+        norm.bias.data.mul_(like(ratio, norm.bias))
     if cfg.mode == "fold":
         untie_lm_head(ctx.model)
         w = lm_head_weight(ctx.model)
-        w.mul_((1.0 / ratio).to(w.dtype).unsqueeze(0))
+        w.mul_(like(1.0 / ratio, w).unsqueeze(0))
     changed.append({"layer": "final", "norm": "final", "channels": idx,
                     "ratio": [round(float(ratio[i]), 6) for i in idx]})

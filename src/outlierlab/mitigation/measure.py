@@ -28,7 +28,8 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..analysis.detect import DetectConfig
-from ..tracing import HookSet, ProfileConfig
+from ..runtime import ORDER, FunctionEntry, installed, next_token_nll, run
+from ..tracing import ProfileConfig
 from ..tracing.hooks import _first_tensor
 from ..tracing.profiler import Tracer, build_profile
 from .base import down_spec, linear_module, window_ids
@@ -52,55 +53,48 @@ def co_ratio(stats: dict, detect: DetectConfig) -> float:
     return float(chan.max() / med)
 
 
-@torch.inference_mode()
 def measure(model: nn.Module, windows, config: MeasureConfig | None = None, tokenizer=None) -> dict:
     """Residual max, MA count, down-input max, CO ratios and perplexity of ``model`` on ``windows``."""
     cfg = config or MeasureConfig()
     adapter = get_adapter(model)
     ids = window_ids(windows)
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
     pconf = ProfileConfig(detect=cfg.detect, batch_size=cfg.batch_size, weights=False)
     tracer = None if cfg.fast else Tracer(adapter, pconf)
     n_layers = adapter.n_layers
-    resid = torch.zeros(n_layers)
-    down = torch.zeros(n_layers)
+    down: dict[int, torch.Tensor] = {}
+    resid: dict[int, torch.Tensor] = {}
     spec = down_spec(adapter)
-    total, count = 0.0, 0
+    nll: list[torch.Tensor] = []
+    count = 0
 
-    def down_hook(i):
-        def hook(module, args):
-            down[i] = max(float(down[i]), float(args[0].detach().abs().max()))
-        return hook
+    def keep_max(store: dict, i: int, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax().float()
+        store[i] = m if i not in store else torch.maximum(store[i], m.to(store[i].device))
 
-    def resid_hook(i):
-        def hook(module, args, out):
-            h = _first_tensor(out)
-            resid[i] = max(float(resid[i]), float(h.detach().abs().max()))
-        return hook
-
-    with HookSet() as hooks:
-        if tracer is not None:
-            tracer.attach(hooks)
+    def maxima(hooks) -> None:
         for i in range(n_layers):
-            hooks.pre(linear_module(adapter, i, spec), down_hook(i))
-            hooks.forward(adapter.layers()[i], resid_hook(i))
-        for start in range(0, len(ids), cfg.batch_size):
-            batch = ids[start:start + cfg.batch_size].to(device)
-            if tracer is not None:
-                tracer.window0 = start
-                tracer.batch_shape = (batch.shape[0], batch.shape[1])
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                              reduction="sum")
-            total += float(nll.double())
-            count += batch[:, 1:].numel()
+            hooks.pre(linear_module(adapter, i, spec), lambda m, args, i=i: keep_max(down, i, args[0]))
+            hooks.forward(adapter.layers()[i], lambda m, a, out, i=i: keep_max(resid, i, _first_tensor(out)))
+
+    def add(batch, out) -> None:
+        nonlocal count
+        total, n = next_token_nll(out.logits, batch.ids)
+        nll.append(total)
+        count += n
+
+    entries = [FunctionEntry("measure", ORDER["trace"], maxima)] + ([tracer] if tracer is not None else [])
+    with installed(model, *entries):
+        run(model, ids, cfg.batch_size, add, description="measuring")
+    resid_l = torch.tensor([float(resid[i]) if i in resid else 0.0 for i in range(n_layers)])
+    down_l = torch.tensor([float(down[i]) if i in down else 0.0 for i in range(n_layers)])
+    total = sum(float(t) for t in nll)
     out = {
-        "resid_max": float(resid.max()),
-        "down_in_max": float(down.max()),
+        "resid_max": float(resid_l.max()),
+        "down_in_max": float(down_l.max()),
         "ppl": math.exp(total / count),
-        "resid_max_per_layer": [round(float(v), 3) for v in resid],
-        "down_in_max_per_layer": [round(float(v), 3) for v in down],
+        "resid_max_per_layer": [round(float(v), 3) for v in resid_l],
+        "down_in_max_per_layer": [round(float(v), 3) for v in down_l],
     }
     if tracer is not None:
         prof = build_profile(adapter, tracer.results(), pconf, ids, tokenizer, None, {}, {}, {})

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..adapters.base import LinearSpec
 from ..analysis.detect import column_norms, otc_columns, otc_scores
-from ..tracing import HookSet, attach_positions
+from ..runtime import ORDER, FunctionEntry, call, installed, run
+from ..tracing import attach_positions
 from .base import (
     Context,
     MitigationError,
@@ -181,14 +182,12 @@ def closed_form(ctx: Context, cfg: OTCConfig, profile, otcs: dict) -> dict:
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------------
-@torch.no_grad()
 def teacher_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Next-token log-probabilities of ``model`` on ``ids`` (fp16 to keep memory at n x T x V x 2 bytes)."""
     out = []
-    for start in range(0, len(ids), batch_size):
-        logits = model(input_ids=ids[start:start + batch_size], use_cache=False).logits.float()
-        out.append(torch.log_softmax(logits, dim=-1).half())
-    return torch.cat(out)
+    run(model, ids, batch_size, lambda b, o: out.append(torch.log_softmax(o.logits.float(), dim=-1).half()),
+        description="otc teacher")
+    return torch.cat([t.to(out[0].device) for t in out])
 
 
 def finetune_ids(ctx: Context, cfg: OTCConfig) -> torch.Tensor:
@@ -220,7 +219,7 @@ def finetune(ctx: Context, cfg: OTCConfig, otcs: dict, co: dict) -> dict:
             spec = linear_spec(adapter, role)
             param = linear_module(adapter, layer, spec).weight
             mask = torch.zeros_like(param)
-            cols = torch.tensor(found["channels"])
+            cols = torch.tensor(found["channels"], device=param.device)
             if spec.transposed:
                 mask[cols, :] = 1
             else:
@@ -230,7 +229,7 @@ def finetune(ctx: Context, cfg: OTCConfig, otcs: dict, co: dict) -> dict:
             if cfg.train_gains:
                 norm = norm_module(adapter, layer, _norm_of(adapter, role))
                 gmask = torch.zeros_like(norm.weight)
-                gmask[cols] = 1
+                gmask[cols.to(gmask.device)] = 1
                 if not any(norm.weight is p for p in params):
                     params.append(norm.weight)
                     masks.append(gmask)
@@ -255,18 +254,19 @@ def finetune(ctx: Context, cfg: OTCConfig, otcs: dict, co: dict) -> dict:
         history = []
         t0 = time.perf_counter()
         model.train(False)
-        with HookSet() as hooks:
-            if co and cfg.lam > 0:
-                attach_positions(hooks, adapter, collect, layers, positions)
+        probe = FunctionEntry("otc.penalty", ORDER["trace"],
+                              lambda hooks: attach_positions(hooks, adapter, collect, layers, positions))
+        with installed(model, *([probe] if co and cfg.lam > 0 else [])):
             for step in range(cfg.steps):
                 pick = torch.randperm(len(ids), generator=gen)[:cfg.batch_size]
                 batch = ids[pick]
                 penalty_terms.clear()
-                logits = model(input_ids=batch, use_cache=False).logits.float()
+                logits = call(model, batch).logits.float()
                 logp = torch.log_softmax(logits, dim=-1)
-                t = teacher[pick, :batch.shape[1]].float()
+                t = teacher[pick.to(teacher.device), :batch.shape[1]].to(logp.device).float()
                 kl = (t.exp() * (t - logp)).sum(-1).mean()
-                pen = torch.stack(penalty_terms).mean() if penalty_terms else torch.zeros(())
+                pen = (torch.stack([p.to(kl.device) for p in penalty_terms]).mean() if penalty_terms
+                       else kl.new_zeros(()))
                 loss = kl + cfg.lam * pen
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -2,9 +2,9 @@
 
 The tokens that carry the massive activations are the first positions of every sequence (SmolLM2-135M: the
 first token, whatever it is). Their keys and values are computed once in full precision and kept, so the
-quantizer never sees them. Here that is a contract with the fake-quant harness: the model attribute
-``outlierlab_fp_prefix = N`` tells it to leave the first ``N`` positions of every sequence unquantized in
-the activations and in the KV cache (and to calibrate static scales without them).
+quantizer never sees them. Here that is a contract with the fake-quant harness through the model's registry:
+the :class:`FPPrefix` entry (``fp_prefix = N``) tells it to leave the first ``N`` positions of every sequence
+unquantized in the activations and in the KV cache (and to calibrate static scales without them).
 
 ``n=None`` finds ``N`` on the calibration data: one more than the largest token index holding a residual
 MA (``block.out`` by the detection rule), capped by ``max_prefix``; 0 when there is none.
@@ -15,11 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
-
+from ..runtime import ORDER, Entry
 from .base import Context, MitigationError, calib_profile
-
-ATTRIBUTE = "outlierlab_fp_prefix"
 
 
 @dataclass(frozen=True)
@@ -46,14 +43,17 @@ def detect_prefix(profile, max_prefix: int) -> tuple[int, list[int]]:
     return (max(inside) + 1 if inside else 0), idx
 
 
-def attach(model: nn.Module, params: dict):
-    setattr(model, ATTRIBUTE, int(params["n"]))
+class FPPrefix(Entry):
+    """Registry entry ``prefix``: the first ``fp_prefix`` positions stay in full precision (no hooks)."""
 
-    def remove() -> None:
-        if hasattr(model, ATTRIBUTE):
-            delattr(model, ATTRIBUTE)
+    name = "prefix"
+    order = ORDER["fp_prefix"]
 
-    return remove
+    def __init__(self, params: dict):
+        self.fp_prefix = int(params["n"])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": {"n": self.fp_prefix}}
 
 
 def apply(ctx: Context, cfg: PrefixConfig) -> dict:
@@ -63,7 +63,7 @@ def apply(ctx: Context, cfg: PrefixConfig) -> dict:
         n, found = detect_prefix(profile, cfg.max_prefix)
     else:
         n = cfg.n
-    ctx.say(f"prefix: the first {n} position(s) stay in full precision ({ATTRIBUTE} = {n})"
+    ctx.say(f"prefix: the first {n} position(s) stay in full precision"
             + (f"; residual MAs at token indices {found}" if found is not None else ""))
     info = {"n": n}
     if found is not None:

@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from ..runtime import ORDER, Entry
 from .base import (
     Context,
     MitigationError,
     consumers,
     down_spec,
-    is_pre_norm,
     linear_bias,
     linear_module,
     linear_weight,
@@ -213,32 +213,18 @@ def _is_layernorm(module: nn.Module) -> bool:
     )
 
 
-def _position_embeddings(model: nn.Module) -> list[nn.Module]:
-    out = []
-    for path in ("transformer.wpe", "model.decoder.embed_positions"):
-        try:
-            out.append(model.get_submodule(path))
-        except AttributeError:
-            pass
-    return out
-
-
 def check_rotatable(model: nn.Module) -> None:
     adapter = get_adapter(model)
     kind = type(adapter).__name__
-    if not is_pre_norm(adapter):
+    if not adapter.pre_norm:
         raise MitigationError(f"rotate: {kind} is post-norm here (the norm output is the residual stream); "
                               "a rotation cannot be folded exactly")
-    names = {p.name for p in adapter.positions()}
-    if "attn.post_norm" in names or "mlp.post_norm" in names:
+    if adapter.branch_output_norms:
         raise MitigationError(f"rotate: {kind} has norms on the branch outputs (sandwich norms) whose gains sit "
                               "between the branch and the residual add; a rotation cannot be folded exactly")
-    for path in ("model.decoder.project_in", "model.decoder.project_out"):
-        try:
-            if model.get_submodule(path) is not None:
-                raise MitigationError("rotate: OPT with word_embed_proj_dim != hidden_size is not supported")
-        except AttributeError:
-            pass
+    if adapter.residual_projections():
+        raise MitigationError(f"rotate: {kind} projects the residual stream outside the layers (OPT with "
+                              "word_embed_proj_dim != hidden_size); not supported")
     if adapter.final_norm() is None:
         raise MitigationError(f"rotate: {kind} has no final norm")
 
@@ -249,7 +235,7 @@ def _fuse_norm(norm_mod: nn.Module, offset: float, readers: list[torch.Tensor], 
     """Fold the gain into ``readers`` ([out, in] views), set unit gain; returns ``beta / g`` (LayerNorm)."""
     g = norm_mod.weight.data.double() + offset
     for w in readers:
-        w.copy_((w.double() * g.unsqueeze(0)).to(w.dtype))
+        w.copy_((w.double() * g.to(w.device).unsqueeze(0)).to(w.dtype))
     norm_mod.weight.data.fill_(1.0 - offset)
     if layernorm and getattr(norm_mod, "bias", None) is not None:
         beta = norm_mod.bias.data.double()
@@ -263,14 +249,14 @@ def _fuse_norm(norm_mod: nn.Module, offset: float, readers: list[torch.Tensor], 
 
 def _rot_in(w: torch.Tensor, q: torch.Tensor) -> None:
     """Reader: ``W <- W Q`` on an [out, in] view."""
-    w.copy_((w.double() @ q).to(w.dtype))
+    w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
 
 
 def _rot_out(w: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Writer: ``W <- Q^T W``, ``b <- b Q``."""
-    w.copy_((q.T @ w.double()).to(w.dtype))
+    w.copy_((q.T.to(w.device) @ w.double()).to(w.dtype))
     if bias is not None:
-        bias.copy_((bias.double() @ q).to(bias.dtype))
+        bias.copy_((bias.double() @ q.to(bias.device)).to(bias.dtype))
 
 
 def _center_out(w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -291,7 +277,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
     q = mean_preserving(q0) if layernorm else q0
     untied = untie_lm_head(model)
     emb = model.get_input_embeddings().weight.data
-    pos_embs = [m.weight.data for m in _position_embeddings(model)]
+    pos_embs = [m.weight.data for m in adapter.position_embeddings()]
     head = lm_head_weight(model)
     writers = [out_spec_ for out_spec_ in adapter.linears() if out_spec_.output_position in ("attn.out", "mlp.out")]
     if layernorm:
@@ -307,7 +293,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
             for w in readers:
                 _rot_in(w, q)
             if beta is not None:
-                mod.bias.data.copy_((beta @ q).to(mod.bias.dtype))
+                mod.bias.data.copy_((beta @ q.to(beta.device)).to(mod.bias.dtype))
         for spec in writers:
             w, b = linear_weight(adapter, i, spec), linear_bias(adapter, i, spec)
             if layernorm:
@@ -316,9 +302,9 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
     beta = _fuse_norm(final, adapter.final_norm_offset(), [head], layernorm)
     _rot_in(head, q)
     if beta is not None:
-        final.bias.data.copy_((beta @ q).to(final.bias.dtype))
+        final.bias.data.copy_((beta @ q.to(beta.device)).to(final.bias.dtype))
     for e in [emb, *pos_embs]:
-        e.copy_((e.double() @ q).to(e.dtype))
+        _rot_in(e, q)
     return {"construction": construction, "hidden_size": d, "untied_lm_head": untied,
             "layernorm_centering": layernorm}
 
@@ -336,35 +322,37 @@ def fold_online_hadamard(model: nn.Module, seed: int, kind: str) -> dict:
     n = linear_weight(adapter, 0, spec).shape[1]
     h = _online_matrix(n, seed, kind)
     for i in range(adapter.n_layers):
-        w = linear_weight(adapter, i, spec)
-        w.copy_((w.double() @ h).to(w.dtype))
+        _rot_in(linear_weight(adapter, i, spec), h)
     return {"size": n, "seed": seed, "kind": kind}
 
 
-def attach_online_hadamard(model: nn.Module, params: dict):
-    """Forward pre-hooks feeding ``y6 H`` to every down projection; returns a remover."""
-    adapter = get_adapter(model)
-    spec = down_spec(adapter)
-    h64 = _online_matrix(params["size"], params["seed"], params["kind"])
-    cache: dict = {}
-    handles = []
+class OnlineHadamard(Entry):
+    """Registry entry ``rotate``: forward pre-hooks feeding ``y6 H`` to every down projection (after tma's)."""
 
-    def hook(module, args):
+    name = "rotate"
+    order = ORDER["rotation"]
+
+    def __init__(self, params: dict):
+        self.params = dict(params["online_hadamard"])
+        self._h64 = _online_matrix(self.params["size"], self.params["seed"], self.params["kind"])
+        self._cache: dict = {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": {"online_hadamard": self.params}}
+
+    def hook(self, module, args):
         x = args[0]
         key = (x.dtype, x.device)
-        h = cache.get(key)
+        h = self._cache.get(key)
         if h is None:
-            h = cache[key] = h64.to(dtype=x.dtype, device=x.device)
+            h = self._cache[key] = self._h64.to(dtype=x.dtype, device=x.device)
         return (x @ h, *args[1:])
 
-    for i in range(adapter.n_layers):
-        handles.append(linear_module(adapter, i, spec).register_forward_pre_hook(hook))
-
-    def remove() -> None:
-        while handles:
-            handles.pop().remove()
-
-    return remove
+    def attach(self, model, hooks, reg) -> None:
+        adapter = get_adapter(model)
+        spec = down_spec(adapter)
+        for i in range(adapter.n_layers):
+            hooks.pre(linear_module(adapter, i, spec), self.hook)
 
 
 def apply(ctx: Context, cfg: RotateConfig) -> dict:
@@ -378,6 +366,3 @@ def apply(ctx: Context, cfg: RotateConfig) -> dict:
         out["info"]["online_hadamard"] = params
     return out
 
-
-def attach(model: nn.Module, params: dict):
-    return attach_online_hadamard(model, params["online_hadamard"])

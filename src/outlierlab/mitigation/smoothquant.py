@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from ..runtime import like
 from .base import (
     Context,
     MitigationError,
@@ -80,7 +81,7 @@ def apply(ctx: Context, cfg: SmoothQuantConfig) -> dict:
             act = profile.get(layer, norm.output_position).stats["chan_absmax"]
             w_max = torch.stack([linear_weight(adapter, layer, s).abs().amax(dim=0).float()
                                  for s in consumers(adapter, norm)]).amax(dim=0)
-            s = factors(act, w_max, cfg.alpha, cfg.eps)
+            s = factors(act.to(w_max.device), w_max, cfg.alpha, cfg.eps)
             fold_norm_rescale(adapter, layer, norm, 1.0 / s)
             _track(ratio_before, ratio_after, norm.name, act, act / s)
         if do_down:
@@ -88,12 +89,12 @@ def apply(ctx: Context, cfg: SmoothQuantConfig) -> dict:
             act = profile.get(layer, "mlp.down_in").stats["chan_absmax"]
             spec = next(s for s in adapter.linears() if s.input_position == "mlp.down_in")
             w_max = linear_weight(adapter, layer, spec).abs().amax(dim=0).float()
-            s = factors(act, w_max, cfg.alpha, cfg.eps)
+            s = factors(act.to(w_max.device), w_max, cfg.alpha, cfg.eps)
             w = linear_weight(adapter, layer, up)
-            w[rows].div_(s.to(w.dtype).unsqueeze(1))
+            w[rows].div_(like(s, w).unsqueeze(1))
             b = linear_bias(adapter, layer, up)
             if b is not None:
-                b[rows].div_(s.to(b.dtype))
+                b[rows].div_(like(s, b))
             scale_input_columns(adapter, layer, spec, s)
             _track(ratio_before, ratio_after, "down", act, act / s)
     done = [p for p in cfg.pairs if p != "down" or do_down]
@@ -107,5 +108,5 @@ def _track(before: dict, after: dict, key: str, act: torch.Tensor, new: torch.Te
     def r(x):
         return float(x.max() / x.median().clamp_min(1e-12))
 
-    before[key] = max(before.get(key, 0.0), r(act))
-    after[key] = max(after.get(key, 0.0), r(new))
+    before[key] = max(before.get(key, 0.0), r(act.cpu()))
+    after[key] = max(after.get(key, 0.0), r(new.cpu()))

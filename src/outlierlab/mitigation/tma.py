@@ -37,13 +37,13 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..analysis.detect import DetectConfig
+from ..runtime import ORDER, BatchInfo, Entry, FunctionEntry, installed, run
 from .base import (
     Context,
     MitigationError,
     calib_profile,
     check_choice,
     down_spec,
-    is_pre_norm,
     layer_list,
     linear_module,
     out_spec,
@@ -116,37 +116,34 @@ def _thresholds(profile, layers: list[int], cfg: TMAConfig) -> dict[int, float]:
     return out
 
 
-@torch.no_grad()
 def _replace_values(model, ids, layers: list[int], thresholds: dict[int, float], batch_size: int) -> dict:
     """Per active layer: {channel: mean of that channel over non-MA entries} for the channels that hold MAs."""
     adapter = get_adapter(model)
     spec = down_spec(adapter)
-    sums, counts, ma_channels = {}, {}, {layer: set() for layer in layers}
-    handles = []
+    sums, counts, seen = {}, {}, {}
 
     def make(layer):
         def hook(module, args):
             x = args[0].detach().float()
             x = x.reshape(-1, x.shape[-1])
             big = x.abs() > thresholds[layer]
-            ma_channels[layer].update(torch.nonzero(big.any(0)).flatten().tolist())
             keep = (~big).float()
+            seen[layer] = seen.get(layer, 0) + big.sum(0)
             sums[layer] = sums.get(layer, 0) + (x * keep).sum(0)
             counts[layer] = counts.get(layer, 0) + keep.sum(0)
         return hook
 
-    try:
+    def declare(hooks) -> None:
         for layer in layers:
-            handles.append(linear_module(adapter, layer, spec).register_forward_pre_hook(make(layer)))
-        for start in range(0, len(ids), batch_size):
-            model(input_ids=ids[start:start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.pre(linear_module(adapter, layer, spec), make(layer))
+
+    with installed(model, FunctionEntry("tma.replace-calibration", ORDER["probe"], declare)):
+        run(model, ids, batch_size, description="tma replace values")
     out = {}
     for layer in layers:
-        mean = sums[layer] / counts[layer].clamp_min(1)
-        out[str(layer)] = {str(c): float(mean[c]) for c in sorted(ma_channels[layer])}
+        mean = (sums[layer] / counts[layer].clamp_min(1)).cpu()
+        channels = torch.nonzero(seen[layer] > 0).flatten().tolist()
+        out[str(layer)] = {str(c): float(mean[c]) for c in sorted(channels)}
     return out
 
 
@@ -161,7 +158,7 @@ def calibration_profile(model, ids, batch_size: int = 4):
 def calibrate(ctx: Context, cfg: TMAConfig, profile=None) -> dict:
     """The runtime parameters of ``cfg`` for ``ctx.model``: active layers, thresholds, replace values."""
     adapter = ctx.adapter
-    if cfg.compensate and cfg.mode == "scale" and not is_pre_norm(adapter):
+    if cfg.compensate and cfg.mode == "scale" and not adapter.pre_norm:
         raise MitigationError("tma: the compensated scale needs a pre-norm model; use compensate=False")
     known_layers = cfg.layers != "origin"
     needs_threshold = cfg.mode != "clip" and cfg.threshold is None and not (cfg.exact and cfg.factor is None)
@@ -196,21 +193,16 @@ def calibrate(ctx: Context, cfg: TMAConfig, profile=None) -> dict:
 
 
 # -- runtime ---------------------------------------------------------------------------------------------
-def _post_norm_modules(adapter) -> tuple[str | None, str | None]:
-    """Module paths of the norms on the attention and FFN outputs (sandwich-norm families), if any."""
-    found = {}
-    for p in adapter.positions():
-        if p.name in ("attn.post_norm", "mlp.post_norm") and p.capture is not None:
-            found[p.name] = p.capture.module
-    return found.get("attn.post_norm"), found.get("mlp.post_norm")
+class TMAEntry(Entry):
+    """The tma hooks on a model (registry entry ``tma``, before every other runtime piece at y6).
 
+    Per forward, ``c`` holds the [batch, tokens, 1] residual factors of the tokens rescaled so far (None: all
+    ones)."""
 
-class _Runtime:
-    """The per-forward state of the hooks: ``c`` = [batch, tokens, 1] residual factors (None = all ones)."""
+    name = "tma"
+    order = ORDER["mitigation"]
 
-    def __init__(self, model: nn.Module, params: dict):
-        self.model = model
-        self.adapter = get_adapter(model)
+    def __init__(self, params: dict):
         self.p = params
         self.layers = {int(i) for i in params["layers"]}
         self.thr = {int(k): float(v) for k, v in params["thresholds"].items()}
@@ -219,16 +211,24 @@ class _Runtime:
         self.c: torch.Tensor | None = None
         self.c_new: torch.Tensor | None = None
         self.down_factor: torch.Tensor | None = None
+        self.o_factor: torch.Tensor | None = None
         self.m: torch.Tensor | None = None
-        self.handles: list = []
-        self.post_attn, self.post_mlp = _post_norm_modules(self.adapter)
+        self.batch = BatchInfo()
+        self._values: dict = {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "params": self.p}
 
     # -- helpers
-    @staticmethod
-    def _fit(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Broadcast [B, T, 1] factors onto ``x`` ([B, T, C] or OPT's flattened [B*T, C])."""
-        c = c.to(dtype=x.dtype, device=x.device)
-        return c.reshape(-1, 1) if x.dim() == 2 else c
+    def _replace_vector(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        key = (layer, x.dtype, x.device)
+        values = self._values.get(key)
+        if values is None:
+            values = torch.zeros(x.shape[-1], dtype=x.dtype)
+            for ch, v in self.replace.get(layer, {}).items():
+                values[ch] = v
+            values = self._values[key] = values.to(x.device)
+        return values
 
     def _mode(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         p, thr = self.p, self.thr[layer]
@@ -239,10 +239,7 @@ class _Runtime:
         if mode == "zero":
             return x.masked_fill(big, 0.0), None
         if mode == "replace":
-            values = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
-            for ch, v in self.replace.get(layer, {}).items():
-                values[ch] = v
-            return torch.where(big, values.expand_as(x), x), None
+            return torch.where(big, self._replace_vector(layer, x).expand_as(x), x), None
         # scale: whole token vectors
         peak = x.abs().amax(dim=-1, keepdim=True)
         hit = peak > thr
@@ -253,27 +250,25 @@ class _Runtime:
         f = torch.where(hit, f, torch.ones_like(f))
         return x * f, f
 
-    def _as_bt1(self, f: torch.Tensor, batch_shape) -> torch.Tensor:
-        return f.reshape(*batch_shape, 1) if f.dim() == 2 else f
+    def _as_bt1(self, f: torch.Tensor) -> torch.Tensor:
+        return f.reshape(self.batch.batch, self.batch.tokens, 1) if f.dim() == 2 else f
 
     # -- hooks
     def reset(self, module, args, kwargs):
         self.c = None
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        self.batch_shape = tuple(hidden.shape[:2]) if hidden is not None else None
 
     def down_pre(self, layer: int):
         def hook(module, args):
             x = args[0]
             factor = None
             if self.comp and self.c is not None:
-                factor = self._fit(self.c, x)
+                factor = self.batch.fit(self.c, x)
                 x = x * factor
             self.c_new = None
             if layer in self.layers:
                 x, f = self._mode(layer, x)
                 if f is not None:
-                    self.c_new = self._as_bt1(f, self.batch_shape)
+                    self.c_new = self._as_bt1(f)
                     factor = f if factor is None else factor * f
             self.down_factor = factor if self.comp else None
             return (x, *args[1:])
@@ -296,21 +291,23 @@ class _Runtime:
         if self.c is None:
             return None
         x = args[0]
-        self.o_factor = self._fit(self.c, x)
+        self.o_factor = self.batch.fit(self.c, x)
         return (x * self.o_factor, *args[1:])
 
     def post_norm_scale(self, module, args, out):
         if self.c is None:
             return None
-        return out * self._fit(self.c, out)
+        return out * self.batch.fit(self.c, out)
 
     def layer_out(self, module, args, out):
         c_new = self.c_new
         if c_new is None or not self.comp:
             return None
         hidden = out[0] if isinstance(out, tuple) else out
-        c_new = c_new.to(hidden.dtype)
-        if self.post_mlp is not None:
+        c_new = c_new.to(device=hidden.device, dtype=hidden.dtype)
+        if self.c is not None:
+            self.c = self.c.to(hidden.device)
+        if self.post_mlp:
             new = hidden * c_new
         else:
             m = self.m.reshape(hidden.shape)
@@ -319,42 +316,33 @@ class _Runtime:
         self.c_new = None
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    def attach(self) -> None:
-        a = self.adapter
+    def attach(self, model: nn.Module, hooks, reg) -> None:
+        a = get_adapter(model)
+        self.batch = reg.batch
         layers = a.layers()
         dspec, ospec = down_spec(a), out_spec(a)
-        self.o_factor = None
-        self.handles.append(layers[0].register_forward_pre_hook(self.reset, with_kwargs=True))
+        self.post_mlp = a.branch_norm(0, "mlp") is not None
+        hooks.pre(layers[0], self.reset, with_kwargs=True)
         for i in range(a.n_layers):
             down = linear_module(a, i, dspec)
             if i in self.layers or self.comp:
-                self.handles.append(down.register_forward_pre_hook(self.down_pre(i)))
-                self.handles.append(down.register_forward_hook(self.bias_fix("down")))
+                hooks.pre(down, self.down_pre(i))
+                hooks.forward(down, self.bias_fix("down"))
             if not self.comp:
                 continue
-            if self.post_attn is not None:
-                self.handles.append(layers[i].get_submodule(self.post_attn).register_forward_hook(self.post_norm_scale))
+            post_attn, post_mlp = a.branch_norm(i, "attn"), a.branch_norm(i, "mlp")
+            if post_attn is not None:
+                hooks.forward(post_attn, self.post_norm_scale)
             else:
                 o = linear_module(a, i, ospec)
-                self.handles.append(o.register_forward_pre_hook(self.o_pre))
-                self.handles.append(o.register_forward_hook(self.bias_fix("o")))
-            if self.post_mlp is not None:
-                self.handles.append(layers[i].get_submodule(self.post_mlp).register_forward_hook(self.post_norm_scale))
+                hooks.pre(o, self.o_pre)
+                hooks.forward(o, self.bias_fix("o"))
+            if post_mlp is not None:
+                hooks.forward(post_mlp, self.post_norm_scale)
             if i in self.layers:
-                if self.post_mlp is None:
-                    self.handles.append(down.register_forward_hook(self.capture_m))
-                self.handles.append(layers[i].register_forward_hook(self.layer_out))
-
-    def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
-
-def attach(model: nn.Module, params: dict):
-    """Install the runtime hooks described by ``params`` (from :func:`calibrate`); returns a remover."""
-    rt = _Runtime(model, params)
-    rt.attach()
-    return rt.remove
+                if post_mlp is None:
+                    hooks.forward(down, self.capture_m)
+                hooks.forward(layers[i], self.layer_out)
 
 
 def apply(ctx: Context, cfg: TMAConfig) -> dict:

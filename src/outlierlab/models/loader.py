@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ModelNotFound, OutlierlabError, UnsupportedArchitecture
 from ..paths import cache_dir, file_sha256
+from ..runtime.forward import input_device
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    #: the runtime parts restored by ``outlierlab.load`` (a ``MitigationResult``), else None
+    mitigation: Any = None
 
 
 def resolve(model: str) -> ModelSource:
@@ -241,16 +244,6 @@ def _offload_folder() -> str:
     folder = tempfile.mkdtemp(prefix="outlierlab-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-
-def input_device(model) -> torch.device:
-    """Where the input ids must go: the execution device of the input embeddings when accelerate placed the
-    model (their weights may be offloaded, on the meta device), else the device of the first parameter."""
-    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager

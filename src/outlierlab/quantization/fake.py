@@ -13,9 +13,10 @@ Two steps, as in torchao's prepare/convert:
 
 :func:`quantize_` does both. Targets: the linears that the architecture adapter declares (``linears()``) in every
 decoder layer; GPT-2's ``Conv1D`` weights (stored ``[in, out]``) are quantized per output column, like the
-others per output row. The model attribute ``outlierlab_fp_prefix`` (int N, set by prefix-style mitigations) is
-read when the plan is made: activations and KV at the first N positions of every sequence stay in full
-precision and are left out of the static calibration.
+others per output row. The registry's ``fp_prefix`` (N, set by prefix-style mitigations through
+:mod:`outlierlab.runtime`) is read when the plan is made: activations and KV at the first N positions of every
+sequence stay in full precision and are left out of the static calibration. The installed state is a registry
+entry (``quant``, after every mitigation hook) and the KV wrapper another (``quant.kv``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from ..adapters import get_adapter
 from ..adapters.base import Adapter, LinearSpec
-from ..tracing.hooks import HookSet
+from ..runtime import ORDER, BatchInfo, Entry, FunctionEntry, installed, registry, run
 from . import kv as kvmod
 from .config import QuantConfig, QuantConfigError, get_quant
 from .quantizers import (
@@ -41,8 +42,6 @@ from .quantizers import (
     quant_weight,
     sym_scale,
 )
-
-PREFIX_ATTR = "outlierlab_fp_prefix"
 
 
 @dataclass
@@ -101,29 +100,6 @@ def find_targets(model: nn.Module, config: QuantConfig, adapter: Adapter | None 
 # -- activations ---------------------------------------------------------------------------------------------
 
 
-class _SeqShape:
-    """The (batch, tokens) of the forward in flight, recorded by a model pre-hook, for inputs that arrive
-    flattened to ``[batch * tokens, features]`` (OPT's FFN)."""
-
-    def __init__(self) -> None:
-        self.shape: tuple[int, int] | None = None
-
-    def hook(self, module, args, kwargs) -> None:
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
-        self.shape = (int(x.shape[0]), int(x.shape[1])) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
-
-    def as_3d(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return x
-        if x.dim() == 2 and self.shape is not None and x.shape[0] == self.shape[0] * self.shape[1]:
-            return x.view(self.shape[0], self.shape[1], x.shape[1])
-        return x.reshape(1, -1, x.shape[-1])
-
-
 @dataclass
 class ActQuantizer:
     """Fake-quantizes the input of one linear: per token, per sequence (``tensor-dynamic``) or with a frozen
@@ -136,16 +112,11 @@ class ActQuantizer:
     prefix: int = 0
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
-    shape: _SeqShape | None = field(default=None, repr=False)
+    shape: BatchInfo | None = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() != 3
-        if not flat:
-            x3 = x
-        elif self.shape is not None:
-            x3 = self.shape.as_3d(x)
-        else:
-            x3 = x.reshape(1, -1, x.shape[-1])
+        x3 = (self.shape or BatchInfo()).as_3d(x)
         p = min(self.prefix, x3.shape[1])
         if self.granularity == "token":
             xq = quant_dynamic(x3, self.bits, self.symmetric, -1, self.clip)
@@ -215,7 +186,7 @@ class _RangeObserver:
     """Running abs-max (or min and max) of a linear's input over calibration, prefix tokens excluded; kept on
     the device (no host sync per call)."""
 
-    def __init__(self, prefix: int, shape: _SeqShape) -> None:
+    def __init__(self, prefix: int, shape: BatchInfo) -> None:
         self.prefix, self.shape = prefix, shape
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
@@ -237,15 +208,15 @@ def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor,
                      prefix: int, batch_size: int = 4, progress: bool = False) -> dict[str, ActQuantizer]:
     """Static per-tensor activation quantizers: ``scale = a_clip x abs-max`` over the calibration windows (or
     the clipped min/max, asymmetric), observed on the model as it is (its weights are not changed here)."""
-    from ..tracing.profiler import run_windows
-
-    shape = _SeqShape()
+    shape = registry(model).batch
     observers = {t.name: _RangeObserver(prefix, shape) for t in targets}
-    with HookSet() as hooks:
-        hooks.pre(model, shape.hook, with_kwargs=True)
+
+    def declare(hooks) -> None:
         for t in targets:
             hooks.pre(t.module, observers[t.name])
-        run_windows(model, ids, batch_size, None, progress, "calibrating activations")
+
+    with installed(model, FunctionEntry("quant.calibration", ORDER["probe"], declare)):
+        run(model, ids, batch_size, progress=progress, description="calibrating activations")
     out = {}
     for t in targets:
         obs = observers[t.name]
@@ -279,48 +250,32 @@ class QuantPlan:
     info: dict = field(default_factory=dict)
 
     def install(self, model: nn.Module, restore: bool = True) -> QuantState:
-        """Put the plan on ``model`` (the model it was prepared on). ``restore=False`` drops the original
-        weights (the state then cannot give them back)."""
+        """Put the plan on ``model`` (the model it was prepared on), as registry entries. ``restore=False``
+        drops the original weights (the state then cannot give them back)."""
         state = QuantState(model, self.config, self, restore)
+        reg = registry(model)
         try:
-            for t in self.targets:
-                if t.name in self.weights:
-                    state._swap(t.module, t.to_storage(self.weights[t.name]))
-            if self.embedding is not None:
-                module, w = self.embedding
-                state._swap(module, w)
-            if self.acts:
-                shape = _SeqShape()
-                shared = _SharedInput()
-
-                def start(module, args, kwargs):
-                    shared.clear()
-                    shape.hook(module, args, kwargs)
-
-                state.hooks.pre(model, start, with_kwargs=True)
-                state.hooks.forward(model, lambda m, a, o: shared.clear())
-                for t in self.targets:
-                    q = self.acts.get(t.name)
-                    if q is not None:
-                        q.shape = shape
-                        state.hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
+            reg.add(state)
             if self.kv is not None:
-                state._undo.append(kvmod.install(model, get_adapter(model), self.kv, self.config.layers))
+                state.kv_entry = reg.add(kvmod.KVEntry(self.kv, self.config.layers))
         except BaseException:
             state.remove()
             raise
         return state
 
 
-class QuantState:
-    """The fake quantization installed on a model; ``remove()`` (idempotent) or the ``with`` block's end undoes
-    it all. ``restore=False`` states only remove hooks and the attention wrapper (weights stay quantized)."""
+class QuantState(Entry):
+    """The fake quantization installed on a model (registry entry ``quant``; the KV wrapper is the entry
+    ``quant.kv``); ``remove()`` (idempotent) or the ``with`` block's end undoes it all. ``restore=False`` states
+    only remove hooks and the attention wrapper (weights stay quantized)."""
+
+    name = "quant"
+    order = ORDER["quant.acts"]
 
     def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool) -> None:
         self.model, self.config, self.plan, self.restore = model, config, plan, restore
-        self.hooks = HookSet()
         self._originals: list[tuple[nn.Module, nn.Parameter]] = []
-        self._undo: list[Callable[[], None]] = []
+        self.kv_entry: Entry | None = None
         self.active = True
 
     def _swap(self, module: nn.Module, data: torch.Tensor) -> None:
@@ -329,13 +284,36 @@ class QuantState:
         if self.restore:
             self._originals.append((module, old))
 
-    def remove(self) -> None:
-        self.hooks.remove()
-        while self._undo:
-            self._undo.pop()()
+    def attach(self, model: nn.Module, hooks, reg) -> None:
+        plan = self.plan
+        for t in plan.targets:
+            if t.name in plan.weights:
+                self._swap(t.module, t.to_storage(plan.weights[t.name]))
+        if plan.embedding is not None:
+            module, w = plan.embedding
+            self._swap(module, w)
+        if plan.acts:
+            shared = _SharedInput()
+            hooks.pre(model, lambda m, a, k: shared.clear(), with_kwargs=True)
+            hooks.forward(model, lambda m, a, o: shared.clear())
+            for t in plan.targets:
+                q = plan.acts.get(t.name)
+                if q is not None:
+                    q.shape = reg.batch
+                    hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
+
+    def detach(self, model: nn.Module) -> None:
         while self._originals:
             module, old = self._originals.pop()
             module.weight = old
+
+    def remove(self) -> None:
+        reg = registry(self.model)
+        if self.kv_entry is not None:
+            reg.remove(self.kv_entry)
+            self.kv_entry = None
+        reg.remove(self)
+        self.detach(self.model)
         self.active = False
 
     def __enter__(self) -> Self:
@@ -349,7 +327,8 @@ class QuantState:
         return self.plan.info
 
     def describe(self) -> dict:
-        return {"config": self.config.to_dict(), "summary": self.config.describe(), **self.plan.info}
+        return {"name": self.name, "config": self.config.to_dict(), "summary": self.config.describe(),
+                **self.plan.info}
 
 
 def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:
@@ -368,7 +347,7 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
     """Compute what fake quantization installs (see module docstring); the model is left as it was."""
     config = get_quant(config)
     adapter = get_adapter(model)
-    prefix = int(getattr(model, PREFIX_ATTR, 0) or 0)
+    prefix = registry(model).fp_prefix
     targets = find_targets(model, config, adapter) if (config.quantizes_weights or
                                                         config.quantizes_activations) else []
     plan = QuantPlan(config, targets, prefix=prefix)

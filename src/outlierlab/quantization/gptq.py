@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import OutlierlabError
-from ..tracing.hooks import HookSet, _first_tensor
+from ..runtime import ORDER, FunctionEntry, installed, run
+from ..tracing.hooks import _first_tensor
 from .quantizers import fake_quant, qparams
 
 
@@ -150,32 +151,30 @@ class _Call:
 
 
 def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int):
-    """Run the calibration windows once; return the first layer's inputs and every layer's call arguments."""
-    device = next(model.parameters()).device
+    """Run the calibration windows once (stopping at the last layer); return the first layer's inputs and
+    every layer's call arguments."""
     inputs: list[torch.Tensor] = []
     calls: list[list[_Call]] = []
-    with HookSet() as hooks:
-        def make(index):
-            def pre(module, args, kwargs):
-                positional = bool(args)
-                hidden = args[0] if positional else kwargs["hidden_states"]
-                rest = dict(kwargs) if positional else {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                calls[-1].append(_Call(tuple(args[1:]) if positional else (), rest, positional))
-                if index == 0:
-                    inputs.append(hidden.detach())
-                if index == len(layers) - 1:
-                    raise _Stop
-            return pre
 
+    def make(index):
+        def pre(module, args, kwargs):
+            positional = bool(args)
+            hidden = args[0] if positional else kwargs["hidden_states"]
+            rest = dict(kwargs) if positional else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[-1].append(_Call(tuple(args[1:]) if positional else (), rest, positional))
+            if index == 0:
+                inputs.append(hidden.detach())
+            if index == len(layers) - 1:
+                raise _Stop
+        return pre
+
+    def declare(hooks) -> None:
+        hooks.pre(model, lambda m, a, k: calls.append([]), with_kwargs=True)
         for i, layer in enumerate(layers):
             hooks.pre(layer, make(i), with_kwargs=True)
-        with torch.inference_mode():
-            for start in range(0, len(ids), batch_size):
-                calls.append([])
-                try:
-                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+
+    with installed(model, FunctionEntry("gptq.capture", ORDER["probe"], declare)):
+        run(model, ids, batch_size, stop=_Stop, description="GPTQ inputs")
     return inputs, calls
 
 
@@ -218,12 +217,16 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
                     for t in group_targets:
                         groups.setdefault(t.input_position, []).append(t)
                     accs: dict[str, HessianAccumulator] = {}
-                    with HookSet() as hooks:
+                    for key, members in groups.items():
+                        w = members[0].weight_view()
+                        accs[key] = HessianAccumulator(w.shape[1], w.device)
+
+                    def declare(hooks, groups=groups, accs=accs) -> None:
                         for key, members in groups.items():
-                            w = members[0].weight_view()
-                            accs[key] = HessianAccumulator(w.shape[1], w.device)
                             hooks.pre(members[0].module,
                                       lambda m, args, acc=accs[key]: acc.add(args[0]) if args else None)
+
+                    with installed(model, FunctionEntry("gptq.hessian", ORDER["probe"], declare)):
                         for hidden, call in zip(inputs, calls):
                             _run_layer(layer, hidden, call[index])
                     for key, members in groups.items():

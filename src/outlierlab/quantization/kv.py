@@ -5,26 +5,29 @@ transformers 5.x routes every attention call of the supported families through `
 attention module calls ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)`` with the
 query, key and value states already shaped ``[batch, heads, tokens, head_dim]`` and rotated. We register one
 wrapper per base implementation (``outlierlab_kv_eager``, ``outlierlab_kv_sdpa``...) with the matching mask
-builder, and switch the model to it with ``set_attn_implementation``. The wrapper reads the quantizer from an
-attribute of the attention module (so several models can be quantized differently at once), quantizes key and
-value, and calls the original implementation with everything else unchanged. Removing restores the previous
-implementation and deletes the attributes.
+builder, and switch the model to it with ``set_attn_implementation``. The wrapper looks the attention module up
+in a weak map filled by the registry entry :class:`KVEntry` (so several models can be quantized differently
+at once), quantizes key and value, and calls the original implementation with everything else unchanged.
+Removing the entry restores the previous implementation and forgets the modules.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime import ORDER, Entry
 from .config import QuantConfigError
 from .quantizers import fake_quant, qparams
 
-ATTR = "_outlierlab_kv"
 PREFIX = "outlierlab_kv_"
 _REGISTERED: set[str] = set()
+#: attention module -> (quantizer, layer index), filled by KVEntry
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _base_function(module, base: str) -> Callable:
 
 def _make_wrapper(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        state = getattr(module, ATTR, None)
+        state = _STATE.get(module)
         if state is not None:
             quantizer, layer = state
             key = quantizer(key, layer, "k")
@@ -104,48 +107,47 @@ def register(base: str) -> str:
     return name
 
 
-def attention_modules(adapter) -> list[tuple[int, torch.nn.Module]]:
-    """The attention module of every decoder layer (the submodule that owns the q/k/v or fused projection)."""
-    out = []
-    specs = [s for s in adapter.linears() if s.role in ("q", "qkv")]
-    if not specs:
-        raise QuantConfigError(f"{type(adapter).__name__} declares no q/qkv projection: cannot find attention")
-    parent = specs[0].module.rsplit(".", 1)[0]
-    for i, layer in enumerate(adapter.layers()):
-        out.append((i, layer.get_submodule(parent)))
-    return out
+class KVEntry(Entry):
+    """Registry entry ``quant.kv``: the model's attention switched to the KV-quantizing wrapper."""
 
+    name = "quant.kv"
+    order = ORDER["quant.kv"]
 
-def install(model, adapter, quantizer: KVQuantizer, layers=None) -> Callable[[], None]:
-    """Switch ``model`` to the KV-quantizing attention; returns the function that undoes it."""
-    config = model.config
-    base = getattr(config, "_attn_implementation", None) or "eager"
-    if base.startswith(PREFIX):
-        raise QuantConfigError("the model's attention is already wrapped for KV quantization")
-    can = getattr(model, "_can_set_attn_implementation", None)
-    if can is not None and not can():
-        raise QuantConfigError(f"{type(model).__name__} does not route attention through transformers' "
-                               "AttentionInterface: KV-cache quantization is not available for it")
-    modules = [(i, m) for i, m in attention_modules(adapter) if layers is None or i in layers]
-    for i, m in modules:
-        setattr(m, ATTR, (quantizer, i))
-    name = register(base)
-    try:
+    def __init__(self, quantizer: KVQuantizer, layers=None) -> None:
+        self.quantizer, self.layers = quantizer, layers
+        self._base: str | None = None
+        self._modules: list = []
+
+    def describe(self) -> dict:
+        q = self.quantizer
+        return {"name": self.name, "bits": q.bits, "symmetric": q.symmetric, "clip": q.clip, "prefix": q.prefix}
+
+    def attach(self, model, hooks, reg) -> None:
+        from ..adapters import get_adapter
+
+        adapter = get_adapter(model)
+        base = getattr(model.config, "_attn_implementation", None) or "eager"
+        if base.startswith(PREFIX):
+            raise QuantConfigError("the model's attention is already wrapped for KV quantization")
+        can = getattr(model, "_can_set_attn_implementation", None)
+        if can is not None and not can():
+            raise QuantConfigError(f"{type(model).__name__} does not route attention through transformers' "
+                                   "AttentionInterface: KV-cache quantization is not available for it")
+        chosen = [i for i in range(adapter.n_layers) if self.layers is None or i in self.layers]
+        self._modules = [adapter.attention(i) for i in chosen]
+        for i, m in zip(chosen, self._modules):
+            _STATE[m] = (self.quantizer, i)
+        name = register(base)
+        self._base = base
         model.set_attn_implementation(name)
         if model.config._attn_implementation != name:
             raise QuantConfigError(f"could not switch {type(model).__name__} to a KV-quantizing attention")
-    except BaseException:
-        for _, m in modules:
-            if hasattr(m, ATTR):
-                delattr(m, ATTR)
-        raise
 
-    def undo() -> None:
+    def detach(self, model) -> None:
         try:
-            model.set_attn_implementation(base)
+            if self._base is not None and model.config._attn_implementation != self._base:
+                model.set_attn_implementation(self._base)
         finally:
-            for _, m in modules:
-                if hasattr(m, ATTR):
-                    delattr(m, ATTR)
-
-    return undo
+            for m in self._modules:
+                _STATE.pop(m, None)
+            self._modules, self._base = [], None

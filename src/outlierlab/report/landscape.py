@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..errors import OutlierlabError
 from ..paths import atomic_write_bytes
-from ..tracing import HookSet, attach_positions
+from ..tracing.hooks import observe
 
 DEFAULT_POSITIONS: tuple[str, ...] = ("block.out", "mlp.down_in")
 BEFORE_FILE = "landscape_before.safetensors"
@@ -88,10 +88,7 @@ def capture(model: nn.Module, ids, layers: Iterable[int], positions: Iterable[st
             if src == name:
                 out[key(layer, p)] = stored.clone()
 
-    device = next(model.parameters()).device
-    with HookSet() as hooks:
-        attach_positions(hooks, adapter, keep, layers=layers, positions=set(source.values()))
-        model(input_ids=ids.to(device), use_cache=False)
+    observe(model, adapter, keep, ids, layers=layers, positions=set(source.values()))
     return dict(sorted(out.items(), key=lambda kv: (parse_key(kv[0]) or (0, kv[0]))))
 
 

@@ -1,9 +1,9 @@
 """Tracing: hooks, streaming statistics, the profiler and its result."""
 
 from .hooks import HookSet, attach_positions
-from .profiler import ProfileConfig, Tracer, profile, run_windows
+from .profiler import ProfileConfig, Tracer, profile
 from .result import Profile, load_report
 from .stats import PositionStats, StatsConfig
 
 __all__ = ["HookSet", "PositionStats", "Profile", "ProfileConfig", "StatsConfig", "Tracer", "attach_positions",
-           "load_report", "profile", "run_windows"]
+           "load_report", "profile"]

@@ -1,5 +1,6 @@
-"""Hooks that cannot leak: every handle lives in a :class:`HookSet` that removes them all on exit,
-exceptions and Ctrl-C included, plus the routine that attaches one callback per adapter position."""
+"""The routine that attaches one callback per adapter position (to a registry entry's hooks, or to a
+:class:`HookSet`: a context manager that removes its handles on any exit, for hooks on a bare module), and
+:func:`observe`, which runs windows with such a callback installed on the model's registry."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import Adapter, Position
+from ..runtime import ORDER, FunctionEntry, installed, run
 
 PositionCallback = Callable[[int, str, torch.Tensor], None]
 
@@ -94,3 +96,13 @@ def attach_positions(
                     with_kwargs=True,
                 )
     return traced
+
+
+def observe(model: nn.Module, adapter: Adapter, callback: PositionCallback, windows, *,
+            layers: Iterable[int] | None = None, positions: Iterable[str] | None = None, batch_size: int = 4) -> None:
+    """Run ``windows`` through ``model`` (the runtime's loop) with ``callback(layer, position, tensor)`` on
+    every traced tensor, as a registry entry after every other one (it sees what the model now computes)."""
+    entry = FunctionEntry("observe", ORDER["trace"],
+                          lambda hooks: attach_positions(hooks, adapter, callback, layers, positions))
+    with installed(model, entry):
+        run(model, windows, batch_size)

@@ -13,10 +13,9 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
-from ..models.loader import input_device
-from ..progress import progress_bar
+from ..runtime import ORDER, BatchInfo, Entry, input_device, installed, run, window_ids
 from .distributed import rank_world, shard
-from .hooks import HookSet, attach_positions
+from .hooks import attach_positions
 from .result import PositionResult, Profile
 from .stats import PositionStats, StatsConfig, median_error
 from .weights import weight_stats
@@ -34,34 +33,41 @@ class ProfileConfig:
     weights: bool = True
 
 
-class Tracer:
-    """Owns the per-position statistics of one profiling run; hooks feed it, :meth:`results` reads it.
+class Tracer(Entry):
+    """Owns the per-position statistics of one profiling run; installed on a model (registry entry
+    ``trace``, after every other entry, so it sees what the model computes now), its hooks feed it,
+    :meth:`results` reads it.
 
     Separate from the loop that drives the model so that other drivers (layer-by-layer execution, several
     ranks) can feed the same statistics.
     """
 
+    name = "trace"
+    order = ORDER["trace"]
+
     def __init__(self, adapter: Adapter, config: ProfileConfig):
         self.adapter = adapter
         self.config = config
         self.stats: dict[tuple[int, str], PositionStats] = {}
-        self.window0 = 0
-        #: (batch, tokens) of the forward in flight: some models (OPT's FFN) flatten tokens to [batch*tokens, C]
-        self.batch_shape: tuple[int, int] | None = None
+        self.batch = BatchInfo()
 
     def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
-        if x.dim() == 2 and self.batch_shape is not None and x.shape[0] == self.batch_shape[0] * self.batch_shape[1]:
-            x = x.view(*self.batch_shape, x.shape[1])
+        if name in self.adapter.flat_positions:
+            x = self.batch.as_3d(x)
         if name == "attn.in" and self.adapter.residual_chain and (layer - 1, "block.out") in self.stats:
             return  # the very tensor traced as block.out of the previous layer: not traced twice
         key = (layer, name)
         st = self.stats.get(key)
         if st is None:
             st = self.stats[key] = PositionStats(self.config.stats)
-        st.update(x, self.window0)
+        st.update(x, self.batch.window0)
 
-    def attach(self, hooks: HookSet) -> None:
+    def attach(self, model: nn.Module, hooks, reg) -> None:
+        self.batch = reg.batch
         attach_positions(hooks, self.adapter, self, self.config.layers, self.config.positions)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "positions": len(self.stats)}
 
     def all_reduce_(self, group=None) -> None:
         """Merge statistics across torch.distributed ranks (call on every rank, same positions)."""
@@ -80,30 +86,6 @@ class Tracer:
         return out
 
 
-def _windows_tensor(windows) -> torch.Tensor:
-    ids = getattr(windows, "input_ids", windows)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise TypeError("windows must be a Windows object or a [n_windows, seq_len] LongTensor of token ids")
-    return ids
-
-
-@torch.inference_mode()
-def run_windows(model: nn.Module, ids: torch.Tensor, batch_size: int, tracer: Tracer | None = None,
-                progress: bool = False, description: str = "profiling", first_window: int = 0) -> None:
-    """Forward every window once, in batches, telling ``tracer`` which window each batch starts at
-    (``ids[0]`` being window ``first_window`` of the whole set)."""
-    device = input_device(model)
-    with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=len(ids))
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            if tracer is not None:
-                tracer.window0 = first_window + start
-                tracer.batch_shape = (batch.shape[0], batch.shape[1])
-            model(input_ids=batch, use_cache=False)
-            bar.advance(task, len(batch))
-
-
 def profile(model: nn.Module, windows, config: ProfileConfig | None = None, tokenizer=None,
             progress: bool = False, model_info: dict | None = None, distributed: bool = False,
             group=None) -> Profile:
@@ -115,17 +97,17 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     """
     config = config or ProfileConfig()
     adapter = get_adapter(model)
-    ids = _windows_tensor(windows)
+    ids = window_ids(windows)
     rank, world = rank_world(group) if distributed else (0, 1)
     lo, hi = shard(len(ids), rank, world)
     tracer = Tracer(adapter, config)
     t0 = time.perf_counter()
-    with HookSet() as hooks:
-        tracer.attach(hooks)
-        run_windows(model, ids[lo:hi], config.batch_size, tracer, progress and rank == 0, first_window=lo)
+    with installed(model, tracer):
+        run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
+            first_window=lo)
     if world > 1:
         tracer.all_reduce_(group)
-    if ids.device.type == "cuda" or input_device(model).type == "cuda":
+    if input_device(model).type == "cuda":
         torch.cuda.synchronize()
     t_trace = time.perf_counter() - t0
     t1 = time.perf_counter()

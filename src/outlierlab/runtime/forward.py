@@ -1,0 +1,111 @@
+"""The one forward loop: every stage that runs windows through a model goes through :func:`run`.
+
+It owns what each hand-written loop used to get right or wrong on its own:
+
+- **placement**: token ids go to the execution device of the input embeddings (:func:`input_device`), which
+  for a model placed by accelerate (several GPUs, CPU or disk offload) is where its first module runs, not
+  where its first parameter happens to be stored;
+- **batching** and the **window offset**: the registry's :class:`~outlierlab.runtime.registry.BatchInfo` says,
+  during every forward, which window the batch starts at and its ``[batch, tokens]`` shape (for statistics and
+  for families that flatten tokens);
+- **grad mode**: ``inference_mode`` unless ``grad=True`` (fine-tuning);
+- **dtype policy**: the model runs in its own dtype; losses and statistics are reduced in float32 / float64
+  (:func:`next_token_nll`), whatever that dtype is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..progress import progress_bar
+from .registry import registry
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the input ids must go: the execution device of the input embeddings when accelerate placed the
+    model (their weights may be offloaded, on the meta device), else the device of the first parameter."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(emb, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def window_ids(windows) -> torch.Tensor:
+    """The ``[n, T]`` token ids of a ``Windows`` object or of a LongTensor."""
+    ids = getattr(windows, "input_ids", windows)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise TypeError("windows must be a Windows object or a [n_windows, seq_len] LongTensor of token ids")
+    return ids
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward: the token ids (on the input device) and the index of its first window."""
+
+    ids: torch.Tensor
+    start: int
+
+
+def call(model: nn.Module, ids: torch.Tensor, start: int = 0, **kwargs):
+    """One forward of ``ids`` ([B, T], any device) with the registry's batch info set; returns the output."""
+    batch = ids.to(input_device(model), non_blocking=True)
+    info = registry(model).batch
+    info.batch, info.tokens, info.window0 = int(batch.shape[0]), int(batch.shape[1]), int(start)
+    return model(input_ids=batch, use_cache=False, **kwargs)
+
+
+def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batch, object], None] | None = None,
+        *, progress: bool = False, description: str = "forward", first_window: int = 0,
+        grad: bool = False, stop: type[BaseException] | None = None) -> None:
+    """Forward every window once, in batches of ``batch_size``; ``on_batch(batch, output)`` after each.
+
+    ``first_window``: the index of ``windows[0]`` in the whole window set (a rank's shard). ``stop``: an
+    exception type a hook raises to end a forward early (layer-input capture); it is swallowed per batch.
+    """
+    ids = window_ids(windows)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    mode = contextlib.nullcontext() if grad else torch.inference_mode()
+    with mode, progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(ids))
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            try:
+                out = call(model, chunk, first_window + start)
+            except BaseException as exc:
+                if stop is not None and isinstance(exc, stop):
+                    out = None
+                else:
+                    raise
+            if on_batch is not None:
+                on_batch(Batch(chunk, first_window + start), out)
+            bar.advance(task, len(chunk))
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token negative log-likelihood (float64 scalar on the logits' device) and the token count.
+
+    The last position is masked with ``ignore_index`` instead of sliced off (which would copy the logits).
+    """
+    ids = ids.to(logits.device)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                      ignore_index=-100, reduction="sum")
+    return nll.double(), int(ids[:, 1:].numel())
+
+
+def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``ref``'s device (and dtype when ``t`` is floating): for weight edits on any device."""
+    return t.to(device=ref.device, dtype=ref.dtype if t.is_floating_point() else t.dtype)
