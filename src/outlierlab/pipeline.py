@@ -186,8 +186,8 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
                           batch_size=config.batch_size)
     header("compare", f"{len(config.methods)} methods x {len(config.quants)} quantizations")
     t0 = time.perf_counter()
-    result = compare(lm, cconf, out, progress=progress)
-    render_table(result, console)
+    table = compare(lm, cconf, out, progress=progress)
+    render_table(table, console)
     log.done("compare", _key("compare", model_id, cconf), time.perf_counter() - t0)
 
     # -- report -------------------------------------------------------------------------------------
@@ -198,4 +198,4 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     log.done("report", _key("report", time.time()), time.perf_counter() - t0)
     total = time.perf_counter() - t_all
     console.print(f"wrote {path} in {total:.0f} s ({total / 60:.1f} min)")
-    return {"report": str(path), "seconds": total, "stages": log.seconds()}
+    return {"report": str(path), "seconds": total, "stages": log.seconds(), "failed_cells": table.failures}

@@ -80,3 +80,13 @@ def guarded(fn):
     return wrapper
 
 
+
+
+def exit_on_failed_cells(failures) -> None:
+    """After the finished cells are written: one line per failed cell on stderr, then exit status 1."""
+    if not failures:
+        return
+    for c in failures:
+        err.print(f"[bold red]failed:[/] {c.method} x {c.quant}: {c.error}", highlight=False)
+    err.print(f"[bold red]{len(failures)} cell(s) failed[/]; the others are written")
+    raise typer.Exit(1)

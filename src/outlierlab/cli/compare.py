@@ -20,6 +20,7 @@ from .common import (
     SeqOpt,
     app,
     err,
+    exit_on_failed_cells,
     guarded,
     out,
     split_list,
@@ -97,3 +98,4 @@ def compare_cmd(
     n_cached = sum(c.cached for c in result.cells)
     out.print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.csv'} "
               f"({len(result.cells)} cells, {n_cached} from cache) in {time.perf_counter() - t0:.1f} s")
+    exit_on_failed_cells(result.failures)

@@ -14,6 +14,7 @@ from .common import (
     OutOpt,
     ProgressOpt,
     app,
+    exit_on_failed_cells,
     guarded,
     out,
     split_list,
@@ -50,4 +51,5 @@ def run_cmd(
     if quants:
         picked = FULL_QUANTS if quants == "all" else tuple(split_list(quants))
         cfg = replace(cfg, quants=picked)
-    run_pipeline(cfg, out_dir, console=out, progress=progress)
+    result = run_pipeline(cfg, out_dir, console=out, progress=progress)
+    exit_on_failed_cells(result["failed_cells"])

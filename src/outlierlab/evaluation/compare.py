@@ -98,6 +98,11 @@ class CompareResult:
     def get(self, method: str, quant: str) -> Cell:
         return next(c for c in self.cells if c.method == method and c.quant == quant)
 
+    @property
+    def failures(self) -> list[Cell]:
+        """The cells that raised (``error``); ``not available`` methods are not failures."""
+        return [c for c in self.cells if c.status == "error"]
+
 
 # -- hashing -------------------------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OutlierlabError
+from ..runtime import call, input_device
 
 try:  # optional dependency
     from lm_eval.api.model import LM as _LMBase
@@ -83,7 +84,7 @@ class OutlierlabLM(_LMBase):
         elif isinstance(model, torch.nn.Module):
             if tokenizer is None:
                 raise OutlierlabError("OutlierlabLM(model=<nn.Module>) needs tokenizer=")
-            lm = LoadedModel(copy.deepcopy(model), tokenizer, None, next(model.parameters()).device,
+            lm = LoadedModel(copy.deepcopy(model), tokenizer, None, input_device(model),
                              next(model.parameters()).dtype, {})
         else:
             lm = load_model(str(model), str(device), str(dtype))
@@ -102,7 +103,7 @@ class OutlierlabLM(_LMBase):
             calib_windows = as_windows(cfg, lm)
         self.mitigation = mitigate(self.model, self.methods, calib_windows, self.tokenizer)
         self.state = quantize_(self.model, self.quant, calib_windows, restore=False)
-        self._device = next(self.model.parameters()).device
+        self._device = input_device(self.model)
         tok = self.tokenizer
         self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self.prefix_token_id or 0)
@@ -155,7 +156,7 @@ class OutlierlabLM(_LMBase):
             batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             for row, (_, inp, _) in enumerate(chunk):
                 batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logits = self.model(input_ids=batch.to(self._device), use_cache=False).logits.float()
+            logits = call(self.model, batch).logits.float()
             logp = F.log_softmax(logits, dim=-1)
             for row, (i, inp, n_cont) in enumerate(chunk):
                 full = pairs[i][0] + pairs[i][1]

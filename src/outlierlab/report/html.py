@@ -532,6 +532,12 @@ def section_compare(doc: Mapping | None) -> str:
                            + (f" <small>({float(rel):+.1f}%)</small>" if rel is not None else ""))
         rows.append(row)
     parts = []
+    failed = [c for c in cells if c.get("status") == "error"]
+    if failed:
+        items = "".join(f"<li>{esc(c.get('method'))} x {esc(c.get('quant'))}: {esc(c.get('error') or '')}</li>"
+                        for c in failed)
+        parts.append(f"<p class='bad'><b>{len(failed)} cell(s) failed</b> (the command exited non-zero):</p>"
+                     f"<ul class='failures'>{items}</ul>")
     p = (doc or {}).get("protocol") or {}
     if ref.get("ppl") is not None:
         parts.append(f"<p>Perplexity{' on ' + esc(p.get('source')) if p.get('source') else ''} of every mitigation "
