@@ -48,3 +48,30 @@ def tiny_folder(tmp_path):
     word_tokenizer().save_pretrained(folder)
     (tmp_path / "text.txt").write_text(word_text(4000))
     return folder
+
+
+# -- the device lane (tests/test_lane.py) ---------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the lane tests (tests/test_lane.py): cpu (CI) or cuda (make test-gpu)")
+    parser.addoption("--lane-dtypes", default=None,
+                     help="comma-separated dtypes of the lane (default: float32 on cpu, float32,bfloat16 on cuda)")
+
+
+def pytest_generate_tests(metafunc):
+    if "lane_dtype" in metafunc.fixturenames:
+        device = metafunc.config.getoption("--device")
+        default = "float32" if device == "cpu" else "float32,bfloat16"
+        dtypes = (metafunc.config.getoption("--lane-dtypes") or default).split(",")
+        metafunc.parametrize("lane_dtype", dtypes, scope="module")
+
+
+@pytest.fixture(scope="session")
+def lane_device(request) -> str:
+    device = request.config.getoption("--device")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda: no CUDA device here")
+    return device

@@ -9,24 +9,23 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from outlierlab.adapters import get_adapter
 from outlierlab.analysis.explain import ExplainConfig, explain, profile_from_report
 from outlierlab.analysis.explain_ma import cancellation
 from outlierlab.analysis.layout import capture_token_rows, linear_parts
 from outlierlab.testing import (
+    BOS,
     TINY_FAMILIES,
     plant_gain,
     plant_otc_column,
-    plant_super_weight,
+    plant_token_ma,
     random_windows,
     tiny_model,
 )
 from outlierlab.tracing import ProfileConfig, profile
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "opt", "gpt_neox"]
-BOS = 1
 GAMMA = {"layer": 0, "norm": "attn.norm", "channel": 21, "gain": 60.0}
 MA = {"layer": 1, "k": 5, "j": 13, "d": 7}
 OTC = {"layer": 2, "col": 40, "scale": 50.0}
@@ -39,52 +38,6 @@ def windows(model, n=4, seq_len=32, seed=0):
     ids = random_windows(model, n, seq_len, seed=seed)
     ids[:, 0] = BOS
     return ids
-
-
-@torch.no_grad()
-def plant_token_ma(model, layer=1, k=5, j=13, d=7, value=1000.0, a=None):
-    """A massive activation at token 0, channel ``d``, written by the single weight W_down[d, j] of ``layer``.
-
-    The BOS embedding gets a feature in residual channel ``k`` that no other token has (the embedding column,
-    position embeddings and every earlier writer of channel k are zeroed), the gate/up (or fc1) row ``j`` of
-    ``layer`` reads only channel k (fc1 with a negative bias), so y6[j] is large at token 0 and about zero
-    elsewhere; then W_down[d, j] is set so that y7[d] is about ``value`` at token 0.
-    """
-    ad = get_adapter(model)
-    emb = model.get_input_embeddings()
-    hidden = emb.weight.shape[1]
-    emb.weight[:, k] = 0.0
-    emb.weight[BOS, k] = 1.0
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and m is not emb and m.weight.shape[1] == hidden:
-            m.weight[:, k] = 0.0  # learned position embeddings (GPT-2, OPT)
-    for L in range(layer + 1):
-        for p in linear_parts(ad, L):
-            if p.role == "o" or (L < layer and p.role in ("down", "fc2")):
-                mod = ad.layers()[L].get_submodule(p.spec.module)
-                if p.spec.transposed:
-                    mod.weight[:, k] = 0.0
-                else:
-                    mod.weight[k, :] = 0.0
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias[k] = 0.0
-    glu = ad.ffn_kind == "glu"
-    a = a or (3.0 if glu else 4.0)
-    for p in linear_parts(ad, layer):
-        if p.role not in (("gate", "up") if glu else ("fc1",)):
-            continue
-        mod = ad.layers()[layer].get_submodule(p.spec.module)
-        row = j if p.rows is None else int(p.rows[j])
-        e = torch.zeros(hidden)
-        e[k] = a
-        if p.spec.transposed:
-            mod.weight[:, row] = e
-        else:
-            mod.weight[row, :] = e
-        if getattr(mod, "bias", None) is not None:
-            mod.bias[row] = 0.0 if glu else -2 * a
-    y6 = (8 * a) ** 2 if glu else 6 * a
-    plant_super_weight(model, layer, d, j, value / y6)
 
 
 def planted(model_type: str, **ma):

@@ -12,6 +12,9 @@ from torch import nn
 
 from .adapters import get_adapter
 
+#: the token every test window starts with (as real text starts with BOS or a delimiter)
+BOS = 1
+
 #: model_type -> config overrides that make a tiny model of that family.
 TINY_FAMILIES: dict[str, dict] = {
     "llama": {},
@@ -107,3 +110,52 @@ def plant_otc_column(model: nn.Module, layer: int, col: int, scale: float, role:
         w[col, :] *= scale
     else:
         w[:, col] *= scale
+
+
+@torch.no_grad()
+def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d: int = 7, value: float = 1000.0,
+                   a: float | None = None) -> None:
+    """A massive activation at token 0, channel ``d``, written by the single weight W_down[d, j] of ``layer``.
+
+    The BOS embedding gets a feature in residual channel ``k`` that no other token has (the embedding column,
+    position embeddings and every earlier writer of channel k are zeroed), the gate/up (or fc1) row ``j`` of
+    ``layer`` reads only channel k (fc1 with a negative bias), so y6[j] is large at token 0 and about zero
+    elsewhere; then W_down[d, j] is set so that y7[d] is about ``value`` at token 0.
+    """
+    from .analysis.layout import linear_parts
+
+    ad = get_adapter(model)
+    emb = model.get_input_embeddings()
+    hidden = emb.weight.shape[1]
+    emb.weight[:, k] = 0.0
+    emb.weight[BOS, k] = 1.0
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m is not emb and m.weight.shape[1] == hidden:
+            m.weight[:, k] = 0.0  # learned position embeddings (GPT-2, OPT)
+    for L in range(layer + 1):
+        for p in linear_parts(ad, L):
+            if p.role == "o" or (L < layer and p.role in ("down", "fc2")):
+                mod = ad.layers()[L].get_submodule(p.spec.module)
+                if p.spec.transposed:
+                    mod.weight[:, k] = 0.0
+                else:
+                    mod.weight[k, :] = 0.0
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias[k] = 0.0
+    glu = ad.ffn_kind == "glu"
+    a = a or (3.0 if glu else 4.0)
+    for p in linear_parts(ad, layer):
+        if p.role not in (("gate", "up") if glu else ("fc1",)):
+            continue
+        mod = ad.layers()[layer].get_submodule(p.spec.module)
+        row = j if p.rows is None else int(p.rows[j])
+        e = torch.zeros(hidden)
+        e[k] = a
+        if p.spec.transposed:
+            mod.weight[:, row] = e
+        else:
+            mod.weight[row, :] = e
+        if getattr(mod, "bias", None) is not None:
+            mod.bias[row] = 0.0 if glu else -2 * a
+    y6 = (8 * a) ** 2 if glu else 6 * a
+    plant_super_weight(model, layer, d, j, value / y6)

@@ -26,6 +26,7 @@ from .common import (
 def run_cmd(
     model: str = ModelOpt,
     data: str = typer.Option("brown:calib", "--data", "-d", help="calibration text (brown:calib, a file, hf:...)"),
+    eval_data: str = typer.Option("brown:eval", "--eval-data", help="evaluation text (brown:eval, a file, hf:...)"),
     out_dir: Path = OutOpt,
     quick: bool = typer.Option(False, "--quick", help="few short windows and a small compare matrix"),
     methods: str = typer.Option("", "--methods", help="compare methods, comma-separated, or all (default: none,smoothquant,rotate,paper)"),
@@ -44,7 +45,7 @@ def run_cmd(
 
     cfg = quick_config() if quick else RunConfig()
     cfg = replace(cfg, model=model, device=device, dtype=dtype, recommended=recommended,
-                  calib=replace(cfg.calib, source=data))
+                  calib=replace(cfg.calib, source=data), eval=replace(cfg.eval, source=eval_data))
     if methods:
         picked = FULL_METHODS if methods == "all" else tuple(split_list(methods))
         cfg = replace(cfg, methods=picked)

@@ -261,7 +261,9 @@ class TMAEntry(Entry):
         def hook(module, args):
             x = args[0]
             factor = None
-            if self.comp and self.c is not None:
+            if self.comp and self.c is not None and not self.post_mlp:
+                # (behind a post-FFN norm the branch needs no rescale: the norm's output is rescaled instead,
+                # and a tiny branch output scaled further down would meet the norm's epsilon)
                 factor = self.batch.fit(self.c, x)
                 x = x * factor
             self.c_new = None
