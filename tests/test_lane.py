@@ -23,24 +23,14 @@ from outlierlab.analysis.explain import ExplainConfig, explain
 from outlierlab.data import DataConfig
 from outlierlab.evaluation import EvalConfig
 from outlierlab.evaluation.compare import CompareConfig, compare
-from outlierlab.mitigation import (
-    GammaConfig,
-    MitigationError,
-    NoneConfig,
-    OTCConfig,
-    PaperConfig,
-    PrefixConfig,
-    RotateConfig,
-    SmoothQuantConfig,
-    TMAConfig,
-    mitigate,
-)
+from outlierlab.mitigation import MitigationError, mitigate
 from outlierlab.models.loader import LoadedModel
 from outlierlab.quantization import PRESETS
 from outlierlab.runtime import call, registry
 from outlierlab.testing import (
     BOS,
     TINY_FAMILIES,
+    mitigation_modes,
     plant_gain,
     plant_token_ma,
     random_windows,
@@ -52,29 +42,7 @@ FAMILIES = sorted(TINY_FAMILIES)
 MA = {"layer": 1, "k": 5, "j": 13, "d": 7}
 GAIN = {"layer": 0, "norm": "attn.norm", "channel": 21, "gain": 60.0}
 COMPARE_METHODS = ("none", "smoothquant", "rotate", "prefix", "tma", "gamma", "otc", "paper")
-#: every method and every documented mode
-MODES = {
-    "none": NoneConfig(),
-    "prefix": PrefixConfig(),
-    "gamma.fold": GammaConfig(k=1.2),
-    "gamma.nofold": GammaConfig(k=1.2, mode="nofold"),
-    "smoothquant": SmoothQuantConfig(),
-    "tma.scale.all": TMAConfig(),
-    "tma.scale.origin": TMAConfig(layers="origin"),
-    "tma.scale.uncompensated": TMAConfig(layers="origin", compensate=False),
-    "tma.clip.all": TMAConfig(mode="clip", target=50.0),
-    "tma.clip.origin": TMAConfig(mode="clip", target=50.0, layers="origin"),
-    "tma.zero.origin": TMAConfig(mode="zero", layers="origin"),
-    "tma.zero.all": TMAConfig(mode="zero", layers="all"),
-    "tma.replace.origin": TMAConfig(mode="replace", layers="origin"),
-    "tma.replace.all": TMAConfig(mode="replace", layers="all"),
-    "otc.closed": OTCConfig(k=4.0),
-    "otc.gain": OTCConfig(k=4.0, compensate="gain"),
-    "otc.steps": OTCConfig(k=4.0, steps=3, seq_len=32, batch_size=2),
-    "rotate": RotateConfig(),
-    "rotate.online": RotateConfig(online_hadamard=True),
-    "paper": PaperConfig(),
-}
+MODES = mitigation_modes()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

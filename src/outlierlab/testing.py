@@ -159,3 +159,41 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
             mod.bias[row] = 0.0 if glu else -2 * a
     y6 = (8 * a) ** 2 if glu else 6 * a
     plant_super_weight(model, layer, d, j, value / y6)
+
+
+def mitigation_modes() -> dict:
+    """Every mitigation method in every documented mode, by a short name (the device lane and
+    bench/mitigation_modes.py run them all)."""
+    from .mitigation import (
+        GammaConfig,
+        NoneConfig,
+        OTCConfig,
+        PaperConfig,
+        PrefixConfig,
+        RotateConfig,
+        SmoothQuantConfig,
+        TMAConfig,
+    )
+
+    return {
+        "none": NoneConfig(),
+        "prefix": PrefixConfig(),
+        "gamma.fold": GammaConfig(),
+        "gamma.nofold": GammaConfig(mode="nofold"),
+        "smoothquant": SmoothQuantConfig(),
+        "tma.scale.all": TMAConfig(),
+        "tma.scale.origin": TMAConfig(layers="origin"),
+        "tma.scale.uncompensated": TMAConfig(layers="origin", compensate=False),
+        "tma.clip.all": TMAConfig(mode="clip"),
+        "tma.clip.origin": TMAConfig(mode="clip", layers="origin"),
+        "tma.zero.origin": TMAConfig(mode="zero", layers="origin"),
+        "tma.zero.all": TMAConfig(mode="zero", layers="all"),
+        "tma.replace.origin": TMAConfig(mode="replace", layers="origin"),
+        "tma.replace.all": TMAConfig(mode="replace", layers="all"),
+        "otc.closed": OTCConfig(),
+        "otc.gain": OTCConfig(compensate="gain"),
+        "otc.steps": OTCConfig(steps=5),
+        "rotate": RotateConfig(),
+        "rotate.online": RotateConfig(online_hadamard=True),
+        "paper": PaperConfig(),
+    }

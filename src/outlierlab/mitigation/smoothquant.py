@@ -78,18 +78,18 @@ def apply(ctx: Context, cfg: SmoothQuantConfig) -> dict:
     done, ratio_before, ratio_after = [], {}, {}
     for layer in range(adapter.n_layers):
         for norm in norms:
-            act = profile.get(layer, norm.output_position).stats["chan_absmax"]
             w_max = torch.stack([linear_weight(adapter, layer, s).abs().amax(dim=0).float()
                                  for s in consumers(adapter, norm)]).amax(dim=0)
-            s = factors(act.to(w_max.device), w_max, cfg.alpha, cfg.eps)
+            act = profile.get(layer, norm.output_position).stats["chan_absmax"].to(w_max.device)
+            s = factors(act, w_max, cfg.alpha, cfg.eps)
             fold_norm_rescale(adapter, layer, norm, 1.0 / s)
             _track(ratio_before, ratio_after, norm.name, act, act / s)
         if do_down:
             up, rows = glu_up_rows(adapter, layer)
-            act = profile.get(layer, "mlp.down_in").stats["chan_absmax"]
             spec = next(s for s in adapter.linears() if s.input_position == "mlp.down_in")
             w_max = linear_weight(adapter, layer, spec).abs().amax(dim=0).float()
-            s = factors(act.to(w_max.device), w_max, cfg.alpha, cfg.eps)
+            act = profile.get(layer, "mlp.down_in").stats["chan_absmax"].to(w_max.device)
+            s = factors(act, w_max, cfg.alpha, cfg.eps)
             w = linear_weight(adapter, layer, up)
             w[rows].div_(like(s, w).unsqueeze(1))
             b = linear_bias(adapter, layer, up)
