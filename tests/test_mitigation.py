@@ -401,6 +401,7 @@ def test_export_then_load_restores_runtime_parts(tmp_path):
     assert not list(tmp_path.glob(".ckpt.*"))  # no temp folder left behind
     man = json.loads((folder / "outlierlab.json").read_text())
     assert man["runtime_required"] and [m["method"] for m in man["methods"]] == ["prefix", "gamma", "tma"]
+    assert [e["name"] for e in man["runtime_entries"]] == ["prefix", "tma"]
     lm = export.load(folder)
     assert torch.allclose(logits(lm.model, ids), mitigated, rtol=0, atol=1e-5 * float(mitigated.abs().max()))
     assert registry(lm.model).fp_prefix == 1

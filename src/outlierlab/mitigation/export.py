@@ -51,6 +51,7 @@ def manifest(result) -> dict:
         "methods": [{"method": a["method"], "config": a["config"], "exact": a["exact"],
                      **({"runtime": a["runtime"]} if "runtime" in a else {})} for a in result.applied],
         "exact": result.exact,
+        "runtime_entries": [e.describe() for e in result.entries],
         "runtime_required": bool(runtime),
         "plain_transformers": (
             "wrong without outlierlab.load: the down projections expect an online-Hadamard-rotated input" if online

@@ -1,0 +1,115 @@
+"""The runtime: one forward loop (placement, window offset, batch shape) and one registry (explicit order,
+removal on every exit path, nothing left on the model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from outlierlab.mitigation import TMAConfig, mitigate
+from outlierlab.quantization import quantize_
+from outlierlab.runtime import (
+    ORDER,
+    Entry,
+    FunctionEntry,
+    call,
+    input_device,
+    install,
+    installed,
+    registry,
+    run,
+    uninstall,
+)
+from outlierlab.testing import random_windows, tiny_model
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+class Tag(Entry):
+    """Appends its name to a shared log from a pre-hook on one module."""
+
+    def __init__(self, name, order, module, log):
+        self.name, self.order, self.module, self.log = name, order, module, log
+
+    def attach(self, model, hooks, reg):
+        hooks.pre(self.module, lambda m, args: self.log.append(self.name))
+
+
+def test_hooks_run_in_the_declared_order_whatever_the_order_of_installation():
+    model = tiny_model("llama")
+    down = model.model.layers[0].mlp.down_proj
+    ids = random_windows(model, 1, 8)
+    log: list[str] = []
+    trace = install(model, Tag("trace", ORDER["trace"], down, log))
+    quant = install(model, Tag("quant", ORDER["quant.acts"], down, log))
+    tma = install(model, Tag("tma", ORDER["mitigation"], down, log))
+    call(model, ids)
+    assert log == ["tma", "quant", "trace"]
+    assert [e.name for e in registry(model).entries] == ["tma", "quant", "trace"]
+    log.clear()
+    uninstall(model, quant)
+    call(model, ids)
+    assert log == ["tma", "trace"]
+    uninstall(model, tma)
+    uninstall(model, trace)
+    assert hook_count(model) == 0 and not registry(model).entries
+
+
+def test_installed_removes_on_error_and_a_failed_attach_leaves_nothing():
+    model = tiny_model("llama")
+    seen = []
+
+    class Broken(Entry):
+        name = "broken"
+
+        def attach(self, model, hooks, reg):
+            hooks.pre(model.model.layers[0], lambda m, a: None)
+            model.model.norm.weight.data.mul_(2)
+            raise RuntimeError("boom")
+
+        def detach(self, model):
+            seen.append("detached")
+            model.model.norm.weight.data.div_(2)
+
+    before = model.model.norm.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        install(model, Broken())
+    assert seen == ["detached"] and torch.equal(model.model.norm.weight, before)
+    assert hook_count(model) == 0
+    probe = FunctionEntry("probe", ORDER["probe"], lambda h: h.pre(model.model.norm, print))
+    with pytest.raises(KeyboardInterrupt), installed(model, probe):
+        assert hook_count(model) == 2  # the probe and the registry's batch-shape hook
+        raise KeyboardInterrupt
+    assert hook_count(model) == 0 and not registry(model).entries
+
+
+def test_run_places_batches_and_reports_the_window_offset():
+    model = tiny_model("opt")  # flattens its FFN tokens
+    ids = random_windows(model, 5, 12)
+    seen = []
+
+    def declare(hooks):
+        fc1 = model.model.decoder.layers[0].fc1
+        hooks.pre(fc1, lambda m, args: seen.append((reg.batch.window0, tuple(reg.batch.as_3d(args[0]).shape))))
+
+    reg = registry(model)
+    with installed(model, FunctionEntry("probe", ORDER["probe"], declare)):
+        run(model, ids, batch_size=2, first_window=10)
+    assert seen == [(10, (2, 12, 64)), (12, (2, 12, 64)), (14, (1, 12, 64))]
+    assert input_device(model) == torch.device("cpu")
+
+
+def test_mitigation_and_quantization_share_the_registry():
+    model = tiny_model("llama")
+    ids = random_windows(model, 2, 16)
+    result = mitigate(model, [TMAConfig()], ids)
+    with quantize_(model, "w4a4kv4", ids) as state:
+        assert [e.name for e in registry(model).entries] == ["tma", "quant", "quant.kv"]
+        assert state.describe()["name"] == "quant"
+        assert torch.isfinite(call(model, ids).logits).all()
+    assert [e.name for e in registry(model).entries] == ["tma"]
+    result.remove()
+    assert hook_count(model) == 0 and not registry(model).entries
+    assert model.config._attn_implementation == "eager"
