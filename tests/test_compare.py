@@ -180,3 +180,24 @@ def test_cli_quant_error(tiny_folder, tmp_path, cache):
     doc = json.loads((out / "quant_error.json").read_text())
     assert doc["quant"] == "w4a4kv4" and len(doc["linears"]) == 21 and len(doc["kv"]) == 6
     assert "KV cache" in result.output
+
+
+def test_cli_compare_exits_non_zero_after_a_failed_cell(tiny_folder, tmp_path, cache, monkeypatch):
+    """A method that raises: its cells are errors, the others are written, and the command exits 1 naming it."""
+    from outlierlab.mitigation import GammaConfig, Method, MitigationError
+
+    def boom(ctx, cfg):
+        raise MitigationError("planted failure")
+
+    monkeypatch.setitem(mitigation._BY_NAME, "gamma", Method("gamma", GammaConfig, boom))
+    text = str(tiny_folder.parent / "text.txt")
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["compare", "--model", str(tiny_folder), "--methods", "none,gamma", "--quant",
+                                      "fp,w8a8-token", "--eval-data", text, "--calib-data", text, "--seq-len", "32",
+                                      "-n", "2", "--calib-samples", "2", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    text_out = " ".join(result.output.split())
+    assert "failed: gamma x fp" in text_out and "planted failure" in text_out and "2 cell(s) failed" in text_out
+    cells = {(c["method"], c["quant"]): c["status"] for c in json.loads((out / "compare.json").read_text())["cells"]}
+    assert cells == {("none", "fp"): "ok", ("none", "w8a8-token"): "ok", ("gamma", "fp"): "error",
+                     ("gamma", "w8a8-token"): "error"}
