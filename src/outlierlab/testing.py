@@ -114,13 +114,15 @@ def plant_otc_column(model: nn.Module, layer: int, col: int, scale: float, role:
 
 @torch.no_grad()
 def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d: int = 7, value: float = 1000.0,
-                   a: float | None = None) -> None:
-    """A massive activation at token 0, channel ``d``, written by the single weight W_down[d, j] of ``layer``.
+                   a: float | None = None, token: int = BOS, measure: bool = False) -> None:
+    """A massive activation on ``token`` (BOS: token 0 of the test windows), channel ``d``, written by the
+    single weight W_down[d, j] of ``layer``.
 
-    The BOS embedding gets a feature in residual channel ``k`` that no other token has (the embedding column,
-    position embeddings and every earlier writer of channel k are zeroed), the gate/up (or fc1) row ``j`` of
+    The embedding of ``token`` gets a feature in residual channel ``k`` that no other token has (the embedding
+    column, position embeddings and every earlier writer of channel k are zeroed), the gate/up (or fc1) row ``j`` of
     ``layer`` reads only channel k (fc1 with a negative bias), so y6[j] is large at token 0 and about zero
-    elsewhere; then W_down[d, j] is set so that y7[d] is about ``value`` at token 0.
+    elsewhere; then W_down[d, j] is set so that y7[d] is about ``value`` at token 0: from the y6 the tiny
+    configs give, or (``measure=True``, for other shapes) from y6[j] measured on ``token`` by one forward.
     """
     from .analysis.layout import linear_parts
 
@@ -128,7 +130,7 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
     emb = model.get_input_embeddings()
     hidden = emb.weight.shape[1]
     emb.weight[:, k] = 0.0
-    emb.weight[BOS, k] = 1.0
+    emb.weight[token, k] = 1.0
     for m in model.modules():
         if isinstance(m, nn.Embedding) and m is not emb and m.weight.shape[1] == hidden:
             m.weight[:, k] = 0.0  # learned position embeddings (GPT-2, OPT)
@@ -158,6 +160,13 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
         if getattr(mod, "bias", None) is not None:
             mod.bias[row] = 0.0 if glu else -2 * a
     y6 = (8 * a) ** 2 if glu else 6 * a
+    if measure:
+        from .analysis.layout import capture_token_rows
+
+        pos = next(s.input_position for s in ad.linears() if s.role in ("down", "fc2"))
+        src = next(p.same_as or p.name for p in ad.positions() if p.name == pos)
+        rows = capture_token_rows(model, ad, torch.tensor([token]), [0], layers=[layer], positions=[src])
+        y6 = float(rows[(layer, src)][0, j])
     plant_super_weight(model, layer, d, j, value / y6)
 
 

@@ -22,6 +22,7 @@ import torch
 from ..errors import ModelNotFound, OutlierlabError, UnsupportedArchitecture
 from ..paths import cache_dir, file_sha256
 from ..runtime.forward import input_device
+from . import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``kind`` is ``gguf``, ``folder`` or ``hub``."""
+    """Where a model comes from: ``kind`` is ``gguf``, ``folder``, ``hub`` or ``synthetic``."""
 
     kind: str
     location: str
@@ -194,8 +195,10 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve(model)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if synthetic.is_synthetic(model):
+        return _load_synthetic(model, dev, dt, max_memory)
+    source = resolve(model)
     if source.kind == "gguf":
         sha = file_sha256(source.location)
         source = ModelSource("gguf", source.location, source.alias, sha)
@@ -220,8 +223,29 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
     else:
         dev = input_device(hf_model)
     hf_model.eval()
+    return LoadedModel(hf_model, tokenizer, source, dev, dt, _info(hf_model, source, dt, dev))
+
+
+def _load_synthetic(spec: str, dev: torch.device, dt: torch.dtype, max_memory) -> LoadedModel:
+    """A synthetic model (:mod:`.synthetic`), built on ``dev`` or, with ``max_memory``, on the CPU and then
+    dispatched by accelerate within that budget."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    build_on = torch.device("cpu") if max_memory is not None else dev
+    hf_model, tokenizer = synthetic.build(spec, build_on, dt)
+    if max_memory is not None:
+        budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+        no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(hf_model, max_memory=budget, no_split_module_classes=no_split)
+        hf_model = dispatch_model(hf_model, device_map, offload_dir=_offload_folder())
+        dev = input_device(hf_model)
+    source = ModelSource("synthetic", spec, None, synthetic.identity(spec))
+    return LoadedModel(hf_model, tokenizer, source, dev, dt, _info(hf_model, source, dt, dev))
+
+
+def _info(hf_model, source: ModelSource, dt: torch.dtype, dev: torch.device) -> dict:
     cfg = hf_model.config
-    info = {
+    return {
         "id": source.alias or source.location,
         "source": source.kind,
         "location": source.location,
@@ -234,7 +258,6 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
         "device": str(dev),
         "n_params": sum(p.numel() for p in hf_model.parameters()),
     }
-    return LoadedModel(hf_model, tokenizer, source, dev, dt, info)
 
 
 def _offload_folder() -> str:
