@@ -28,11 +28,10 @@ def test_spec_parsing_and_shapes():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
 def test_planted_outliers_are_found_and_offload_changes_nothing(family):
+    from outlierlab.adapters import get_adapter
     from outlierlab.data import DataConfig, make_windows
     from outlierlab.models import load_model
     from outlierlab.tracing import ProfileConfig, profile
-
-    from outlierlab.adapters import get_adapter
 
     spec = f"synthetic:{family}-tiny:layers=6"
     lm = load_model(spec)
