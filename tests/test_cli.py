@@ -79,6 +79,19 @@ def test_help(args):
     assert run(*args).exit_code == 0
 
 
+STUDY_ORDER = ["run", "profile", "explain", "mitigate", "compare", "quant-error", "lm-eval", "report", "models"]
+
+
+def test_help_lists_commands_in_the_order_of_the_study():
+    import re
+
+    result = run("--help")
+    assert result.exit_code == 0, result.output
+    # the first word of each row of the commands panel, in the order shown
+    listed = re.findall(r"^\W*([a-z][a-z-]*) {2,}\S", result.output.split("Commands")[1], re.MULTILINE)
+    assert listed == STUDY_ORDER, listed
+
+
 def _profile_args(tiny_folder, tmp_path, out):
     return ("profile", "--model", str(tiny_folder), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
             "-n", "3", "-o", str(out), "--no-progress")

@@ -1,7 +1,9 @@
-"""``outlierlab run`` end to end on a tiny local model: every stage's output, then a resumed re-run."""
+"""``outlierlab run`` end to end on a tiny local model: every stage's output, the stage headers and the final
+summary on the terminal, then a resumed re-run."""
 
 from __future__ import annotations
 
+import io
 import json
 
 from rich.console import Console
@@ -9,6 +11,7 @@ from rich.console import Console
 from outlierlab.data import DataConfig
 from outlierlab.evaluation import EvalConfig
 from outlierlab.pipeline import RunConfig, run
+from outlierlab.report.summary import summary_lines
 
 
 def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
@@ -18,7 +21,8 @@ def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
                     methods=("none", "smoothquant"), quants=("fp", "w8a8-token"), explain_ablations=1)
     out = tmp_path / "run"
     states = []
-    result = run(cfg, out, console=Console(quiet=True), progress=False,
+    term = io.StringIO()
+    result = run(cfg, out, console=Console(file=term, width=1000), progress=False,
                  on_stage=lambda stage, state: states.append((stage, state)))
     for name in ("report.json", "profile.safetensors", "mitigate.json", "compare.json", "compare.csv",
                  "report.html", "stages.json", "landscape_before.safetensors", "landscape_after.safetensors"):
@@ -33,9 +37,23 @@ def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
     assert [s for s, _ in states] == ["profile", "explain", "mitigate", "compare", "report"]
     assert not any("cached" in st for _, st in states)
     assert set(result["stages"]) == {"profile", "explain", "mitigate", "compare", "report"}
+    printed = term.getvalue()
+    assert "stage 1/5 profile" in printed and "stage 2/5 explain" in printed and "stage 5/5 report" in printed
+    assert "elapsed, no estimate (no previous run's timings)" in printed
+    # the summary of report.html, at the end, with the report's path
+    summary = summary_lines(out)
+    lines = printed.splitlines()
+    tail = lines[max(i for i, ln in enumerate(lines) if ln.strip("─ ") == "summary"):]
+    assert [ln.strip() for ln in tail[1:-1]] == summary
+    assert any(ln.startswith("mitigation: smoothquant: residual max ") for ln in summary), summary
+    assert any(ln.startswith("quantization: perplexity vs none / fp ") for ln in summary), summary
+    assert f"wrote {out / 'report.html'}" in tail[-1]
 
     states.clear()
-    run(cfg, out, console=Console(quiet=True), progress=False, on_stage=lambda s, st: states.append((s, st)))
+    term = io.StringIO()
+    run(cfg, out, console=Console(file=term, width=1000), progress=False,
+        on_stage=lambda s, st: states.append((s, st)))
+    assert "stage 1/5 profile (cached)" in term.getvalue() and " left" in term.getvalue()
     cached = {s for s, st in states if "cached" in st}
     assert cached == {"profile", "explain", "mitigate"}
     cells = json.loads((out / "compare.json").read_text())["cells"]

@@ -247,7 +247,7 @@ def test_gamma_and_heatmap_data_show_the_planted_outliers(run):
 
 
 # -- HTML --------------------------------------------------------------------------------------------------------
-SECTIONS = ("run", "found", "explain", "mitigation", "compare", "figures")
+SECTIONS = ("summary", "found", "explain", "mitigation", "compare", "figures", "run")
 
 
 def test_report_has_every_section_in_order(run):
@@ -274,6 +274,62 @@ def test_report_states_the_numbers(run):
     assert ratio > 100 and f"{ratio:.3g}x smaller" in mit
     comp = html[html.index("<section id='compare'>"):html.index("<section id='figures'>")]
     assert "140" in comp and "+7.7%" in comp and "class='best'" in comp
+
+
+def test_summary_opens_the_report_with_the_numbers_of_the_files(run):
+    from outlierlab.report.fmt import num
+
+    html = run["html"]
+    assert html.index("<section id='summary'>") < html.index("What this report is about")
+    summ = html[html.index("<section id='summary'>"):html.index("<section id='found'>")]
+    ma = json.loads((run["folder"] / "report.json").read_text())["explain"]["massive_activations"][0]
+    assert f"{num(ma['value'])} at token {ma['token_index']}" in summ and f"channel {MA_ROW}," in summ
+    assert f"born at layer {MA_LAYER}, mlp.down_in (y6); verified cause: zeroing " in summ
+    assert f"[{MA_ROW}, {MA_COL}] (= 100,000)" in summ
+    m = json.loads((run["folder"] / "mitigate.json").read_text())
+    assert f"{m['before']['resid_max'] / m['after']['resid_max']:.3g}x smaller" in summ
+    assert "perplexity 130 -&gt; 128 (-1.15%)" in summ
+    assert "w8a8-tensor none 140 (+7.7%) -&gt; paper 131 (+0.8%); 1 cell(s) failed" in summ
+    for anchor in ("found", "explain", "mitigation", "compare"):
+        assert f"href='#{anchor}'" in summ
+    run_part = html[html.index("<section id='run'>"):]
+    assert "<details><summary>model, data, configuration" in run_part and "Library versions" in run_part
+
+
+def test_summary_of_hand_made_files():
+    """Every line of the summary comes from the data: a joint ablation, the best of several mitigation runs,
+    a setting where no method beats the unmitigated model; no line for what is missing."""
+    from outlierlab.report.summary import summarize
+
+    rec = {"layer": 2, "position": "block.out", "token_index": 0, "token": "A", "channel": 5}
+    report = {"massive_activations": [{**rec, "value": 900.0}, {**rec, "layer": 3, "value": -950.0},
+                                      {**rec, "layer": 6, "value": 800.0}],
+              "channel_outliers": [{"layer": i, "position": "mlp.norm", "channel": ch, "ratio": 10.0 + i}
+                                   for i in range(3) for ch in (5, 9)]}
+    w = [{"module": "m.down", "row": 5, "col": 1}, {"module": "m.down", "row": 5, "col": 2}]
+    explain = {"summary": {"n_channel_outliers_at_norms": 6, "n_gamma_dominated": 2},
+               "massive_activations": [{"token_index": 0, "token": "A", "channel": 5, "value": -950.0,
+                                        "cancelled_at": 7, "origin": {"layer": 2, "position": "mlp.down_in"},
+                                        "super_weights": [{**w[0], "verified": False}, {**w[1], "verified": False}],
+                                        "joint_ablation": {"weights": w, "verified": True, "ma_after": 3.0}}]}
+    runs = [{"label": label, "before": {"resid_max": 950.0, "ppl": 20.0}, "after": {"resid_max": a, "ppl": p}}
+            for label, a, p in (("small", 95.0, 20.0), ("big", 9.5, 22.0))]
+    cells = [{"method": m, "quant": q, "status": "ok", "ppl": p, "rel_delta_pct": 100 * (p / 20 - 1)}
+             for m, q, p in (("none", "fp", 20.0), ("none", "w8", 21.0), ("x", "w8", 21.5))]
+    lines = [f.line() for f in summarize({"report": report, "explain": explain, "mitigate": {"runs": runs},
+                                          "compare": {"reference": {"method": "none", "quant": "fp", "ppl": 20.0},
+                                                      "cells": cells}})]
+    assert lines == [
+        ("largest massive activation: -950 at token 0 'A', channel 5, layers 2-3, 6 (cancelled at layer 7); born at "
+         "layer 2, mlp.down_in; verified cause: zeroing m.down[5, 1] and [5, 2] together removes it (max left "
+         "3.00); no single one does"),
+        ("channel-wise outliers: 6 records (layer, position, channel) at 1 position; most frequent channels 5 (3), "
+         "9 (3); largest 12.0x (layer 2, mlp.norm, channel 5); gamma explains at least half of 2 of the 6 at norm "
+         "outputs"),
+        "best mitigation (of 2): big: residual max 950 -> 9.50 (100x smaller), perplexity 20.0 -> 22.0 (+10.00%)",
+        "quantization: perplexity vs none / fp 20.0: w8 none 21.0 (+5.0%), no method better",
+    ]
+    assert summarize({"report": None, "explain": None, "mitigate": None, "compare": None}) == []
 
 
 def test_report_is_self_contained(run):

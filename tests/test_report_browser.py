@@ -243,6 +243,13 @@ def _browse(chromium: str, html_path: Path, workdir: Path, inspect: bool = True)
                 "Array.from(document.images).map(i => ({id: i.closest('figure') ? i.closest('figure').id : '',"
                 " complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
             out["sections"] = browser.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
+            out["first"] = browser.evaluate(
+                "(() => { const s = document.querySelector('section'); const links = Array.from(s.querySelectorAll("
+                "'a')); return {id: s.id, text: s.innerText, top: s.getBoundingClientRect().top + scrollY,"
+                " links: links.map(a => a.getAttribute('href')),"
+                " resolved: links.every(a => document.querySelector(a.getAttribute('href')) !== null)}; })()")
+            out["run_open"] = browser.evaluate(
+                "Array.from(document.querySelectorAll('#run > details')).map(d => d.open)")
             out["page"] = browser.screenshot()
             rects = browser.evaluate(
                 "Array.from(document.querySelectorAll('figure img')).map(i => { const r = i.getBoundingClientRect();"
@@ -269,7 +276,7 @@ def test_report_renders_offline_without_errors(chromium, tmp_path, tmp_path_fact
     assert [u for u in seen["requests"] if not u.startswith(("file:", "data:"))] == []
     assert seen["netlog_urls"] == []
     assert seen["title"].startswith("outlierlab report")
-    assert seen["sections"] == ["run", "found", "explain", "mitigation", "compare", "figures"]
+    assert seen["sections"] == ["summary", "found", "explain", "mitigation", "compare", "figures", "run"]
     images = seen["images"]
     assert [i["id"] for i in images] == EXPECTED_FIGURES
     assert all(i["complete"] and i["w"] >= 400 and i["h"] >= 200 for i in images), images
@@ -277,6 +284,22 @@ def test_report_renders_offline_without_errors(chromium, tmp_path, tmp_path_fact
     assert _variance(seen["page"]) > 100, "the page screenshot is blank"
     for name, shot in seen["figure_shots"].items():
         assert _variance(shot) > 50, f"figure {name} rendered blank"
+
+
+def test_report_opens_with_the_summary(chromium, tmp_path, tmp_path_factory):
+    """The first section, on the first screen, is the summary: it names the MA channel and the method that
+    recovers the quantized setting, and links to the sections with the details; the run details come last,
+    collapsed."""
+    from test_report import MA_ROW, shared_run
+
+    run = shared_run(tmp_path_factory)
+    seen = _browse(chromium, run["path"], tmp_path / "browser")
+    first = seen["first"]
+    assert first["id"] == "summary" and first["top"] < 600, first
+    assert f"channel {MA_ROW}," in first["text"], first["text"]
+    assert "w8a8-tensor none 140 (+7.7%) -> paper 131 (+0.8%)" in first["text"], first["text"]
+    assert set(first["links"]) == {"#explain", "#found", "#mitigation", "#compare"} and first["resolved"], first
+    assert seen["sections"][-1] == "run" and seen["run_open"] == [False]
 
 
 def test_the_checks_catch_errors_and_requests(chromium, tmp_path):

@@ -80,6 +80,11 @@ class StageLog:
     def seconds(self) -> dict[str, float]:
         return {s: self.data[s]["seconds"] for s in STAGES if s in self.data}
 
+    def estimate(self, stages: tuple[str, ...]) -> float | None:
+        """Seconds ``stages`` took when last computed (the previous run's timings); None if one never ran."""
+        known = self.seconds()
+        return sum(known[s] for s in stages) if all(s in known for s in stages) else None
+
 
 def _update_report(out_dir: Path, section: str, value) -> None:
     path = out_dir / "report.json"
@@ -99,7 +104,9 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     from .mitigation.measure import measure, reduction
     from .models.loader import load_model, max_positions
     from .report import landscape
+    from .report.fmt import duration
     from .report.html import build_report
+    from .report.summary import summary_lines
     from .report.terminal import print_profile_summary
     from .tracing import ProfileConfig, profile
 
@@ -110,7 +117,12 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     t_all = time.perf_counter()
 
     def header(stage: str, state: str) -> None:
-        console.rule(f"[bold]{stage}[/] {state}")
+        i = STAGES.index(stage)
+        left = log.estimate(STAGES[i + (state == "(cached)"):])
+        eta = f"about {duration(left)} left" if left is not None else "no estimate (no previous run's timings)"
+        name = f"[bold]stage {i + 1}/{len(STAGES)} {stage}[/]" + (f" {state}" if state else "")
+        console.rule(name)
+        console.print(f"  {duration(time.perf_counter() - t_all)} elapsed, {eta}")
         if on_stage:
             on_stage(stage, state)
 
@@ -197,5 +209,8 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     path = build_report(out, timings=timings)
     log.done("report", _key("report", time.time()), time.perf_counter() - t0)
     total = time.perf_counter() - t_all
+    console.rule("[bold]summary[/]")
+    for line in summary_lines(out):
+        console.print(f"  {line}", markup=False, highlight=False)
     console.print(f"wrote {path} in {total:.0f} s ({total / 60:.1f} min)")
     return {"report": str(path), "seconds": total, "stages": log.seconds(), "failed_cells": table.failures}

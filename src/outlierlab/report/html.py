@@ -12,6 +12,9 @@ Inputs, each optional except that at least one must exist:
 The page is offline by construction: CSS inline, PNGs embedded as base64 data URIs, no script, no font, no
 link to any other resource. Every text that comes from the data is escaped. Sections appear only when their
 data exists. The file is written atomically.
+
+The page opens with the answer (:mod:`outlierlab.report.summary`) and ends with the run's model, data,
+configuration, protocol, versions and timings, collapsed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import datetime as _dt
 import html
 import io
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +34,8 @@ from ..errors import OutlierlabError
 from ..paths import atomic_write_text
 from . import figures as F
 from . import landscape as L
+from .fmt import change, num, pct, quoted, signed_pct
+from .summary import Finding, best_per_quant, summarize
 
 REPORT_FILE = "report.html"
 MAX_ROWS = 25
@@ -105,37 +109,6 @@ def esc(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
-def num(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return esc(v)
-    if not math.isfinite(v):
-        return "n/a"
-    a = abs(v)
-    if a >= 1e6:
-        return f"{v:.3g}"
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    if a == 0:
-        return "0"
-    return f"{v:.{digits}g}"
-
-
-def pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.0f}%"
-
-
 def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], cls: str = "", raw: bool = False) -> str:
     """An HTML table; cells are escaped unless ``raw`` (callers then escape themselves)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
@@ -159,10 +132,6 @@ def details(summary: str, obj: Any, limit: int = 20000) -> str:
 
 def _where(layer: Any, position: Any, alias: Any = None) -> str:
     return f"layer {layer}, {position}" + (f" ({alias})" if alias else "")
-
-
-def _tok(t: Any) -> str:
-    return "" if t is None else repr(str(t))
 
 
 # -- sections ----------------------------------------------------------------------------------------------------
@@ -245,7 +214,17 @@ def section_run(report: Mapping | None, data: Mapping, timings: Mapping | None) 
         parts.append("<h3>Time taken</h3>" + kv(times))
     if not parts:
         return ""
-    return _section("run", "Model, data, configuration", "".join(parts))
+    return _section("run", "Model, data, configuration", "<details><summary>model, data, configuration, "
+                    "protocol, library versions, time taken</summary>" + "".join(parts) + "</details>")
+
+
+def section_summary(findings: list[Finding]) -> str:
+    """The answer first: one item per finding, each linking to the section with its details."""
+    if not findings:
+        return ""
+    items = "".join(f"<li><b>{esc(f.topic)}</b>: {esc(f.text)} <a href='#{esc(f.anchor)}'>details</a></li>"
+                    for f in findings)
+    return _section("summary", "Summary", f"<ul class='summary'>{items}</ul>")
 
 
 def section_found(report: Mapping | None) -> str:
@@ -261,8 +240,8 @@ def section_found(report: Mapping | None) -> str:
     if curve:
         peak = max(curve)
         lay = curve.index(peak)
-        parts.append(f"<p>Largest residual-stream value (<code>block.out</code>): <b>{num(peak)}</b> at layer "
-                     f"{lay}; the median |x| there is {num(report['layers'][lay]['block.out'].get('median'))}.</p>")
+        parts.append(f"<p>Largest residual-stream value (<code>block.out</code>): <b>{esc(num(peak))}</b> at layer "
+                     f"{lay}; the median |x| there is {esc(num(report['layers'][lay]['block.out'].get('median')))}.</p>")
     if groups:
         parts.append(f"<p><b>{len(groups)}</b> distinct massive activation(s) (token, channel) from "
                      f"{len(mas)} records (a record is one layer and position), by the rule |x| &gt; "
@@ -272,7 +251,7 @@ def section_found(report: Mapping | None) -> str:
         for g in groups[:MAX_ROWS]:
             layers = g["layers"]
             span = f"{layers[0]}-{layers[-1]} ({len(layers)} layers)" if len(layers) > 1 else str(layers[0])
-            rows.append([g["token_index"], _tok(g.get("token")), g["channel"], num(g["value"]),
+            rows.append([g["token_index"], quoted(g.get("token")), g["channel"], num(g["value"]),
                          f"layer {g['first_layer']}, {g['first_position']}", span])
         parts.append(table(["token index", "token", "channel", "max value", "first seen", "layers"], rows))
         if len(groups) > MAX_ROWS:
@@ -308,7 +287,7 @@ def auto_narrative(ex: Mapping) -> list[str]:
     said: set = set()
     for g in ex.get("massive_activations") or []:
         o = g.get("origin") or {}
-        s = f"MA {num(g.get('value'))} at token {g.get('token_index')} {_tok(g.get('token'))} channel " \
+        s = f"MA {num(g.get('value'))} at token {g.get('token_index')} {quoted(g.get('token'))} channel " \
             f"{g.get('channel')}"
         if o:
             s += f" first appears at {_where(o.get('layer'), o.get('position'), o.get('alias'))}"
@@ -406,7 +385,7 @@ def section_explain(ex: Mapping | None) -> str:
                 carried = [l for l, v in vals if v >= 0.5 * peak]
                 span = f"peak {num(peak)}; >= half of it in layers {carried[0]}-{carried[-1]}" if carried else ""
             cancel = ", ".join(str(c.get("layer")) for c in (g.get("cancel_layers") or []))
-            rows.append([g.get("token_index"), _tok(g.get("token")), g.get("channel"), num(g.get("value")),
+            rows.append([g.get("token_index"), quoted(g.get("token")), g.get("channel"), num(g.get("value")),
                          _where(o.get("layer"), o.get("position"), o.get("alias")) if o else "not found",
                          chans or "-", span or "-", cancel or "-"])
         parts.append("<h3>Massive activations: origin and propagation</h3>" + table(
@@ -451,21 +430,6 @@ _METRICS = (("resid_max", "residual-stream max |h|", "x"), ("down_in_max", "down
             ("co_channels", "channel-wise outlier records", "n"), ("ppl", "perplexity", "ppl"))
 
 
-def _change(before: Any, after: Any, kind: str) -> str:
-    try:
-        b, a = float(before), float(after)
-    except (TypeError, ValueError):
-        return "n/a"
-    if kind == "ppl":
-        return f"{100 * (a / b - 1):+.2f}%" if b else "n/a"
-    if kind == "n":
-        return f"{a - b:+.0f}"
-    if a <= 0:
-        return "removed" if b > 0 else "="
-    r = b / a
-    return f"{r:.3g}x smaller" if r >= 1 else f"{1 / r:.3g}x larger"
-
-
 def section_mitigation(doc: Any) -> str:
     runs = F.mitigation_runs(doc)
     if not runs:
@@ -473,7 +437,7 @@ def section_mitigation(doc: Any) -> str:
     parts = []
     for r in runs:
         b, a = r["before"], r["after"]
-        rows = [[label, num(b.get(k)), num(a.get(k)), _change(b.get(k), a.get(k), kind)]
+        rows = [[label, num(b.get(k)), num(a.get(k)), change(b.get(k), a.get(k), kind)]
                 for k, label, kind in _METRICS if b.get(k) is not None or a.get(k) is not None]
         exact = r.get("exact")
         listed = [m for m in (r.get("methods") or []) if isinstance(m, Mapping)]
@@ -488,7 +452,7 @@ def section_mitigation(doc: Any) -> str:
         per_pos = ""
         cb, ca = b.get("co_ratio"), a.get("co_ratio")
         if isinstance(cb, Mapping) and isinstance(ca, Mapping):
-            pos_rows = [[p, num(cb.get(p)), num(ca.get(p)), _change(cb.get(p), ca.get(p), "x")]
+            pos_rows = [[p, num(cb.get(p)), num(ca.get(p)), change(cb.get(p), ca.get(p), "x")]
                         for p in dict.fromkeys([*cb, *ca])]
             per_pos = ("<details><summary>CO ratio per position (largest channel median / tensor median over "
                        "layers)</summary>" + table(["position", "before", "after", "change"], pos_rows)
@@ -509,12 +473,7 @@ def section_compare(doc: Mapping | None) -> str:
     methods = list(dict.fromkeys(c["method"] for c in cells))
     by = {(c["method"], c["quant"]): c for c in cells}
     ref = (doc or {}).get("reference") or {}
-    ok = [c for c in cells if c.get("status") == "ok" and c.get("ppl") is not None]
-    best = {}
-    for q in quants:
-        qs = [c for c in ok if c["quant"] == q]
-        if qs:
-            best[q] = min(qs, key=lambda c: c["ppl"])["method"]
+    best = {q: c["method"] for q, c in best_per_quant(cells).items()}
     rows = []
     for m in methods:
         row = [f"<b>{esc(m)}</b>"]
@@ -529,7 +488,7 @@ def section_compare(doc: Mapping | None) -> str:
                 rel = c.get("rel_delta_pct")
                 cls = " class='best'" if best.get(q) == m and len(methods) > 1 else ""
                 row.append(f"<span{cls}>{esc(num(c['ppl']))}</span>"
-                           + (f" <small>({float(rel):+.1f}%)</small>" if rel is not None else ""))
+                           + (f" <small>({signed_pct(rel)})</small>" if rel is not None else ""))
         rows.append(row)
     parts = []
     failed = [c for c in cells if c.get("status") == "error"]
@@ -604,6 +563,7 @@ figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; }
 .file { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; color: #8a93a3; }
 .note { color: var(--muted); font-size: 13px; }
 ul.narrative li { margin: 3px 0; }
+ul.summary li { margin: 5px 0; }
 footer { color: var(--muted); font-size: 12.5px; margin-top: 40px; border-top: 1px solid var(--line); padding-top: 8px; }
 """
 
@@ -614,15 +574,16 @@ def render(data: Mapping, figs: list[F.Figure], timings: Mapping | None = None, 
     model = ((report or {}).get("model") or (data.get("compare") or {}).get("model") or {}).get("id")
     title = title or f"outlierlab report{': ' + str(model) if model else ''}"
     sections = [
-        section_run(report, data, timings),
+        section_summary(summarize(data)),
         section_found(report),
         section_explain(data.get("explain")),
         section_mitigation(data.get("mitigate")),
         section_compare(data.get("compare")),
         section_figures(figs),
+        section_run(report, data, timings),
     ]
-    names = {"run": "Run", "found": "Outliers found", "explain": "Explanation", "mitigation": "Mitigation",
-             "compare": "Comparison", "figures": "Figures"}
+    names = {"summary": "Summary", "found": "Outliers found", "explain": "Explanation", "mitigation": "Mitigation",
+             "compare": "Comparison", "figures": "Figures", "run": "Run details"}
     nav = "".join(f"<a href='#{k}'>{esc(v)}</a>" for k, v in names.items() if f"<section id='{k}'>" in
                   "".join(sections))
     from .. import __version__ as version
@@ -635,7 +596,7 @@ def render(data: Mapping, figs: list[F.Figure], timings: Mapping | None = None, 
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
             f"<h1>{esc(title)}</h1><p class='sub'>Activation outliers: what they are, where they come from, what "
-            f"removing them does.</p><nav>{nav}</nav>{INTRO}{''.join(sections)}<footer>{foot}</footer>"
+            f"removing them does.</p><nav>{nav}</nav>{sections[0]}{INTRO}{''.join(sections[1:])}<footer>{foot}</footer>"
             "</main></body></html>\n")
 
 
