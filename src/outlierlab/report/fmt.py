@@ -65,6 +65,11 @@ def quoted(token: Any) -> str:
     return "" if token is None else repr(str(token))
 
 
+def site(layer: Any, position: Any, alias: Any = None) -> str:
+    """An operator site: ``layer 11, mlp.down_in (y6)``."""
+    return f"layer {layer}, {position}" + (f" ({alias})" if alias else "")
+
+
 def duration(seconds: float) -> str:
     """Seconds as ``45 s`` or ``3 min 05 s``."""
     s = round(seconds)

@@ -34,7 +34,7 @@ from ..errors import OutlierlabError
 from ..paths import atomic_write_text
 from . import figures as F
 from . import landscape as L
-from .fmt import change, num, pct, quoted, signed_pct
+from .fmt import change, num, pct, quoted, signed_pct, site
 from .summary import Finding, best_per_quant, summarize
 
 REPORT_FILE = "report.html"
@@ -128,10 +128,6 @@ def details(summary: str, obj: Any, limit: int = 20000) -> str:
     if len(text) > limit:
         text = text[:limit] + "\n... (cut; the full text is in the JSON file)"
     return f"<details><summary>{esc(summary)}</summary><pre>{esc(text)}</pre></details>"
-
-
-def _where(layer: Any, position: Any, alias: Any = None) -> str:
-    return f"layer {layer}, {position}" + (f" ({alias})" if alias else "")
 
 
 # -- sections ----------------------------------------------------------------------------------------------------
@@ -290,7 +286,7 @@ def auto_narrative(ex: Mapping) -> list[str]:
         s = f"MA {num(g.get('value'))} at token {g.get('token_index')} {quoted(g.get('token'))} channel " \
             f"{g.get('channel')}"
         if o:
-            s += f" first appears at {_where(o.get('layer'), o.get('position'), o.get('alias'))}"
+            s += f" first appears at {site(o.get('layer'), o.get('position'), o.get('alias'))}"
         chans = g.get("down_in_channels") or []
         if chans:
             s += "; the down-projection input carries it in channel(s) " + ", ".join(
@@ -386,7 +382,7 @@ def section_explain(ex: Mapping | None) -> str:
                 span = f"peak {num(peak)}; >= half of it in layers {carried[0]}-{carried[-1]}" if carried else ""
             cancel = ", ".join(str(c.get("layer")) for c in (g.get("cancel_layers") or []))
             rows.append([g.get("token_index"), quoted(g.get("token")), g.get("channel"), num(g.get("value")),
-                         _where(o.get("layer"), o.get("position"), o.get("alias")) if o else "not found",
+                         site(o.get("layer"), o.get("position"), o.get("alias")) if o else "not found",
                          chans or "-", span or "-", cancel or "-"])
         parts.append("<h3>Massive activations: origin and propagation</h3>" + table(
             ["token", "text", "channel", "value", "origin", "down-proj input channels (y6)",

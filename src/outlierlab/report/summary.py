@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import figures as F
-from .fmt import change, num, quoted, signed_pct
+from .fmt import change, num, quoted, signed_pct, site
 from .terminal import group_massive
 
 
@@ -104,14 +104,14 @@ def _ma_finding(report: Mapping | None, ex: Mapping | None) -> Finding | None:
         seen = next((p for p in groups if (p["token_index"], p["channel"]) == key), None)
         layers = g.get("layers_detected") or (seen or {}).get("layers") or []
         o = g.get("origin") or {}
-        born = (f"born at layer {o.get('layer')}, {o.get('position')}" + (f" ({o['alias']})" if o.get("alias") else "")
-                if o else "origin not found")
+        born = f"born at {site(o.get('layer'), o.get('position'), o.get('alias'))}" if o else "origin not found"
         tail = f"{born}; {_cause(g)}"
         anchor = "explain"
     elif groups:
         g = groups[0]
         layers = g["layers"]
-        tail = f"first seen at layer {g['first_layer']}, {g['first_position']} (cause not explained: run explain)"
+        why = "run explain for its cause" if ex is None else "the explain stage gave it no origin"
+        tail = f"first seen at layer {g['first_layer']}, {g['first_position']} ({why})"
         anchor = "found"
     else:
         return None if report is None else Finding("massive activation", "none by the MA rule", "found")
