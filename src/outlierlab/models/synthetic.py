@@ -3,8 +3,9 @@ scale without real weights (``--model synthetic:llama-7b``).
 
 Spec: ``synthetic:FAMILY-SIZE[:key=value,...]`` where FAMILY is any supported ``model_type`` (llama, qwen2,
 gemma2, gpt2...), SIZE one of :data:`SHAPES` (``7b``, ``13b``, ``70b``, ``tiny``), and the options override
-config fields (``layers=4`` is short for the layer count) or the seed (``seed=1``). The tokenizer is the
-default model's (SmolLM2, from its package), and the vocabulary follows it.
+config fields (``layers=4`` is short for the layer count), the seed (``seed=1``) or the tokenizer
+(``tokenizer=FOLDER``; default: the default model's, SmolLM2 from its package). The vocabulary follows the
+tokenizer.
 
 Planted, with known ground truth (see :func:`plant`): a massive activation made by one down-projection weight
 at layer 1 on the delimiter token ``"."``, a large norm gain at layer 0, and an outlier-triggering column of
@@ -42,7 +43,8 @@ def is_synthetic(model: str) -> bool:
 
 
 def parse(spec: str) -> tuple[str, str, dict, int]:
-    """``synthetic:llama-7b:layers=4`` -> ("llama", "7b", {"num_hidden_layers": 4}, seed)."""
+    """``synthetic:llama-7b:layers=4`` -> ("llama", "7b", {"num_hidden_layers": 4}, seed); a ``tokenizer``
+    option is read by :func:`build`, not here."""
     body = spec[len(PREFIX):]
     name, _, opts = body.partition(":")
     family, _, size = name.rpartition("-")
@@ -56,6 +58,8 @@ def parse(spec: str) -> tuple[str, str, dict, int]:
             raise OutlierlabError(f"{spec!r}: options are key=value pairs, not {part!r}")
         if key == "seed":
             seed = int(value)
+            continue
+        if key == "tokenizer":
             continue
         overrides[_SHORT.get(key, key)] = _number(value)
     return family, size, overrides, seed
@@ -92,14 +96,18 @@ def identity(spec: str) -> str:
     return "synthetic-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
 
 
-def default_tokenizer():
+def tokenizer_for(spec: str):
+    """The ``tokenizer=FOLDER`` option's tokenizer, else the default model's."""
     from transformers import AutoTokenizer
 
     from ..paths import file_sha256
     from .loader import DEFAULT_MODEL, gguf_cache_folder, resolve
 
-    source = resolve(DEFAULT_MODEL)
-    folder = gguf_cache_folder(source.location, file_sha256(source.location))
+    opts = dict(p.partition("=")[::2] for p in spec[len(PREFIX):].partition(":")[2].split(",") if p)
+    folder = opts.get("tokenizer")
+    if folder is None:
+        source = resolve(DEFAULT_MODEL)
+        folder = gguf_cache_folder(source.location, file_sha256(source.location))
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -107,7 +115,7 @@ def build(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None):
     """The synthetic model of ``spec`` on ``device`` in ``dtype`` (initialized there), outliers planted."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = tokenizer or default_tokenizer()
+    tokenizer = tokenizer or tokenizer_for(spec)
     cfg = config(spec, len(tokenizer))
     _, _, _, seed = parse(spec)
     torch.manual_seed(seed)

@@ -1,0 +1,57 @@
+"""Wall time of every stage of ``outlierlab run`` (profile, explain, mitigate, compare, report) and the peak
+accelerator memory, for one model on one device.
+
+    python bench/pipeline_time.py --model synthetic:llama-7b --device cuda --dtype bfloat16 --quick
+
+Prints one line per stage and a summary line (JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quick", action="store_true", help="the --quick configuration of outlierlab run")
+    ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="write the timings here")
+    args = ap.parse_args()
+
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from outlierlab.pipeline import RunConfig, quick_config, run
+
+    cfg = quick_config() if args.quick else RunConfig()
+    cfg = replace(cfg, model=args.model, device=args.device, dtype=args.dtype)
+    out = args.out or tempfile.mkdtemp(prefix="outlierlab-bench-")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = run(cfg, out, console=Console(quiet=True), progress=False)
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    for stage, seconds in result["stages"].items():
+        print(f"{stage:10s} {seconds:8.1f} s")
+    line = {"model": args.model, "device": args.device, "dtype": args.dtype, "quick": args.quick,
+            "total_s": round(total, 1), "stages_s": {k: round(v, 1) for k, v in result["stages"].items()},
+            "peak_gpu_gib": None if peak is None else round(peak, 2), "failed_cells": len(result["failed_cells"])}
+    print(json.dumps(line))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(line, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
