@@ -113,3 +113,31 @@ def test_mitigation_and_quantization_share_the_registry():
     result.remove()
     assert hook_count(model) == 0 and not registry(model).entries
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(("family", "store"), [("llama", "cpu"), ("gpt2", "cpu"), ("gemma2", "cpu"),
+                                               ("llama", "disk")])
+def test_weight_journal_restores_every_method_bit_for_bit(family, store):
+    """Each weight-editing method (rotate unties the head and edits every weight; OTC fine-tunes) is undone
+    exactly: the same Parameter objects, the same bits, the same config."""
+    from outlierlab.mitigation import MitigationError
+    from outlierlab.runtime.journal import WeightJournal
+    from outlierlab.testing import mitigation_modes
+
+    model = tiny_model(family)
+    ids = random_windows(model, 2, 16)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    config = model.config.to_dict()
+    for name, cfg in mitigation_modes().items():
+        with WeightJournal(model, store):
+            try:
+                mitigate(model, [cfg], ids).remove()
+            except MitigationError:
+                continue
+        assert dict(model.named_parameters(remove_duplicate=False)).keys() == params.keys()
+        assert all(p is params[k] for k, p in model.named_parameters(remove_duplicate=False)), name
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied, name
+        assert model.config.to_dict() == config, name

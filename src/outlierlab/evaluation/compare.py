@@ -2,11 +2,11 @@
 quantization setting, each cell's perplexity under the one evaluation protocol, and its change against the
 full-precision, unmitigated model.
 
-A cell is: a deep copy of the model (the caller's model is never changed; ``none`` skips the copy because
-fake quantization is removed bit-identically), ``mitigate(copy, [method], calib, tokenizer)``, fake quantization
-(:func:`outlierlab.quantization.quantize_`, calibrated on the same calibration windows), perplexity on the
-evaluation windows. The mitigated copy is reused for all quantization settings of its method (the
-quantization is removed between cells). Methods that are not in ``METHODS`` (yet) are reported as
+A method's cells: ``mitigate(model, [method], calib, tokenizer)`` in place, with the original weights kept by a
+:class:`~outlierlab.runtime.journal.WeightJournal` (on the host or on disk, never a second model on the device);
+then for each quantization setting fake quantization (:func:`outlierlab.quantization.quantize_`, calibrated on the
+same calibration windows, removed bit-identically after the cell) and the perplexity on the evaluation windows;
+then the runtime parts are removed and the weights put back bit for bit, so the caller's model is unchanged. Methods that are not in ``METHODS`` (yet) are reported as
 ``not available``; a method or a setting that fails is reported as ``error`` with its message, and the others
 still run.
 
@@ -19,7 +19,7 @@ computes only the missing cells. ``compare.json`` (protocol, configs, versions, 
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -38,6 +38,7 @@ from ..data import DataConfig, make_windows
 from ..paths import atomic_write_json, atomic_write_text
 from ..progress import progress_bar
 from ..quantization import QuantConfig, get_quant
+from ..runtime.journal import WeightJournal
 from .perplexity import EvalConfig, eval_windows, perplexity
 
 SCHEMA = "outlierlab.compare/1"
@@ -58,6 +59,8 @@ class CompareConfig:
     batch_size: int = 4
     sqnr: bool = False
     sqnr_samples: int = 4
+    #: where the original weights wait while a method's cells run: "cpu" (one host copy) or "disk"
+    journal: str = "cpu"
 
 
 @dataclass
@@ -190,7 +193,6 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
             progress: bool = False, force: bool = False, on_cell=None) -> CompareResult:
     """Run (or resume) the table for a :class:`~outlierlab.models.LoadedModel`. ``out_dir`` None: no files
     and no cache. ``force``: recompute cached cells. ``on_cell(cell)`` is called after each cell."""
-    from ..mitigation import mitigate
     from ..models.loader import max_positions
 
     config = config or CompareConfig()
@@ -242,38 +244,12 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
     with progress_bar(progress) as bar:
         task = bar.add_task("compare", total=n_todo)
         for m, items in todo.items():
-            mcfg = _method_config(m, methods)
-            work, result, t_mit = lm.model, None, 0.0
-            try:
-                bar.update(task, description=f"{m}: mitigating")
-                t0 = time.perf_counter()
-                if m != "none":
-                    work = copy.deepcopy(lm.model)
-                result = mitigate(work, [mcfg], calib, lm.tokenizer)
-                t_mit = time.perf_counter() - t0
-                applied = {"applied": _jsonable(result.applied), "runtime": list(result.runtime),
-                           "fp_prefix": int(getattr(work, "outlierlab_fp_prefix", 0) or 0)}
-            except Exception as exc:  # noqa: BLE001 - a broken method must not stop the table
-                for cell, _ in items:
-                    cell.status, cell.error = "error", f"mitigation failed: {_short_error(exc)}"
-                    bar.advance(task)
-                del work
-                continue
-            try:
-                for cell, q in items:
-                    bar.update(task, description=f"{m} x {q.name}")
-                    cell.mitigation = applied
-                    cell.timings["mitigation_s"] = t_mit
-                    _run_cell(work, cell, q, calib, ev, sqnr_ids, config)
-                    if cell.status == "ok" and cells_dir is not None:
-                        atomic_write_json(cells_dir / f"{cell.key}.json", cell.to_json())
-                    if on_cell is not None:
-                        on_cell(cell)
-                    bar.advance(task)
-            finally:
-                if result is not None:
-                    result.remove()
-                del work
+            bar.update(task, description=f"{m}: mitigating")
+            # the method edits the model in place; the journal gives the original weights back afterwards
+            journal = WeightJournal(lm.model, config.journal) if m != "none" else contextlib.nullcontext()
+            with journal:
+                _run_method(lm, m, _method_config(m, methods), items, calib, ev, sqnr_ids, config,
+                            cells_dir, on_cell, lambda: bar.advance(task), lambda d: bar.update(task, description=d))
 
     ref = cells[(REFERENCE[0], REFERENCE[1])]
     for cell in cells.values():
@@ -301,6 +277,39 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
         atomic_write_json(out / "compare.json", doc)
         write_csv(out / "compare.csv", requested)
     return CompareResult(config, requested, ref, doc, out)
+
+
+def _run_method(lm, m: str, mcfg, items, calib, ev, sqnr_ids, config: CompareConfig, cells_dir, on_cell,
+                advance, describe) -> None:
+    """Mitigate ``lm.model`` with method ``m`` (in place), then run each of its cells; the runtime parts are
+    removed on every exit path (the caller restores the weights)."""
+    from ..mitigation import mitigate
+    from ..runtime import registry
+
+    t0 = time.perf_counter()
+    try:
+        result = mitigate(lm.model, [mcfg], calib, lm.tokenizer)
+    except Exception as exc:  # noqa: BLE001 - a broken method must not stop the table
+        for cell, _ in items:
+            cell.status, cell.error = "error", f"mitigation failed: {_short_error(exc)}"
+            advance()
+        return
+    t_mit = time.perf_counter() - t0
+    applied = {"applied": _jsonable(result.applied), "runtime": list(result.runtime),
+               "fp_prefix": registry(lm.model).fp_prefix}
+    try:
+        for cell, q in items:
+            describe(f"{m} x {q.name}")
+            cell.mitigation = applied
+            cell.timings["mitigation_s"] = t_mit
+            _run_cell(lm.model, cell, q, calib, ev, sqnr_ids, config)
+            if cell.status == "ok" and cells_dir is not None:
+                atomic_write_json(cells_dir / f"{cell.key}.json", cell.to_json())
+            if on_cell is not None:
+                on_cell(cell)
+            advance()
+    finally:
+        result.remove()
 
 
 def _brief(cell: Cell) -> dict:
