@@ -7,6 +7,8 @@ weights through the adapter (respecting each family's storage layout and gain co
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -113,6 +115,32 @@ def plant_otc_column(model: nn.Module, layer: int, col: int, scale: float, role:
 
 
 @torch.no_grad()
+def _isolate_feature(model: nn.Module, ad, k: int, layer: int, token: int = BOS, value: float = 1.0) -> None:
+    """Residual channel ``k`` holds ``value`` at ``token`` and 0 elsewhere up to ``layer``: the embedding
+    column, learned position embeddings and every writer of channel k (W_o of layers <= layer, W_down of
+    layers < layer, their biases) are zeroed."""
+    from .analysis.layout import linear_parts
+
+    emb = model.get_input_embeddings()
+    hidden = emb.weight.shape[1]
+    emb.weight[:, k] = 0.0
+    emb.weight[token, k] = value
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m is not emb and m.weight.shape[1] == hidden:
+            m.weight[:, k] = 0.0  # learned position embeddings (GPT-2, OPT)
+    for L in range(layer + 1):
+        for p in linear_parts(ad, L):
+            if p.role == "o" or (L < layer and p.role in ("down", "fc2")):
+                mod = ad.layers()[L].get_submodule(p.spec.module)
+                if p.spec.transposed:
+                    mod.weight[:, k] = 0.0
+                else:
+                    mod.weight[k, :] = 0.0
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias[k] = 0.0
+
+
+@torch.no_grad()
 def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d: int = 7, value: float = 1000.0,
                    a: float | None = None, token: int = BOS, measure: bool = False) -> None:
     """A massive activation on ``token`` (BOS: token 0 of the test windows), channel ``d``, written by the
@@ -127,23 +155,7 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
     from .analysis.layout import linear_parts
 
     ad = get_adapter(model)
-    emb = model.get_input_embeddings()
-    hidden = emb.weight.shape[1]
-    emb.weight[:, k] = 0.0
-    emb.weight[token, k] = 1.0
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and m is not emb and m.weight.shape[1] == hidden:
-            m.weight[:, k] = 0.0  # learned position embeddings (GPT-2, OPT)
-    for L in range(layer + 1):
-        for p in linear_parts(ad, L):
-            if p.role == "o" or (L < layer and p.role in ("down", "fc2")):
-                mod = ad.layers()[L].get_submodule(p.spec.module)
-                if p.spec.transposed:
-                    mod.weight[:, k] = 0.0
-                else:
-                    mod.weight[k, :] = 0.0
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias[k] = 0.0
+    _isolate_feature(model, ad, k, layer, token)
     glu = ad.ffn_kind == "glu"
     a = a or (3.0 if glu else 4.0)
     for p in linear_parts(ad, layer):
@@ -151,7 +163,7 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
             continue
         mod = ad.layers()[layer].get_submodule(p.spec.module)
         row = j if p.rows is None else int(p.rows[j])
-        e = torch.zeros(hidden)
+        e = torch.zeros(model.get_input_embeddings().weight.shape[1])
         e[k] = a
         if p.spec.transposed:
             mod.weight[:, row] = e
@@ -168,6 +180,132 @@ def plant_token_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d:
         rows = capture_token_rows(model, ad, torch.tensor([token]), [0], layers=[layer], positions=[src])
         y6 = float(rows[(layer, src)][0, j])
     plant_super_weight(model, layer, d, j, value / y6)
+
+
+def bos_window(model: nn.Module, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    """One ``[seq_len]`` window of random tokens starting with :data:`BOS`."""
+    ids = random_windows(model, 1, seq_len, seed=seed)[0]
+    ids[0] = BOS
+    return ids
+
+
+def _rows_at(model: nn.Module, ad, ids: torch.Tensor, layer: int, position: str) -> torch.Tensor:
+    """``[T, C]``: the tensor of ``position`` (same_as resolved) at ``layer`` for every token of ``ids``."""
+    from .analysis.layout import capture_token_rows, same_as_map
+
+    src = same_as_map(ad)[position]
+    return capture_token_rows(model, ad, ids, list(range(ids.shape[-1])), layers=[layer], positions=[src])[
+        (layer, src)]
+
+
+def _set_row(mod: nn.Module, row: int, values: torch.Tensor, transposed: bool, bias: float = 0.0) -> None:
+    if transposed:
+        mod.weight[:, row] = values
+    else:
+        mod.weight[row, :] = values
+    if getattr(mod, "bias", None) is not None:
+        mod.bias[row] = bias
+
+
+@torch.no_grad()
+def _plant_reader(model: nn.Module, ad, layer: int, roles: tuple[str, ...], k: int, j: int, ids: torch.Tensor,
+                  c: float, gate: bool = False) -> None:
+    """Rows ``j`` of the ``roles`` projections read only residual channel k, scaled from a measurement so that
+    their output is ``c`` at token 0 of ``ids``. ``gate``: a bias makes the output about -c elsewhere (an fc1
+    row before a GeLU/ReLU, where a LayerNorm leaves channel k nonzero at the other tokens)."""
+    from .analysis.layout import linear_parts
+
+    parts = [p for p in linear_parts(ad, layer) if p.role in roles]
+    rows = _rows_at(model, ad, ids, layer, parts[0].input_position)
+    x0, rest = float(rows[0, k]), float(rows[1:, k].abs().max())
+    e, bias = torch.zeros(rows.shape[1]), 0.0
+    e[k] = c / x0
+    if gate:
+        if abs(x0) <= 2 * rest:
+            raise ValueError(f"layer {layer}: the token-0 feature ({x0:.3g}) does not stand out ({rest:.3g})")
+        e[k] = math.copysign(2 * c / (abs(x0) - rest), x0)
+        bias = -c * (abs(x0) + rest) / (abs(x0) - rest)
+    for p in parts:
+        row = j if p.rows is None else int(p.rows[j])
+        _set_row(ad.layers()[layer].get_submodule(p.spec.module), row, e, p.spec.transposed, bias)
+
+
+@torch.no_grad()
+def plant_ffn_steps(model: nn.Module, writes=((1, 400.0), (2, 200.0)), k: int = 5, j: int = 13, d: int = 7,
+                    feature: float = 50.0) -> None:
+    """A massive activation at token 0, channel ``d``, built by the FFNs of several layers: layer L adds about
+    ``value`` through W_down[d, j] (W_fc2), each layer reading the token's own feature in residual channel k
+    (``feature`` at BOS in the residual stream, whatever the embedding scale; 0 elsewhere), so that no step
+    needs another (a large feature keeps it readable behind an MA that dominates a LayerNorm). The gate/up (fc1)
+    rows and W_down[d, j] are scaled from measured values, layer after layer."""
+    ad = get_adapter(model)
+    _isolate_feature(model, ad, k, max(L for L, _ in writes))
+    ids = bos_window(model)
+    model.get_input_embeddings().weight[BOS, k] = feature / float(_rows_at(model, ad, ids, 0, "attn.in")[0, k])
+    glu = ad.ffn_kind == "glu"
+    for layer, value in writes:
+        _plant_reader(model, ad, layer, ("gate", "up") if glu else ("fc1",), k, j, ids, 24.0, gate=not glu)
+        y6 = float(_rows_at(model, ad, ids, layer, "mlp.down_in")[0, j])
+        plant_super_weight(model, layer, d, j, value / y6)
+
+
+@torch.no_grad()
+def plant_norm_gain_ma(model: nn.Module, layer: int = 1, k: int = 5, j: int = 13, d: int = 7,
+                       gain: float = 2000.0) -> None:
+    """A massive activation at token 0, channel ``d``, made by the gain of the norm between the FFN and the
+    residual add (sandwich norms: Gemma 2/3's ``post_feedforward_layernorm``): the FFN writes an ordinary value
+    into channel d at token 0 only (W_down[d, :] is zero but for W_down[d, j] = the rms of column j, y6[j] is
+    token 0's), and the norm's effective gain at d is ``gain``."""
+    from .analysis.attribution import branch_norm_spec
+    from .analysis.layout import linear_parts
+
+    ad = get_adapter(model)
+    spec = branch_norm_spec(ad, "mlp")
+    if spec is None:
+        raise ValueError(f"{type(ad).__name__} has no norm between the FFN and the residual add")
+    plant_ffn_steps(model, ((layer, 1.0),), k, j, d, feature=1.0)
+    part = next(p for p in linear_parts(ad, layer) if p.role in ("down", "fc2"))
+    mod = ad.layers()[layer].get_submodule(part.spec.module)
+    col = ad.linear_weight(layer, part.spec)[:, j].clone()
+    row = torch.zeros_like(ad.linear_weight(layer, part.spec)[d])
+    row[j] = float(torch.cat([col[:d], col[d + 1:]]).pow(2).mean().sqrt())
+    _set_row(mod, d, row, part.spec.transposed)
+    plant_gain(model, layer, spec.name, d, gain)
+
+
+@torch.no_grad()
+def plant_attention_ma(model: nn.Module, layer: int = 1, k: int = 5, jv: int = 3, d: int = 7,
+                       value: float = 1000.0) -> int:
+    """A massive activation at token 0, channel ``d``, written by one entry of the attention output projection:
+    value channel ``jv`` reads only the token's feature in residual channel k, so the context of token 0 (which
+    attends to itself alone) is large in the channel(s) of that value; W_o[d, j] is set for the largest one, j,
+    so that the output at d is about ``value``. Later tokens read key position 0 with their attention
+    probability. Returns j."""
+    from .analysis.layout import linear_parts
+
+    ad = get_adapter(model)
+    _isolate_feature(model, ad, k, layer)
+    ids = bos_window(model)
+    _plant_reader(model, ad, layer, ("v",), k, jv, ids, 8.0)
+    ctx = _rows_at(model, ad, ids, layer, "attn.ctx")[0]
+    j = int(ctx.abs().argmax())
+    part = next(p for p in linear_parts(ad, layer) if p.role == "o")
+    w = ad.layers()[layer].get_submodule(part.spec.module).weight
+    w[(j, d) if part.spec.transposed else (d, j)] = value / float(ctx[j])
+    return j
+
+
+@torch.no_grad()
+def plant_bias_ma(model: nn.Module, layer: int = 1, d: int = 7, value: float = 1000.0,
+                  role: str | None = None) -> None:
+    """A massive activation in channel ``d`` of every token, written by the bias entry b[d] of a projection
+    (default: the FFN's down projection, ``down`` / ``fc2``; ``o``: the attention output)."""
+    role = role or ("down" if get_adapter(model).ffn_kind == "glu" else "fc2")
+    _, spec, _ = _linear_param(model, layer, role)
+    bias = getattr(get_adapter(model).layers()[layer].get_submodule(spec.module), "bias", None)
+    if bias is None:
+        raise ValueError(f"{spec.module} has no bias")
+    bias[d] = value
 
 
 def mitigation_modes() -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,22 @@ import torch
 from ..adapters import get_adapter
 from ..errors import DataError, OutlierlabError
 from ..evaluation import EvalConfig
+from .attribution import attention_reads
 from .detect import DetectConfig
 from .explain_co import channel_outliers, find_otcs, qk_outliers
-from .explain_ma import TRACK_POSITIONS, _Rows, ablate, explain_group, group_massive
+from .explain_ma import (
+    TRACK_POSITIONS,
+    _Rows,
+    ablate,
+    ablation_targets,
+    explain_group,
+    group_massive,
+)
 from .layout import capture_token_rows, same_as_map
+from .narrative import narrative
+from .records import jsonable
 
-EXPLAIN_VERSION = "1.0"
+EXPLAIN_VERSION = "1.1"
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,14 @@ class ExplainConfig:
     batch_size: int = 4
     # -- massive activations
     max_mas: int = 8                # MA groups explained, largest first (0 = all)
-    origin_fraction: float = 0.5    # origin layer: first layer reaching this fraction of the MA's peak
+    step_share: float = 0.1         # origin step: a branch writing at least this share of the residual peak
+    norm_gain_share: float = 0.5    # a step behind a norm is norm_gain when the gain makes this share of it (log)
+    attention_keys: int = 3         # key positions listed per context channel of an o_proj step
+    origin_fraction: float = 0.5    # span: layers holding this fraction of the peak (MAs off the residual: origin)
     top_contributors: int = 5       # terms of the writer decomposition reported
     top_channels: int = 3           # down-projection input channels reported per MA
     min_share: float = 0.1          # a candidate's term must carry at least this share of the writer output
-    max_candidates: int = 2         # super-weight candidates ablated per MA
+    max_candidates: int = 2         # super-weight candidates ablated per origin step
     max_ablations: int = 4          # ablation runs in total (each: eval perplexity + MA windows)
     ablate: bool = True
     cancel_step: float = 0.2        # a cancelling layer removes at least this fraction of the peak
@@ -86,9 +98,9 @@ class Explanation:
         """The ``explain`` section of report.json."""
         cos = self.channel_outliers
         at_norm = [c for c in cos if c["gamma"] is not None]
-        return _finite({
+        return jsonable({
             "version": EXPLAIN_VERSION,
-            "config": _jsonable(self.config),
+            "config": self.config,
             "definitions": DEFINITIONS,
             "perplexity": self.perplexity,
             "summary": {
@@ -97,6 +109,8 @@ class Explanation:
                                                 for s in g.get("super_weights", []) if s.get("verified")),
                 "n_joint_ablations_verified": sum(1 for g in self.massive_activations
                                                   if (g.get("joint_ablation") or {}).get("verified")),
+                "n_explained": sum(1 for g in self.massive_activations if g["steps_joint"].verified),
+                "n_origin_steps": sum(len(g["steps"]) for g in self.massive_activations),
                 "n_channel_outliers": len(cos),
                 "n_channel_outliers_at_norms": len(at_norm),
                 "n_gamma_dominated": sum(1 for c in at_norm if (c["gamma_share"] or 0) >= 0.5),
@@ -134,27 +148,6 @@ DEFINITIONS = {
     "qk_outlier": "q/k output channel whose profile channel median >= co_k x its head's median channel",
     "token_fraction": "fraction of sample tokens with |x_c| > co_k x the tensor median",
 }
-
-
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def _finite(obj):
-    """JSON-safe: non-finite floats become None (strict JSON has no NaN/inf)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -252,21 +245,17 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
             toks.append(g["token_index"])
     captures = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks), toks, smap)
                 for w, toks in by_window.items()}
-    mas = [explain_group(g, captures[g["window"]], profile, adapter, cfg) for g in groups]
+    mas = [explain_group(g, captures[g["window"]], profile, adapter, cfg, _reader(model, adapter, ids[g["window"]],
+                                                                               captures[g["window"]], cfg))
+           for g in groups]
     timings["ma_s"] = time.perf_counter() - t1
 
     eval_ids, protocol = _eval_ids(eval_windows, lm, tokenizer, cfg, notes) if cfg.ablate and mas else (None, None)
     ppl = {"baseline": None, "protocol": protocol}
     if cfg.ablate and mas:
         t2 = time.perf_counter()
-        keys = set()
-        for g in mas:
-            sws = [(s["layer"], s["module"], s["row"], s["col"]) for s in g.get("super_weights", [])]
-            keys.update((k,) for k in sws)
-            if len(sws) > 1:
-                keys.add(tuple(sws))
-        n = len(keys)
-        with _bar(min(n, cfg.max_ablations), progress, "ablating super-weight candidates") as advance:
+        n = len({key for g in mas for key, _ in ablation_targets(g, adapter)})
+        with _bar(min(n, cfg.max_ablations), progress, "ablating origin steps and super weights") as advance:
             res = ablate(model, adapter, mas, ids, profile, cfg, eval_ids,
                          _ppl_fn(model, eval_ids, cfg.eval.batch_size) if eval_ids is not None else None,
                          advance)
@@ -283,6 +272,17 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
 
     other = _other_massive(profile, mas)
     return Explanation(mas, other, cos, otcs, qk, ppl, cfg, timings, notes, info or {}, profile)
+
+
+def _reader(model, adapter, window: torch.Tensor, rows: _Rows, cfg: ExplainConfig):
+    """``reader(layer, token, channels)``: the attention reads of an o_proj step (one forward of the window)."""
+    def read(layer: int, token: int, channels: list[int]):
+        ctx = rows.row(layer, "attn.ctx", token)
+        if ctx is None:
+            return None
+        return attention_reads(model, adapter, window, layer, token, ctx, channels, cfg.attention_keys)
+
+    return read
 
 
 def _other_massive(profile, mas: list[dict]) -> list[dict]:
@@ -315,146 +315,6 @@ class _bar:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
-
-
-# -- narrative ------------------------------------------------------------------------------------------
-def _n(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    a = abs(v)
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 1:
-        return f"{v:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".") if a < 10 else f"{v:.1f}"
-    return f"{v:.3g}"
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.0f}%"
-
-
-def narrative(exp: Explanation, max_cos: int = 3) -> list[str]:
-    lines: list[str] = []
-    seen: dict[tuple, int] = {}
-    for g in exp.massive_activations:
-        tok = f" ({g['token']!r})" if g.get("token") else ""
-        where = "" if g["on_residual"] else " (at a projection output only, not on the residual stream)"
-        o = g.get("origin")
-        key = (g["channel"], g["on_residual"], o and o["layer"], o and o["position"],
-               tuple((s["row"], s["col"]) for s in g.get("super_weights", [])))
-        if o and key in seen:  # the same mechanism at another token: one line
-            j = g.get("joint_ablation") or (g.get("super_weights") or [{}])[0]
-            after = f"; ablating its weight(s) leaves {_n(j.get('ma_after'))}" if j.get("ma_after") is not None \
-                else ""
-            lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}: "
-                         f"same origin (layer {o['layer']}, {o['position']}) and weights as MA #{seen[key] + 1}"
-                         f"{after}.")
-            continue
-        if o:
-            seen[key] = exp.massive_activations.index(g)
-        if not o:
-            lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}: "
-                         "no origin layer found.")
-            continue
-        chans = []
-        for c in g.get("down_in_channels", []):
-            if c.get("up") is not None:
-                chans.append(f"channel {c['channel']} = {_n(c['value'])} (gate {_n(c['gate'])}, "
-                             f"act {_n(c['act'])}, up {_n(c['up'])})")
-            elif c.get("act") is not None:
-                chans.append(f"channel {c['channel']} = {_n(c['value'])} (fc1 {_n(c['gate'])})")
-            else:
-                chans.append(f"channel {c['channel']} = {_n(c['value'])}")
-        branch = {c.get("branch") for c in g.get("down_in_channels", [])} - {None, "fc1"}
-        branch_s = ""
-        if len(branch) == 1:
-            b = branch.pop()
-            branch_s = "; both the gate and the up branch are large" if b == "both" else \
-                f"; the {b} branch makes it large"
-        inp = g.get("decomposition", {}).get("input_position", "")
-        lines.append(f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where} first "
-                     f"appears at layer {o['layer']}, {o['position']}" + (f" ({o['alias']})" if o['alias'] else "")
-                     + (f"; written through {inp} " + ", ".join(chans) if chans else "") + branch_s + ".")
-        for c in g.get("down_in_channels", [])[:1]:
-            rows = c.get("rows") or []
-            if rows:
-                lines.append(f"The rows {c['channel']} of " + " and ".join(f"W_{r['role']}" for r in rows)
-                             + " align with the normalized input of that token (cosine "
-                             + ", ".join(f"{r['cosine']:.2f}, rank {r['cosine_rank']}/{r['rows']}" for r in rows)
-                             + ").")
-        for sw in g.get("super_weights", []):
-            name = f"W_{sw['role']}"
-            head = (f"{name}[{sw['row']}, {sw['col']}] = {_n(sw['value'])} ({sw['module']}, "
-                    f"{_n(sw['weight_ratio'])}x the median |w|) carries {_pct(sw['share'])} of the output")
-            if sw.get("verified") is None:
-                lines.append(head + ": not ablated" + (f" ({sw['skipped']})" if sw.get("skipped") else "") + ".")
-                continue
-            ppl = (f" and perplexity from {sw['ppl_before']:.2f} to {sw['ppl_after']:.2f}"
-                   if sw.get("ppl_before") is not None and sw.get("ppl_after") is not None else "")
-            if sw["verified"]:
-                lines.append(f"{head} and is a super weight: zeroing it drops the MA to {_n(sw['ma_after'])}{ppl}.")
-            else:
-                lines.append(f"{head} but is not verified: zeroing it leaves {_n(sw['ma_after'])}{ppl}.")
-        j = g.get("joint_ablation")
-        if j and j.get("verified") is not None:
-            ppl = (f", perplexity {j['ppl_before']:.2f} -> {j['ppl_after']:.2f}"
-                   if j.get("ppl_before") is not None and j.get("ppl_after") is not None else "")
-            lines.append(f"Zeroing the {len(j['weights'])} candidates together leaves {_n(j['ma_after'])}{ppl}: "
-                         + ("the MA is removed (verified jointly)." if j["verified"] else "not removed."))
-        fd = g.get("first_detected")
-        pre = g.get("precursor", {})
-        if fd and fd["layer"] < o["layer"]:
-            lines.append(f"A precursor ({_n(pre.get('max_before_origin'))} at most) already meets the MA rule "
-                         f"at layer {fd['layer']} {fd['position']}, below {_pct(exp.config.origin_fraction)} of "
-                         "the peak.")
-        cl = g.get("cancel_layers", [])
-        if g.get("peak_layer") is not None and g["on_residual"]:
-            s = f"The residual stream carries it from layer {o['layer']} (peak {_n(g.get('peak'))} at layer " \
-                f"{g['peak_layer']})"
-            if cl:
-                s += "; cancelled in layer" + ("s " if len(cl) > 1 else " ") + ", ".join(
-                    f"{c['layer']} ({c['by'] or '?'}, -{_pct(c['drop_fraction'])})" for c in cl)
-            if g.get("cancelled_at") is not None:
-                s += f"; below {_pct(exp.config.cancel_fraction)} of the peak from layer {g['cancelled_at']}"
-            else:
-                s += f"; {_pct(g.get('final_fraction'))} of the peak is left after the last layer"
-            lines.append(s + ".")
-
-    cos = exp.channel_outliers
-    at_norm = [c for c in cos if c["gamma"] is not None]
-    if cos:
-        lines.append(f"{len(cos)} channel-wise outliers (layer, position, channel); {len(at_norm)} at norm outputs, "
-                     f"of which gamma explains at least half for "
-                     f"{sum(1 for c in at_norm if (c['gamma_share'] or 0) >= 0.5)}.")
-        for c in sorted(at_norm, key=lambda c: -c["ratio"])[:max_cos]:
-            lines.append(f"Layer {c['layer']} {c['position']} channel {c['channel']}: {_n(c['ratio'])}x the median, "
-                         f"gamma {_n(c['gamma'])} ({_n(c['gain_ratio'])}x the median gain), ratio "
-                         f"{_n(c['ratio_before'])} before the gain vs {_n(c['ratio_after'])} after: gamma share "
-                         f"{_pct(c['gamma_share'])}; {c['persistence']}, {c['kind'] or '?'} "
-                         f"({_pct(c['token_fraction'])} of tokens), CO in {len(c['layers'])} layer(s).")
-        dom = sorted((c for c in at_norm if (c["gamma_share"] or 0) >= 0.5), key=lambda c: -c["ratio"])
-        if dom:
-            lines.append("Gamma-dominated: " + "; ".join(
-                f"layer {c['layer']} {c['position']} channel {c['channel']} ({_n(c['ratio'])}x, gamma "
-                f"{_n(c['gamma'])} = {_n(c['gain_ratio'])}x the median gain, share {_pct(c['gamma_share'])})"
-                for c in dom[:max_cos]) + ".")
-    else:
-        lines.append("No channel-wise outliers.")
-    w = [o for o in exp.otcs if o["cause"] == "weight"]
-    lines.append(f"{len(exp.otcs)} outlier-triggering columns ({len(w)} caused by the weight column, "
-                 f"{len(exp.otcs) - len(w)} by the activation it reads).")
-    for o in w[:max_cos]:
-        lines.append(f"OTC {o['module']} column {o['col']} ({o['role']}): score {_n(o['ratio'])}x the median, "
-                     f"||W[:, c]|| {_n(o['weight_ratio'])}x, E|x_c| {_n(o['act_ratio'])}x.")
-    if exp.qk_outliers:
-        q = exp.qk_outliers[0]
-        lines.append(f"{len(exp.qk_outliers)} q/k output channels stand out in their head; the largest: layer "
-                     f"{q['layer']} {q['role']} head {q['head']} channel {q['index']} ({_n(q['ratio_head'])}x the "
-                     f"head median), driven by input column(s) "
-                     + ", ".join(f"{d['col']} ({_pct(d['share'])})" for d in q["drivers"]) + ".")
-    for note in exp.notes:
-        lines.append(f"Note: {note}.")
-    return lines
 
 
 # -- reusing a saved profile ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Massive activations: where each one is born, which channels and weights make it, whether ablating the
-weight removes it, and how the residual stream carries it until it is cancelled.
+"""Massive activations: the writes that build each one (origin steps, :mod:`.attribution`), the weights,
+gains or biases whose ablation removes it, and how the residual stream carries it until it is cancelled.
 
 Definitions (all measured, none assumed):
 
@@ -7,40 +7,44 @@ Definitions (all measured, none assumed):
   ``block.out`` and the raw writer outputs ``attn.out`` / ``mlp.out``, plus post-norms where a family has them)
   that share (token index, channel). Its ``value`` is the largest |x| on the residual stream (on the tracked
   positions when the residual never holds it, e.g. an FFN output a post-norm squashes).
-- **Origin layer**: the first layer at which |x[token, channel]| on a tracked position reaches
-  ``origin_fraction`` (0.5) of the group's peak, read from one forward of the window where the MA is largest.
-  Earlier hits of the MA rule in the same channel are reported as ``first_detected`` / ``precursor``.
-- **Writer**: the projection (FFN down projection or attention output projection) whose raw output at
-  (token, channel) is larger in the origin layer.
-- **Origin position**: the first position of the writer's branch, in execution order, where the token holds
-  an MA by the profile's rule (|x| > max(ma_abs, ma_rel x the tensor's median)); the writer output if none.
-- **Super-weight candidates**: the entries W[channel, j] of the writer whose term W[channel, j] * x_in[j]
-  carries at least ``min_share`` of the writer output, at most ``max_candidates`` per MA.
+- **Origin steps**: the branches whose residual write is at least ``step_share`` of the peak, in order
+  (:func:`.attribution.origin_steps`); the first one is the group's ``origin`` (layer, the first MA-rule hit of
+  its branch as ``position``, ``writer``). Earlier MA-rule hits are ``first_detected`` / ``precursor``.
+- **Super-weight candidates**: the weight entries W[channel, j] of the ``down_proj`` / ``o_proj`` steps whose
+  term carries at least ``min_share`` of the projection output, at most ``max_candidates`` per step.
 - **Span**: the layers from the origin on whose residual output (``block.out``) still holds at least
   ``origin_fraction`` of the MA's residual peak (for an MA that never reaches the residual stream: the layers
   whose tracked positions do); late layers that cancel it write large values of their own and are left out.
-- **Verified**: after zeroing the candidate, |x[token, channel]| is at or below the MA rule's threshold at
-  every tracked position of every layer of the span (thresholds from the unablated profile's medians).
-  Each candidate is ablated alone, then all candidates of the MA together (``joint_ablation``).
+- **Verified**: after the ablation, |x[token, channel]| is at or below the MA rule's threshold at every
+  tracked position of every layer of the span (thresholds from the unablated profile's medians). Ablated: all
+  steps together (``steps_joint``: the MA is *explained* when it is verified), each step, each candidate alone,
+  the candidates together (``joint_ablation``).
 - **Cancellation**: layers after the peak where the residual value loses at least ``cancel_step`` of the peak
   magnitude; ``cancelled_at`` is the first layer where it falls below ``cancel_fraction`` of the peak.
 """
 
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 
 import torch
 
 from ..adapters.base import Adapter
+from .attribution import (
+    Decomposition,
+    median_of,
+    origin_steps,
+    weight_edit,
+    writer_part,
+)
 from .layout import (
     HIDDEN_POSITIONS,
     RESIDUAL_POSITIONS,
-    WRITER_POSITIONS,
     capture_token_rows,
     linear_parts,
     same_as_map,
 )
+from .records import Ablation, Edit
 
 TRACK_POSITIONS = ("attn.in", "attn.out", "attn.post_norm", "mlp.in", "mlp.out", "mlp.post_norm", "block.out")
 
@@ -165,11 +169,6 @@ def cancellation(prop: list[dict], cancel_step: float, cancel_fraction: float) -
             "cancelled_at": cancelled_at, "final_fraction": mags[-1] / peak if peak > 0 else None}
 
 
-def _median_of(profile, layer: int, position: str) -> float | None:
-    r = profile.results.get((layer, position))
-    return None if r is None else float(r.stats["median"])
-
-
 def _chain(rows: _Rows, profile, adapter: Adapter, layer: int, token: int, channel: int, detect) -> list[dict]:
     chain = []
     for p in adapter.positions():
@@ -178,7 +177,7 @@ def _chain(rows: _Rows, profile, adapter: Adapter, layer: int, token: int, chann
             continue
         a = row.abs()
         top = int(a.argmax())
-        med = _median_of(profile, layer, p.name)
+        med = median_of(profile, layer, p.name)
         thr = threshold(profile, layer, p.name, detect)
         entry = {"position": p.name, "alias": p.alias, "token_absmax": float(a[top]), "top_channel": top,
                  "top_value": float(row[top]), "median": med, "threshold": thr,
@@ -189,164 +188,73 @@ def _chain(rows: _Rows, profile, adapter: Adapter, layer: int, token: int, chann
     return chain
 
 
-def _log_ratio(v: float | None, med: float | None) -> float:
-    if v is None or not med or med <= 0:
-        return 0.0
-    return max(math.log10(max(abs(v), 1e-30) / med), 0.0)
-
-
-def _rows_feeding(adapter: Adapter, parts, layer: int, j: int, rows: _Rows, token: int, roles) -> list[dict]:
-    """The rows of W_gate / W_up (or W_fc1) producing intermediate channel ``j``, and their alignment with the
-    norm output at ``token``: cosine, rank of that cosine among all rows, and the input channels driving it."""
-    out = []
-    for part in parts:
-        if part.role not in roles:
-            continue
-        x = rows.row(layer, part.input_position, token)
-        if x is None:
-            continue
-        w = part.weight(adapter, layer)
-        if j >= w.shape[0]:
-            continue
-        x = x.to(w.device)
-        dots = w @ x
-        norms = w.norm(dim=1)
-        xn = float(x.norm())
-        cos_all = dots / (norms * xn).clamp_min(1e-30)
-        cos = float(cos_all[j])
-        rank = int((cos_all.abs() > abs(cos)).sum()) + 1
-        terms = (w[j] * x).cpu()
-        x = x.cpu()
-        k = min(3, terms.numel())
-        idx = terms.abs().topk(k).indices
-        dot = float(dots[j])
-        bias = part.bias(adapter, layer)
-        out.append({
-            "role": part.role, "module": part.module, "row": j, "cosine": cos, "cosine_rank": rank,
-            "rows": int(w.shape[0]), "row_norm": float(norms[j]),
-            "row_norm_ratio": float(norms[j] / norms.median().clamp_min(1e-30)),
-            "pre_activation": dot + (float(bias[j]) if bias is not None else 0.0),
-            "drivers": [{"channel": int(c), "input": float(x[c]), "weight": float(w[j, c].cpu()),
-                         "share": float(terms[c] / dot) if dot else None} for c in idx],
-        })
-    return out
-
-
-def explain_group(g: dict, rows: _Rows, profile, adapter: Adapter, cfg) -> dict:
-    """Origin, operator chain, writer decomposition and candidates of one MA group (no ablation yet)."""
-    det = cfg.detect
-    t, d = g["token_index"], g["channel"]
-    series = _track_series(rows, adapter, t, d)
-    peak = max(series) if series else 0.0
-    origin_layer = next((i for i, v in enumerate(series) if peak > 0 and v >= cfg.origin_fraction * peak), None)
-    prop = propagation(rows, adapter, t, d)
-    res = {**g, "peak_tracked": peak, "propagation": prop,
-           **cancellation(prop, cfg.cancel_step, cfg.cancel_fraction)}
-    if origin_layer is None:
-        res.update({"origin": None, "down_in_channels": [], "super_weights": [], "contributors": []})
-        return res
-    L = origin_layer
+def _legacy_origin(g: dict, rows: _Rows, profile, adapter: Adapter, cfg, step, prop, series) -> dict:
+    """``origin``, ``precursor`` and ``chain`` of the first origin step (the fields of explain 1.0)."""
+    t, d, L = g["token_index"], g["channel"], step.layer
     pre = [abs(p["value"]) for p in prop[:L] if p["value"] is not None]
-    res["precursor"] = {"max_before_origin": max(pre) if pre else 0.0,
-                        "value_entering_origin": prop[L]["attn_in"]}
-    names = set(adapter.position_names())
-    writer_vals = {p: rows.at(L, p, t, d) for p in WRITER_POSITIONS if p in names}
-    writer_vals = {p: v for p, v in writer_vals.items() if v is not None}
-    writer = max(writer_vals, key=lambda p: abs(writer_vals[p])) if writer_vals else "mlp.out"
-    chain = _chain(rows, profile, adapter, L, t, d, det)
-    branch = writer.split(".")[0] + "."
-    entry_pos = {"mlp.": "mlp.in", "attn.": "attn.in"}[branch]
-    origin_pos = next((c["position"] for c in chain
-                       if c["position"].startswith(branch) and c["position"] != entry_pos and c["is_ma"]), writer)
+    chain = _chain(rows, profile, adapter, L, t, d, cfg.detect)
+    branch = step.branch + "."
+    origin_pos = next((c["position"] for c in chain if c["position"].startswith(branch)
+                       and c["position"] != f"{step.branch}.in" and c["is_ma"]), step.writer)
     alias = next((p.alias for p in adapter.positions() if p.name == origin_pos), None)
     if g["on_residual"]:  # the layers whose output still carries the MA (not the late writes that cancel it)
         resid = [abs(p["value"]) if p["value"] is not None else 0.0 for p in prop]
         top = max(resid) if resid else 0.0
         span = [i for i in range(L, len(resid)) if top > 0 and resid[i] >= cfg.origin_fraction * top] or [L]
     else:
-        span = [i for i in range(L, len(series)) if series[i] >= cfg.origin_fraction * peak]
-    res["origin"] = {"layer": L, "position": origin_pos, "alias": alias, "writer": writer,
-                     "writer_value": writer_vals.get(writer), "span": span}
-    res["chain"] = chain
+        peak = max(series) if series else 0.0
+        span = [i for i in range(L, len(series)) if series[i] >= cfg.origin_fraction * peak] or [L]
+    return {"origin": {"layer": L, "position": origin_pos, "alias": alias, "writer": step.writer,
+                       "writer_value": step.writer_value, "span": span},
+            "precursor": {"max_before_origin": max(pre) if pre else 0.0, "value_entering_origin": prop[L]["attn_in"]},
+            "chain": chain}
 
-    parts = linear_parts(adapter, L)
-    wpart = next((p for p in parts if p.output_position == writer), None)
-    if wpart is None:
-        res.update({"down_in_channels": [], "super_weights": [], "contributors": []})
-        return res
-    x_in = rows.row(L, wpart.input_position, t)
-    W = wpart.weight(adapter, L)
-    terms = W[d].cpu() * x_in
-    bias = wpart.bias(adapter, L)
-    b = float(bias[d]) if bias is not None else 0.0
-    total = float(terms.sum()) + b
-    k = min(cfg.top_contributors, terms.numel())
-    idx = terms.abs().topk(k).indices.tolist()
-    w_med = float(W.abs().median().clamp_min(1e-30))
-    contributors = [{"channel": j, "input": float(x_in[j]), "weight": float(W[d, j]),
-                     "contribution": float(terms[j]), "share": float(terms[j]) / total if total else None}
-                    for j in idx]
-    res["decomposition"] = {"module": wpart.module, "input_position": wpart.input_position,
-                            "output": total, "bias": b, "captured": writer_vals.get(writer),
-                            "n_terms": int(terms.numel())}
-    res["contributors"] = contributors
 
-    strong = [c for c in contributors if c["share"] is not None and abs(c["share"]) >= cfg.min_share]
-    carriers = strong[:cfg.top_channels] or contributors[:1]
-    glu = adapter.ffn_kind == "glu"
-    channels = []
-    for c in carriers:
-        j = c["channel"]
-        item = {"channel": j, "value": c["input"], "share": c["share"]}
-        if branch == "mlp.":
-            if glu:
-                gate, up, act = (rows.at(L, p, t, j) for p in ("mlp.gate", "mlp.up", "mlp.act"))
-                lg = _log_ratio(act, _median_of(profile, L, "mlp.act"))
-                lu = _log_ratio(up, _median_of(profile, L, "mlp.up"))
-                share = lg / (lg + lu) if lg + lu > 0 else None
-                label = None if share is None else ("gate" if share >= 0.65 else "up" if share <= 0.35 else "both")
-                item.update({"gate": gate, "up": up, "act": act, "gate_log_ratio": lg, "up_log_ratio": lu,
-                             "gate_share": share, "branch": label})
-                roles = ("gate", "up")
-            else:
-                item.update({"gate": rows.at(L, "mlp.fc1", t, j), "up": None, "act": rows.at(L, "mlp.act", t, j),
-                             "branch": "fc1"})
-                roles = ("fc1",)
-            item["rows"] = _rows_feeding(adapter, parts, L, j, rows, t, roles)
-        else:
-            item.update({"gate": None, "up": None})
-        channels.append(item)
-    res["down_in_channels"] = channels
-
-    cands = strong[:cfg.max_candidates] or contributors[:1]
-    sws = []
-    for c in cands:
-        j = c["channel"]
-        sw = {"module": wpart.module, "role": wpart.role, "layer": L, "row": d, "col": j,
-              "value": c["weight"], "weight_ratio": abs(c["weight"]) / w_med,
-              "contribution": c["contribution"], "share": c["share"],
-              "verified": None, "ma_after": None, "ppl_before": None, "ppl_after": None}
-        if wpart.spec.transposed:
-            sw["storage_index"] = [j, d]
-        sws.append(sw)
-    res["super_weights"] = sws
-    if len(sws) > 1:
-        res["joint_ablation"] = {"weights": [{"module": s["module"], "row": s["row"], "col": s["col"]}
-                                             for s in sws],
+def _legacy_writes(g: dict, rows: _Rows, adapter: Adapter, cfg, steps) -> dict:
+    """``decomposition``, ``contributors``, ``down_in_channels``, ``super_weights`` and ``joint_ablation``:
+    the first step's projection, and the weight entries of every step, each ablated alone."""
+    out = {"down_in_channels": steps[0].channels, "contributors": [], "super_weights": []}
+    first = steps[0]
+    part = writer_part(adapter, first.layer, first.branch)
+    if part is not None and rows.row(first.layer, part.input_position, g["token_index"]) is not None:
+        dec = Decomposition(rows, adapter, part, first.layer, g["token_index"], g["channel"], cfg.top_contributors)
+        out["decomposition"] = {"module": part.module, "input_position": part.input_position, "output": dec.total,
+                                "bias": dec.bias or 0.0, "captured": first.writer_value, "n_terms": dec.n_terms}
+        out["contributors"] = [{"channel": w.col, "input": w.input, "weight": w.weight,
+                                "contribution": w.contribution, "share": w.share} for w in dec.terms]
+    for step in steps:
+        transposed = step.module is not None and writer_part(adapter, step.layer, step.branch).spec.transposed
+        for w in step.weights if step.mechanism in ("down_proj", "o_proj") else []:
+            sw = {"module": w.module, "role": w.role, "layer": step.layer, "row": w.row, "col": w.col,
+                  "value": w.weight, "weight_ratio": w.weight_ratio, "contribution": w.contribution,
+                  "share": w.share, "verified": None, "ma_after": None, "ppl_before": None, "ppl_after": None}
+            if transposed:
+                sw["storage_index"] = [w.col, w.row]
+            out["super_weights"].append(sw)
+    if len(out["super_weights"]) > 1:
+        out["joint_ablation"] = {"weights": [{"module": s["module"], "row": s["row"], "col": s["col"]}
+                                             for s in out["super_weights"]],
                                  "verified": None, "ma_after": None, "ppl_before": None, "ppl_after": None}
+    return out
+
+
+def explain_group(g: dict, rows: _Rows, profile, adapter: Adapter, cfg, reader=None) -> dict:
+    """Origin steps (residual-growth attribution), operator chain, writer decomposition and super-weight
+    candidates of one MA group (no ablation yet). ``reader(layer, token, channels)`` gives attention reads."""
+    t, d = g["token_index"], g["channel"]
+    series = _track_series(rows, adapter, t, d)
+    prop = propagation(rows, adapter, t, d)
+    canc = cancellation(prop, cfg.cancel_step, cfg.cancel_fraction)
+    res = {**g, "peak_tracked": max(series) if series else 0.0, "propagation": prop, **canc}
+    steps = origin_steps(g, rows, profile, adapter, cfg, prop, canc, series, reader)
+    res["steps"] = steps
+    res["steps_joint"] = Ablation(edits=list(key(e for s in steps for e in s.ablation.edits)))
+    if not steps:
+        res.update({"origin": None, "down_in_channels": [], "super_weights": [], "contributors": []})
+        return res
+    res.update(_legacy_origin(g, rows, profile, adapter, cfg, steps[0], prop, series))
+    res.update(_legacy_writes(g, rows, adapter, cfg, steps))
     return res
-
-
-def _weight_param(adapter: Adapter, key: tuple):
-    layer, module, row, col = key
-    part = next(p for p in linear_parts(adapter, layer) if p.module == module)
-    param = adapter.layers()[layer].get_submodule(part.spec.module).weight
-    idx = (col, row) if part.spec.transposed else (row, col)
-    return param, idx
-
-
-def _key(sw: dict) -> tuple:
-    return (sw["layer"], sw["module"], sw["row"], sw["col"])
 
 
 def ma_after_ablation(rows: _Rows, profile, adapter: Adapter, g: dict, detect) -> dict:
@@ -359,9 +267,7 @@ def ma_after_ablation(rows: _Rows, profile, adapter: Adapter, g: dict, detect) -
     worst_all, where_all = 0.0, None
     for layer in range(g["origin"]["layer"], adapter.n_layers):
         for p in TRACK_POSITIONS:
-            if p not in names:
-                continue
-            v = rows.at(layer, p, t, d)
+            v = rows.at(layer, p, t, d) if p in names else None
             if v is None:
                 continue
             if abs(v) > worst_all:
@@ -378,46 +284,85 @@ def ma_after_ablation(rows: _Rows, profile, adapter: Adapter, g: dict, detect) -
             "ma_after_any_layer_at": where_all, "propagation_after": resid}
 
 
+def key(edits) -> tuple[Edit, ...]:
+    """The distinct edits, in a fixed order: one ablation run per key."""
+    return tuple(sorted(set(edits), key=Edit.sort_key))
+
+
+def ablation_targets(g: dict, adapter: Adapter) -> list[tuple[tuple[Edit, ...], object]]:
+    """What one MA asks to ablate, most telling first: all its origin steps together (``steps_joint``), each
+    step, each super-weight candidate alone, the candidates together (same keys share one run)."""
+    steps = g.get("steps") or []
+    out = [(key(g["steps_joint"].edits), g["steps_joint"])] if steps and g["steps_joint"].edits else []
+    out += [(key(s.ablation.edits), s.ablation) for s in steps if s.ablation.edits]  # one step: the joint
+    sws = [(sw, _sw_edit(adapter, sw)) for sw in g.get("super_weights", [])]
+    out += [((e,), sw) for sw, e in sws]
+    if g.get("joint_ablation"):
+        out.append((key(e for _, e in sws), g["joint_ablation"]))
+    return out
+
+
+def _sw_edit(adapter: Adapter, sw: dict) -> Edit:
+    part = next(p for p in linear_parts(adapter, sw["layer"]) if p.module == sw["module"] and p.role == sw["role"])
+    return weight_edit(part, sw["layer"], sw["row"], sw["col"])
+
+
+def _record(target, fields: dict) -> None:
+    """Fill an ablation result into a legacy dict (super_weights, joint_ablation) or an :class:`Ablation`."""
+    if isinstance(target, dict):
+        target.update(fields)
+        return
+    for k, v in fields.items():
+        if hasattr(target, k) and k != "edits":
+            setattr(target, k, v)
+
+
+@contextmanager
+def edited(model, edits: tuple[Edit, ...]):
+    """The model with ``edits`` applied; every entry restored bit-exactly on any exit."""
+    params = [(model.get_submodule(e.module).get_parameter(e.param), e.index, e.to) for e in edits]
+    originals = []
+    try:
+        with torch.no_grad():
+            for param, idx, to in params:
+                originals.append(param[idx].clone())
+                param[idx] = to
+        yield model
+    finally:
+        with torch.no_grad():
+            for (param, idx, _), orig in zip(reversed(params[:len(originals)]), reversed(originals)):
+                param[idx] = orig
+
+
 @torch.no_grad()
 def ablate(model, adapter: Adapter, groups: list[dict], ids: torch.Tensor, profile, cfg, eval_ids,
            ppl_fn, progress=None) -> dict:
-    """Zero each distinct super-weight candidate in turn, then each MA's candidates together (restored
-    exactly in a ``finally``), re-run the windows of the MAs concerned and the evaluation windows, and fill
-    the ablation fields. At most ``cfg.max_ablations`` ablation runs, in MA order."""
+    """Run each distinct ablation of :func:`ablation_targets` once (edits restored in a ``finally``): the MA
+    windows concerned are re-run and the evaluation windows give the perplexity. At most ``cfg.max_ablations``
+    runs, in MA order; the rest are marked skipped."""
     smap = same_as_map(adapter)
-    names = set(adapter.position_names())
-    track = [p for p in TRACK_POSITIONS if p in names]
-    jobs: dict[tuple, list[tuple[dict, dict]]] = {}
+    track = [p for p in TRACK_POSITIONS if p in set(adapter.position_names())]
+    jobs: dict[tuple, list[tuple[dict, object]]] = {}
     for g in groups:
-        targets = [((_key(sw),), sw) for sw in g.get("super_weights", [])]
-        if g.get("joint_ablation"):
-            targets.append((tuple(_key(sw) for sw in g["super_weights"]), g["joint_ablation"]))
-        for key, target in targets:
+        for key, target in ablation_targets(g, adapter):
             if key not in jobs and len(jobs) >= cfg.max_ablations:
-                target["skipped"] = "max_ablations reached"
+                _record(target, {"skipped": "max_ablations reached"})
                 continue
             jobs.setdefault(key, []).append((g, target))
     base = ppl_fn() if (ppl_fn is not None and jobs) else None
     for key, users in jobs.items():
-        params = [_weight_param(adapter, k) for k in key]
-        originals = [param[idx].clone() for param, idx in params]
-        try:
-            for param, idx in params:
-                param[idx] = 0.0
-            by_window: dict[int, list[int]] = {}
-            for g, _ in users:
-                toks = by_window.setdefault(g["window"], [])
-                if g["token_index"] not in toks:
-                    toks.append(g["token_index"])
+        by_window: dict[int, list[int]] = {}
+        for g, _ in users:
+            toks = by_window.setdefault(g["window"], [])
+            if g["token_index"] not in toks:
+                toks.append(g["token_index"])
+        with edited(model, key):
             caps = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks, positions=track), toks, smap)
                     for w, toks in by_window.items()}
             after_ppl = ppl_fn() if ppl_fn is not None else None
-        finally:
-            for (param, idx), orig in zip(reversed(params), reversed(originals)):
-                param[idx] = orig
         for g, target in users:
-            target.update(ma_after_ablation(caps[g["window"]], profile, adapter, g, cfg.detect))
-            target["ppl_before"], target["ppl_after"] = base, after_ppl
+            _record(target, {**ma_after_ablation(caps[g["window"]], profile, adapter, g, cfg.detect),
+                             "ppl_before": base, "ppl_after": after_ppl})
         if progress is not None:
             progress()
     return {"ppl_baseline": base, "ablations": len(jobs)}
