@@ -7,7 +7,6 @@ are unchanged, so an interrupted run resumes where it stopped (compare also cach
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -21,6 +20,7 @@ from rich.console import Console
 from .data import DataConfig
 from .evaluation import EvalConfig
 from .paths import atomic_write_json
+from .runtime.journal import WeightJournal
 
 STAGES = ("profile", "explain", "mitigate", "compare", "report")
 #: every method and preset (``outlierlab run --methods all --quant all``); about 40 cells, over 30 min on 2 CPU cores
@@ -177,14 +177,15 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
         window = ev.input_ids[:1]
         landscape.capture_to_file(lm.model, window, out / landscape.BEFORE_FILE, layers, tokenizer=lm.tokenizer)
         before = measure(lm.model, ev, tokenizer=lm.tokenizer)
-        model = copy.deepcopy(lm.model)
-        result = mitigate(model, [config.recommended], calib, lm.tokenizer, log=lambda s: console.print(f"  {s}"))
-        try:
-            after = measure(model, ev, tokenizer=lm.tokenizer)
-            landscape.capture_to_file(model, window, out / landscape.AFTER_FILE, layers, tokenizer=lm.tokenizer)
-        finally:
-            result.remove()
-            del model
+        with WeightJournal(lm.model):  # the weights come back bit for bit afterwards (no copy on the device)
+            result = mitigate(lm.model, [config.recommended], calib, lm.tokenizer,
+                              log=lambda s: console.print(f"  {s}"))
+            try:
+                after = measure(lm.model, ev, tokenizer=lm.tokenizer)
+                landscape.capture_to_file(lm.model, window, out / landscape.AFTER_FILE, layers,
+                                          tokenizer=lm.tokenizer)
+            finally:
+                result.remove()
         doc = {"methods": result.applied, "before": before, "after": after, "reduction": reduction(before, after),
                "protocol": config.eval.protocol(), "seconds": time.perf_counter() - t0}
         atomic_write_json(out / "mitigate.json", doc)
