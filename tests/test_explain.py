@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,15 @@ from outlierlab.adapters import get_adapter
 from outlierlab.analysis.explain import ExplainConfig, explain, profile_from_report
 from outlierlab.analysis.explain_ma import cancellation
 from outlierlab.analysis.layout import capture_token_rows, linear_parts
+from outlierlab.analysis.records import Edit
 from outlierlab.testing import (
     BOS,
     TINY_FAMILIES,
+    plant_attention_ma,
+    plant_bias_ma,
+    plant_ffn_steps,
     plant_gain,
+    plant_norm_gain_ma,
     plant_otc_column,
     plant_token_ma,
     random_windows,
@@ -311,3 +317,175 @@ def test_cli_explain_and_profile_reuse(tiny_folder, tmp_path, cache):
     result = runner.invoke(app, ["explain", "--profile", str(tmp_path / "nothing"), "-o", str(out2), *common])
     assert result.exit_code == 2 and result.output.strip().startswith("error:")
     assert len(result.output.strip().splitlines()) == 1
+
+
+# -- origin steps: every mechanism on planted models -------------------------------------------------------
+def explained(model, **cfg):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exp = explain(model, windows(model), ExplainConfig(**cfg), eval_windows=windows(model, 2, 32, seed=1))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every ablation restored bit-exactly
+    assert hook_count(model) == 0
+    return exp
+
+
+def group(exp, token=0, channel=MA["d"]):
+    return next(g for g in exp.massive_activations if (g["token_index"], g["channel"]) == (token, channel))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox"])
+def test_two_ffn_steps_are_both_origins(model_type):
+    """Two FFNs write 2/3 and 1/3 of the MA, each reading the token by itself, with y6 (y4) values far below the
+    MA rule: both layers are origin steps, neither ablation alone removes the MA, both together do."""
+    model = tiny_model(model_type)
+    plant_ffn_steps(model, ((1, 400.0), (2, 200.0)), k=MA["k"], j=MA["j"], d=MA["d"], c=6.0)
+    exp = explained(model, max_mas=1, max_ablations=3)
+    g = group(exp)
+    assert [(s.layer, s.branch, s.mechanism) for s in g["steps"]] == [(1, "mlp", "down_proj"), (2, "mlp", "down_proj")]
+    assert [s.share for s in g["steps"]] == [pytest.approx(2 / 3, abs=0.05), pytest.approx(1 / 3, abs=0.05)]
+    for s in g["steps"]:
+        (w,) = s.weights
+        assert (w.module, w.row, w.col) == (down_module(model, s.layer), MA["d"], MA["j"])
+        assert w.weight == pytest.approx(stored_down_weight(model, s.layer, MA["d"], MA["j"]))
+        assert [c["channel"] for c in s.channels] == [MA["j"]]
+        assert s.ablation.verified is False and s.ablation.ma_after > 100  # one step alone is not enough
+    assert g["steps_joint"].verified is True and g["steps_joint"].ma_after < 100
+    # the y6 (y4) inputs are far below the MA rule: the threshold is not what makes an origin
+    assert not any(m["position"] == "mlp.down_in" and m["token_index"] == 0 for m in exp.profile.massive_activations)
+    assert {(s["layer"], s["row"], s["col"]) for s in g["super_weights"]} == {(1, MA["d"], MA["j"]), (2, MA["d"], MA["j"])}
+    text = " ".join(exp.narrative())
+    assert "built in 2 steps" in text and "explained (verified by ablation)" in text
+    assert "made at y6 by W_down" in text if get_adapter(model).ffn_kind == "glu" else "made at y4 by W_fc2" in text
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_post_norm_gain_step(model_type):
+    """An ordinary FFN output (normalized value about 1) times a post-FFN norm gain of 2000: the step is the
+    gain, named with the norm, channel, gain and median gain; setting the gain to the median removes the MA."""
+    model = tiny_model(model_type)
+    plant_norm_gain_ma(model, layer=1, k=MA["k"], j=MA["j"], d=MA["d"], gain=2000.0)
+    exp = explained(model, max_mas=1, max_ablations=2)
+    g = group(exp)
+    assert g["on_residual"] and abs(g["value"]) > 1000
+    (s,) = g["steps"]
+    assert (s.layer, s.branch, s.mechanism) == (1, "mlp", "norm_gain")
+    assert s.label == "made by the post-FFN norm gain"
+    n = s.norm
+    assert n.module == "model.layers.1.post_feedforward_layernorm" and n.norm == "mlp.post_norm"
+    assert n.channel == MA["d"] and n.gain == pytest.approx(2000.0) and n.median_gain == pytest.approx(1.0, abs=0.1)
+    assert abs(n.pre_gain) < 3 and n.gain_share > 0.8
+    (e,) = s.ablation.edits
+    offset = 1.0  # Gemma stores gamma - 1
+    assert (e.kind, e.module, e.param, e.index) == ("gain", n.module, "weight", (MA["d"],))
+    assert e.to == pytest.approx(n.median_gain - offset)
+    assert s.ablation.verified is True and s.ablation.ma_after < 100
+    assert g["super_weights"] == []  # no weight makes it
+    assert "made by the post-FFN norm gain" in " ".join(exp.narrative())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_attention_output_step(model_type):
+    """W_o[d, j] writes the MA from context channel j, which token 0 reads from itself (key position 0, p = 1);
+    token 1 reads the same key with its attention probability."""
+    model = tiny_model(model_type)
+    j = plant_attention_ma(model, layer=1, k=MA["k"], d=MA["d"], value=1000.0)
+    exp = explained(model, max_mas=2, max_ablations=1)
+    for token in (0, 1):
+        (s,) = group(exp, token)["steps"]
+        assert (s.layer, s.branch, s.mechanism) == (1, "attn", "o_proj")
+        (w,) = s.weights
+        assert (w.role, w.row, w.col) == ("o", MA["d"], j)
+        (read,) = s.attention
+        assert read.channel == j and read.head == j // 16  # head_dim 16 in the tiny configs
+        assert read.keys[0].key_position == 0 and read.keys[0].share == pytest.approx(1.0, abs=0.05)
+        assert s.ablation.verified is True
+    assert group(exp, 0)["steps"][0].attention[0].keys[0].prob == pytest.approx(1.0)
+    assert group(exp, 1)["steps"][0].attention[0].keys[0].prob < 1.0
+    assert "reading key position 0" in " ".join(exp.narrative())
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_bias_step(model_type):
+    model = tiny_model(model_type)
+    plant_bias_ma(model, layer=1, d=MA["d"], value=1000.0)
+    exp = explained(model, max_mas=2, max_ablations=1)
+    g = exp.massive_activations[0]
+    assert g["channel"] == MA["d"]
+    (s,) = g["steps"]
+    assert (s.layer, s.branch, s.mechanism) == (1, "mlp", "bias")
+    assert s.bias.channel == MA["d"] and s.bias.value == pytest.approx(1000.0) and s.bias.share > 0.9
+    assert [e.kind for e in s.ablation.edits] == ["bias"] and s.weights == []
+    assert s.ablation.verified is True and g["super_weights"] == []
+    assert "made by the bias of W_fc2" in " ".join(exp.narrative())
+
+
+def test_every_edit_kind_is_restored_when_the_run_fails(monkeypatch):
+    import outlierlab.analysis.explain_ma as ema
+
+    model = tiny_model("gemma2")
+    plant_norm_gain_ma(model)
+    edits = (Edit("gain", 1, "model.layers.1.post_feedforward_layernorm", "weight", (7,), 0.0),
+             Edit("weight", 1, "model.layers.1.mlp.down_proj", "weight", (7, 13), 0.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"), ema.edited(model, edits):
+        assert float(model.model.layers[1].post_feedforward_layernorm.weight.detach()[7]) == 0.0
+        raise RuntimeError("inside")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(ema, "capture_token_rows", boom)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        explain(model, windows(model), ExplainConfig(max_mas=1), eval_windows=windows(model, 1, 32, seed=1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert hook_count(model) == 0
+
+
+def test_attention_reads_restore_the_attention_implementation():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    j = plant_attention_ma(model)
+    exp = explained(model, max_mas=1, ablate=False)
+    assert model.config._attn_implementation == "sdpa"
+    (s,) = group(exp)["steps"]
+    assert s.attention[0].channel == j and s.attention[0].keys[0].key_position == 0
+
+
+def _documented_keys(heading: str) -> set[str]:
+    """The keys of the markdown table under ``heading`` in docs/explain.md."""
+    text = (Path(__file__).parents[1] / "docs" / "explain.md").read_text()
+    table = text.split(heading, 1)[1].split("\n\n", 2)[1]
+    keys = set()
+    for line in table.splitlines()[2:]:
+        cell = line.split("|")[1]
+        keys.update(k.strip().strip("`").rstrip("?") for k in cell.split(","))
+    return keys
+
+
+def test_written_json_follows_the_documented_schema(tmp_path):
+    model = tiny_model("llama")
+    plant_ffn_steps(model, c=6.0)
+    exp = explained(model, max_mas=1, max_ablations=3)
+    js = json.loads(json.dumps(exp.to_json(), allow_nan=False))
+    assert js["version"] == "1.1"
+    g = js["massive_activations"][0]
+    documented = _documented_keys("### `massive_activations[i]`")
+    assert set(g) <= documented
+    assert documented - {"decomposition", "joint_ablation"} <= set(g)  # those two only when they apply
+    step_keys = _documented_keys("### `massive_activations[i].steps[k]`")
+    for s in g["steps"]:
+        assert set(s) == step_keys
+        assert set(s["ablation"]) == _documented_keys("#### ablation records")
+    assert set(g["steps_joint"]) == _documented_keys("#### ablation records")
+    assert {"n_explained", "n_origin_steps"} <= set(js["summary"])
+
+
+def test_report_shows_the_origin_steps():
+    from outlierlab.report.html import section_explain
+
+    model = tiny_model("llama")
+    plant_ffn_steps(model)
+    html = section_explain(explained(model, max_mas=1, max_ablations=1).to_json())
+    assert "built by (origin steps" in html
+    assert "layer 1 mlp: made at y6 by W_down (67%); layer 2 mlp: made at y6 by W_down (33%); explained" in html

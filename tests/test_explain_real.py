@@ -2,8 +2,9 @@
 down-projection input (y6), written by a handful of W_down entries whose ablation removes it at a measured
 perplexity cost; it is carried over all 30 layers and cancelled late; COs come with their gamma share.
 
-Slow: a smaller run than the CLI default (2 calibration windows, 2 evaluation windows, 4 ablations) so
-it stays within the slow-test budget; the numbers of the full default run are in docs/explain.md.
+Slow: a smaller run than the CLI default (2 calibration windows, 2 evaluation windows, 5 ablations: the two
+MAs' steps and the three single weights checked below) so it stays within the slow-test budget; the numbers of
+the full default run are in docs/explain.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def explained():
     windows = as_windows(DataConfig(source="brown:calib", seq_len=512, n_samples=2), lm)
     down = lm.model.model.layers[11].mlp.down_proj.weight
     before = down.detach().clone()
-    exp = explain(lm, windows, ExplainConfig(max_mas=0, max_ablations=4, eval=EvalConfig(n_samples=2)))
+    exp = explain(lm, windows, ExplainConfig(max_mas=0, max_ablations=5, eval=EvalConfig(n_samples=2)))
     assert torch.equal(down.detach(), before)  # ablations restored bit-exactly
     return exp
 
@@ -53,6 +54,19 @@ def test_ma_507_origin_is_layer_11_y6(explained):
     assert g["first_detected"]["layer"] < 11 and g["precursor"]["max_before_origin"] < 2_000
     # W_gate / W_up rows 1229 are the rows most aligned with the token's normalized input
     assert all(r["cosine_rank"] == 1 for r in c["rows"])
+
+
+def test_one_origin_step_at_layer_11_verified_jointly(explained):
+    g = ma(explained, 0, 507)
+    (step,) = g["steps"]
+    assert (step.layer, step.branch, step.mechanism) == (11, "mlp", "down_proj")
+    assert step.label == "made at y6 by W_down" and step.share > 0.9
+    assert [(w.module, w.row, w.col) for w in step.weights] == [
+        ("model.layers.11.mlp.down_proj", 507, 1229), ("model.layers.11.mlp.down_proj", 507, 1487)]
+    assert [c["channel"] for c in step.channels[:2]] == [1229, 1487]
+    assert step.norm is None and step.bias is None
+    assert g["steps_joint"].verified is True and g["steps_joint"].ma_after < 2_000  # explained
+    assert "built in 1 step" in " ".join(explained.narrative())
 
 
 def test_super_weights_verified_by_ablation(explained):

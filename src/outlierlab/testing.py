@@ -232,19 +232,20 @@ def _plant_reader(model: nn.Module, ad, layer: int, roles: tuple[str, ...], k: i
 
 @torch.no_grad()
 def plant_ffn_steps(model: nn.Module, writes=((1, 400.0), (2, 200.0)), k: int = 5, j: int = 13, d: int = 7,
-                    feature: float = 50.0) -> None:
+                    feature: float = 50.0, c: float = 24.0) -> None:
     """A massive activation at token 0, channel ``d``, built by the FFNs of several layers: layer L adds about
     ``value`` through W_down[d, j] (W_fc2), each layer reading the token's own feature in residual channel k
     (``feature`` at BOS in the residual stream, whatever the embedding scale; 0 elsewhere), so that no step
     needs another (a large feature keeps it readable behind an MA that dominates a LayerNorm). The gate/up (fc1)
-    rows and W_down[d, j] are scaled from measured values, layer after layer."""
+    rows and W_down[d, j] are scaled from measured values, layer after layer: their pre-activation at token 0
+    is ``c`` (24: y6[j] = silu(24) * 24 = 576 in a GLU FFN, y4[j] = 24 in a GeLU FFN)."""
     ad = get_adapter(model)
     _isolate_feature(model, ad, k, max(L for L, _ in writes))
     ids = bos_window(model)
     model.get_input_embeddings().weight[BOS, k] = feature / float(_rows_at(model, ad, ids, 0, "attn.in")[0, k])
     glu = ad.ffn_kind == "glu"
     for layer, value in writes:
-        _plant_reader(model, ad, layer, ("gate", "up") if glu else ("fc1",), k, j, ids, 24.0, gate=not glu)
+        _plant_reader(model, ad, layer, ("gate", "up") if glu else ("fc1",), k, j, ids, c, gate=not glu)
         y6 = float(_rows_at(model, ad, ids, layer, "mlp.down_in")[0, j])
         plant_super_weight(model, layer, d, j, value / y6)
 

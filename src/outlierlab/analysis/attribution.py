@@ -203,9 +203,13 @@ class _EagerAttention(Entry):
 
     def attach(self, model, hooks, reg) -> None:
         base = getattr(model.config, "_attn_implementation", None)
-        if base not in (None, "eager"):
+        if base in (None, "eager"):
+            return
+        try:
             model.set_attn_implementation("eager")
-            self.base = base
+        except (ValueError, NotImplementedError, AttributeError):
+            return  # no probabilities: the reads are reported as null
+        self.base = base
 
     def detach(self, model) -> None:
         if self.base is not None and model.config._attn_implementation != self.base:

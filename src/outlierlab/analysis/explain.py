@@ -134,12 +134,19 @@ class Explanation:
 DEFINITIONS = {
     "ma_rule": "|x| > max(ma_abs, ma_rel x median |x| of the tensor) (analysis.detect)",
     "ma_group": "MA records at attn.in/mlp.in/block.out/attn.out/mlp.out (+post-norms) sharing token and channel",
-    "origin": "first layer where |x[token, channel]| on those positions reaches origin_fraction of the peak; "
-              "position: first MA-rule hit of that token in the writer's branch, in execution order",
+    "origin_step": "a branch (attn, mlp) of a layer up to the residual peak that adds >= step_share of |peak| "
+                   "towards its sign; MA off the residual stream: the larger projection output at the first layer "
+                   "reaching origin_fraction of the tracked peak",
+    "mechanism": "norm_gain if a branch output norm's log gain ratio is >= norm_gain_share of (log gain ratio + "
+                 "log |pre-gain value| / its median); else bias if b[d] exceeds every term W[d, j] x[j]; else "
+                 "down_proj (FFN) / o_proj (attention)",
+    "origin": "the first origin step's layer; position: first MA-rule hit of that token in the step's branch, in "
+              "execution order",
     "share": "term W[channel, j] * x_in[j] divided by the writer output at (token, channel)",
     "span": "layers from the origin on where the unablated MA is >= origin_fraction of its peak",
-    "verified": "after zeroing the weight (joint_ablation: all candidates of the MA), |x[token, channel]| <= the "
-                "MA rule threshold (unablated medians) at every tracked position of every layer of the span",
+    "verified": "after the ablation (weights / biases zeroed, gains set to the median gain), |x[token, channel]| "
+                "<= the MA rule threshold (unablated medians) at every tracked position of every layer of the span",
+    "explained": "steps_joint (all origin steps ablated together) is verified",
     "cancel_layers": "layers after the peak whose residual value loses >= cancel_step of the peak",
     "gamma_share": "(log ratio_after - log ratio_before) / log ratio_after, clipped to [0, 1]; ratios = channel "
                    "median |.| / tensor median |.| of the norm output and of (output - bias) / gamma",

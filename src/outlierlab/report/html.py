@@ -352,6 +352,17 @@ def _sorted_cos(cos: list[dict]) -> list[dict]:
     return sorted(cos, key=lambda c: (c.get("gamma") is None, -(c.get("ratio") or 0)))
 
 
+def steps_cell(g: Mapping) -> str:
+    """'layer 11 FFN: made at y6 by W_down (100%); explained' from an MA's origin steps (explain 1.1)."""
+    steps = g.get("steps") or []
+    if not steps:
+        return "-"
+    cell = "; ".join(f"layer {s.get('layer')} {s.get('branch')}: {s.get('label')} ({pct(s.get('share'))})"
+                     for s in steps)
+    verified = (g.get("steps_joint") or {}).get("verified")
+    return cell + "; " + {True: "explained", False: "not explained"}.get(verified, "not ablated")
+
+
 def section_explain(ex: Mapping | None) -> str:
     if not ex:
         return ""
@@ -383,10 +394,10 @@ def section_explain(ex: Mapping | None) -> str:
             cancel = ", ".join(str(c.get("layer")) for c in (g.get("cancel_layers") or []))
             rows.append([g.get("token_index"), quoted(g.get("token")), g.get("channel"), num(g.get("value")),
                          site(o.get("layer"), o.get("position"), o.get("alias")) if o else "not found",
-                         chans or "-", span or "-", cancel or "-"])
+                         steps_cell(g), chans or "-", span or "-", cancel or "-"])
         parts.append("<h3>Massive activations: origin and propagation</h3>" + table(
-            ["token", "text", "channel", "value", "origin", "down-proj input channels (y6)",
-             "along the residual stream", "cancelled in layers"], rows))
+            ["token", "text", "channel", "value", "origin", "built by (origin steps; all ablated together)",
+             "down-proj input channels (y6)", "along the residual stream", "cancelled in layers"], rows))
     sw_rows = super_weight_rows(mas)
     if sw_rows:
         parts.append("<h3>Super weights (ablation)</h3><p>Each candidate weight of the down projection is set to "
