@@ -134,7 +134,7 @@ def _co_finding(report: Mapping | None, ex: Mapping | None) -> Finding | None:
     counts = Counter(int(c["channel"]) for c in cos)
     top = max(cos, key=lambda c: c.get("ratio") or 0)
     n_pos = len({c["position"] for c in cos})
-    text = (f"{len(cos)} records (layer, position, channel) at {n_pos} position{'s' * (n_pos != 1)}; "
+    text = (f"{num(len(cos))} records (layer, position, channel) at {n_pos} position{'s' * (n_pos != 1)}; "
             "most frequent channels " + ", ".join(f"{ch} ({n})" for ch, n in counts.most_common(3))
             + f"; largest {num(top.get('ratio'))}x (layer {top['layer']}, {top['position']}, channel "
             f"{top['channel']})")
