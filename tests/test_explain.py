@@ -319,7 +319,7 @@ def test_cli_explain_and_profile_reuse(tiny_folder, tmp_path, cache):
     assert len(result.output.strip().splitlines()) == 1
 
 
-# -- origin steps: every mechanism on planted models -------------------------------------------------------
+# -- origin steps: every mechanism on planted models (also on CUDA: pytest --device cuda -k step) -----------
 def explained(model, **cfg):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exp = explain(model, windows(model), ExplainConfig(**cfg), eval_windows=windows(model, 2, 32, seed=1))
@@ -334,12 +334,12 @@ def group(exp, token=0, channel=MA["d"]):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox"])
-def test_two_ffn_steps_are_both_origins(model_type):
+def test_two_ffn_steps_are_both_origins(model_type, lane_device):
     """Two FFNs write 2/3 and 1/3 of the MA, each reading the token by itself, with y6 (y4) values far below the
     MA rule: both layers are origin steps, neither ablation alone removes the MA, both together do."""
     model = tiny_model(model_type)
     plant_ffn_steps(model, ((1, 400.0), (2, 200.0)), k=MA["k"], j=MA["j"], d=MA["d"], c=6.0)
-    exp = explained(model, max_mas=1, max_ablations=3)
+    exp = explained(model.to(lane_device), max_mas=1, max_ablations=3)
     g = group(exp)
     assert [(s.layer, s.branch, s.mechanism) for s in g["steps"]] == [(1, "mlp", "down_proj"), (2, "mlp", "down_proj")]
     assert [s.share for s in g["steps"]] == [pytest.approx(2 / 3, abs=0.05), pytest.approx(1 / 3, abs=0.05)]
@@ -359,12 +359,12 @@ def test_two_ffn_steps_are_both_origins(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
-def test_post_norm_gain_step(model_type):
+def test_post_norm_gain_step(model_type, lane_device):
     """An ordinary FFN output (normalized value about 1) times a post-FFN norm gain of 2000: the step is the
     gain, named with the norm, channel, gain and median gain; setting the gain to the median removes the MA."""
     model = tiny_model(model_type)
     plant_norm_gain_ma(model, layer=1, k=MA["k"], j=MA["j"], d=MA["d"], gain=2000.0)
-    exp = explained(model, max_mas=1, max_ablations=2)
+    exp = explained(model.to(lane_device), max_mas=1, max_ablations=2)
     g = group(exp)
     assert g["on_residual"] and abs(g["value"]) > 1000
     (s,) = g["steps"]
@@ -384,12 +384,12 @@ def test_post_norm_gain_step(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_attention_output_step(model_type):
+def test_attention_output_step(model_type, lane_device):
     """W_o[d, j] writes the MA from context channel j, which token 0 reads from itself (key position 0, p = 1);
     token 1 reads the same key with its attention probability."""
     model = tiny_model(model_type)
     j = plant_attention_ma(model, layer=1, k=MA["k"], d=MA["d"], value=1000.0)
-    exp = explained(model, max_mas=2, max_ablations=1)
+    exp = explained(model.to(lane_device), max_mas=2, max_ablations=1)
     for token in (0, 1):
         (s,) = group(exp, token)["steps"]
         assert (s.layer, s.branch, s.mechanism) == (1, "attn", "o_proj")
@@ -405,10 +405,10 @@ def test_attention_output_step(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt"])
-def test_bias_step(model_type):
+def test_bias_step(model_type, lane_device):
     model = tiny_model(model_type)
     plant_bias_ma(model, layer=1, d=MA["d"], value=1000.0)
-    exp = explained(model, max_mas=2, max_ablations=1)
+    exp = explained(model.to(lane_device), max_mas=2, max_ablations=1)
     g = exp.massive_activations[0]
     assert g["channel"] == MA["d"]
     (s,) = g["steps"]
@@ -442,11 +442,11 @@ def test_every_edit_kind_is_restored_when_the_run_fails(monkeypatch):
     assert hook_count(model) == 0
 
 
-def test_attention_reads_restore_the_attention_implementation():
+def test_attention_reads_restore_the_attention_implementation(lane_device):
     model = tiny_model("llama")
     model.set_attn_implementation("sdpa")
     j = plant_attention_ma(model)
-    exp = explained(model, max_mas=1, ablate=False)
+    exp = explained(model.to(lane_device), max_mas=1, ablate=False)
     assert model.config._attn_implementation == "sdpa"
     (s,) = group(exp)["steps"]
     assert s.attention[0].channel == j and s.attention[0].keys[0].key_position == 0

@@ -245,10 +245,9 @@ def attention_reads(model, adapter: Adapter, ids: torch.Tensor, layer: int, toke
     out = []
     for j in channels:
         h = j // head_dim
-        terms = p[h] * v[:, (h // group) * head_dim + j % head_dim]
-        c = float(ctx[j])
-        keys = [KeyRead(int(s), float(p[h, s]), float(v[s, (h // group) * head_dim + j % head_dim]),
-                        float(terms[s]), float(terms[s]) / c if c else None)
+        vj = v[:, (h // group) * head_dim + j % head_dim]
+        terms, c = p[h] * vj, float(ctx[j])
+        keys = [KeyRead(int(s), float(p[h, s]), float(vj[s]), float(terms[s]), float(terms[s]) / c if c else None)
                 for s in terms.abs().topk(min(top, terms.numel())).indices if terms[s] != 0]
         out.append(HeadRead(j, h, keys))
     return out
@@ -303,7 +302,7 @@ def build_step(rows, profile, adapter: Adapter, cfg, layer: int, branch: str, to
         if step.bias is not None and step.bias.share is not None and abs(step.bias.share) >= cfg.min_share:
             edits.append(dec.bias_edit())
         carriers = strong[:cfg.top_channels] or dec.terms[:1]
-        step.channels = _carriers(rows, profile, adapter, layer, token, carriers, branch, reader)
+        step.channels = _carriers(rows, profile, adapter, layer, token, carriers, branch)
         if branch == "attn" and reader is not None:
             step.attention = reader(layer, token, [c["channel"] for c in step.channels])
             for c, r in zip(step.channels, step.attention or []):
@@ -313,7 +312,7 @@ def build_step(rows, profile, adapter: Adapter, cfg, layer: int, branch: str, to
     return step
 
 
-def _carriers(rows, profile, adapter, layer, token, terms, branch, reader) -> list[dict]:
+def _carriers(rows, profile, adapter, layer, token, terms, branch) -> list[dict]:
     if branch == "mlp":
         parts = linear_parts(adapter, layer)
         return [ffn_channel(rows, profile, adapter, parts, layer, token, t) for t in terms]

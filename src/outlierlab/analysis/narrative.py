@@ -38,7 +38,7 @@ def _what(step) -> str:
         return (f"{g.module} gain[{g.channel}] = {_n(g.gain)}, {_n(g.gain_ratio)}x the median gain, on a "
                 f"normalized value of {_n(g.pre_gain)}")
     names = [f"W_{w.role}[{w.row}, {w.col}]" for w in step.weights]
-    if step.bias is not None and step.bias.share is not None and abs(step.bias.share) >= 0.1:
+    if any(e.kind == "bias" for e in step.ablation.edits):
         names.append(f"b[{step.bias.channel}] = {_n(step.bias.value)}")
     return ", ".join(names)
 
