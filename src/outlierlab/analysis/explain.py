@@ -3,17 +3,18 @@ evidence, on any model an adapter describes.
 
 ``explain(model, windows, ExplainConfig()) -> Explanation`` profiles the windows (or reuses a profile), then
 
-- for each MA (grouped by token index and channel): its origin layer and operator position, the down-projection
-  input channels that carry it with their gate / act / up values, the decomposition of the writer output into
-  per-channel terms, super-weight candidates verified by ablation (MA magnitude and perplexity before/after),
-  and its propagation along the residual stream with the layers that cancel it (:mod:`.explain_ma`);
+- for each MA (grouped by token index and channel): the origin steps that build it, layer by layer, with their
+  mechanism (W_down fed by y6, W_o fed by the attention context, a norm gain behind a branch, a bias;
+  :mod:`.attribution`), each step and all steps together verified by ablation (MA left and perplexity), the
+  down-projection input channels with their gate / act / up values, super-weight candidates, and its
+  propagation along the residual stream with the layers that cancel it (:mod:`.explain_ma`);
 - for each CO: the gain gamma, the channel before vs after the gain and the share gamma explains, the
   outlier-triggering weight columns (OTCs), q/k output channels per head, persistence and channel-wise vs
   token-wise (:mod:`.explain_co`).
 
 ``Explanation.to_json()`` is the ``explain`` section of report.json (schema in docs/explain.md);
-``Explanation.narrative()`` gives short sentences with the numbers. The model's weights are only changed
-during an ablation, one entry at a time, and restored bit-exactly in a ``finally`` block.
+``Explanation.narrative()`` gives short sentences with the numbers (:mod:`.narrative`). The model's weights,
+gains and biases are only changed during an ablation, and restored bit-exactly on every exit.
 """
 
 from __future__ import annotations
@@ -240,21 +241,7 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
 
     # -- massive activations
     t1 = time.perf_counter()
-    groups = group_massive(profile, adapter)
-    if cfg.max_mas and len(groups) > cfg.max_mas:
-        notes.append(f"{len(groups)} MA groups; the {cfg.max_mas} largest are explained (max_mas)")
-        groups = groups[:cfg.max_mas]
-    smap = same_as_map(adapter)
-    by_window: dict[int, list[int]] = {}
-    for g in groups:
-        toks = by_window.setdefault(g["window"], [])
-        if g["token_index"] not in toks:
-            toks.append(g["token_index"])
-    captures = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks), toks, smap)
-                for w, toks in by_window.items()}
-    mas = [explain_group(g, captures[g["window"]], profile, adapter, cfg, _reader(model, adapter, ids[g["window"]],
-                                                                               captures[g["window"]], cfg))
-           for g in groups]
+    mas = _massive(model, adapter, ids, profile, cfg, notes)
     timings["ma_s"] = time.perf_counter() - t1
 
     eval_ids, protocol = _eval_ids(eval_windows, lm, tokenizer, cfg, notes) if cfg.ablate and mas else (None, None)
@@ -279,6 +266,24 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
 
     other = _other_massive(profile, mas)
     return Explanation(mas, other, cos, otcs, qk, ppl, cfg, timings, notes, info or {}, profile)
+
+
+def _massive(model, adapter, ids: torch.Tensor, profile, cfg: ExplainConfig, notes: list[str]) -> list[dict]:
+    """The ``max_mas`` largest MA groups with their origin steps, from one capture per window (no ablation)."""
+    groups = group_massive(profile, adapter)
+    if cfg.max_mas and len(groups) > cfg.max_mas:
+        notes.append(f"{len(groups)} MA groups; the {cfg.max_mas} largest are explained (max_mas)")
+        groups = groups[:cfg.max_mas]
+    smap = same_as_map(adapter)
+    by_window: dict[int, list[int]] = {}
+    for g in groups:
+        toks = by_window.setdefault(g["window"], [])
+        if g["token_index"] not in toks:
+            toks.append(g["token_index"])
+    captures = {w: _Rows(capture_token_rows(model, adapter, ids[w], toks), toks, smap)
+                for w, toks in by_window.items()}
+    return [explain_group(g, captures[g["window"]], profile, adapter, cfg,
+                          _reader(model, adapter, ids[g["window"]], captures[g["window"]], cfg)) for g in groups]
 
 
 def _reader(model, adapter, window: torch.Tensor, rows: _Rows, cfg: ExplainConfig):

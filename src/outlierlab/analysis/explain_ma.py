@@ -49,10 +49,6 @@ from .records import Ablation, Edit
 TRACK_POSITIONS = ("attn.in", "attn.out", "attn.post_norm", "mlp.in", "mlp.out", "mlp.post_norm", "block.out")
 
 
-def _f(x) -> float | None:
-    return None if x is None else float(x)
-
-
 def threshold(profile, layer: int, position: str, detect) -> float | None:
     r = profile.results.get((layer, position))
     if r is None:
