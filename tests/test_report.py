@@ -332,6 +332,22 @@ def test_summary_of_hand_made_files():
     assert summarize({"report": None, "explain": None, "mitigate": None, "compare": None}) == []
 
 
+def test_summary_names_the_origin_steps():
+    """explain 1.1: the cause is the origin steps, verified when ablating them all together removes the MA."""
+    from outlierlab.report.summary import summarize
+
+    w = [{"module": "m.down", "row": 5, "col": 1}, {"module": "m.down", "row": 5, "col": 2}]
+    ma = {"token_index": 0, "channel": 5, "value": 600.0, "layers_detected": [1, 2, 3],
+          "origin": {"layer": 1, "position": "mlp.down_in", "alias": "y6"},
+          "steps": [{"layer": 1, "branch": "mlp", "label": "made at y6 by W_down", "share": 0.67, "weights": w[:1]},
+                    {"layer": 2, "branch": "mlp", "label": "made at y6 by W_down", "share": 0.33, "weights": w[1:]}],
+          "steps_joint": {"verified": True, "ma_after": 0.0316}}
+    (line,) = [f.line() for f in summarize({"report": None, "explain": {"massive_activations": [ma]}})]
+    assert line == ("largest massive activation: 600 at token 0, channel 5, layers 1-3; born at layer 1, mlp.down_in "
+                    "(y6); built by layer 1 mlp: made at y6 by W_down (67%); layer 2 mlp: made at y6 by W_down (33%), "
+                    "through m.down[5, 1] and [5, 2]; verified: ablating all steps leaves 0.0316")
+
+
 def test_report_is_self_contained(run):
     html = run["html"]
     assert not re.search(r"""(src|href|action|poster|data)\s*=\s*["']?\s*(https?:|//|file:|ftp:)""", html, re.IGNORECASE)

@@ -35,7 +35,7 @@ from ..paths import atomic_write_text
 from . import figures as F
 from . import landscape as L
 from .fmt import change, num, pct, quoted, signed_pct, site
-from .summary import Finding, best_per_quant, summarize
+from .summary import Finding, best_per_quant, steps_text, summarize
 
 REPORT_FILE = "report.html"
 MAX_ROWS = 25
@@ -357,8 +357,7 @@ def steps_cell(g: Mapping) -> str:
     steps = g.get("steps") or []
     if not steps:
         return "-"
-    cell = "; ".join(f"layer {s.get('layer')} {s.get('branch')}: {s.get('label')} ({pct(s.get('share'))})"
-                     for s in steps)
+    cell = steps_text(steps)
     verified = (g.get("steps_joint") or {}).get("verified")
     return cell + "; " + {True: "explained", False: "not explained"}.get(verified, "not ablated")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import figures as F
-from .fmt import change, num, quoted, signed_pct, site
+from .fmt import change, num, pct, quoted, signed_pct, site
 from .terminal import group_massive
 
 
@@ -78,8 +78,29 @@ def _weights(ws: list[Mapping]) -> str:
     return " and ".join(parts)
 
 
+def steps_text(steps: list[Mapping]) -> str:
+    """An MA's origin steps (explain 1.1): ``layer 11 mlp: made at y6 by W_down (100%)``, joined by ``; ``."""
+    return "; ".join(f"layer {s.get('layer')} {s.get('branch')}: {s.get('label')} ({pct(s.get('share'))})"
+                     for s in steps)
+
+
+def _steps_cause(steps: list[Mapping], joint: Mapping) -> str:
+    """The origin steps and whether ablating them all together removed the MA."""
+    weights = [w for s in steps for w in s.get("weights") or []]
+    built = steps_text(steps) + (f", through {_weights(weights)}" if weights else "")
+    verified = joint.get("verified")
+    if verified is None:
+        return f"built by {built}; not ablated"
+    state = "verified" if verified else "not verified"
+    return f"built by {built}; {state}: ablating {'the step' if len(steps) == 1 else 'all steps'} leaves " \
+           f"{num(joint.get('ma_after'))}"
+
+
 def _cause(g: Mapping) -> str:
-    """What ablation verified as the MA's writer(s), or the unverified candidates."""
+    """The origin steps and their ablation (explain 1.1), else what ablation verified among the super-weight
+    candidates (explain 1.0), or the unverified candidates."""
+    if g.get("steps"):
+        return _steps_cause(g["steps"], g.get("steps_joint") or {})
     single = [sw for sw in g.get("super_weights") or [] if sw.get("verified")]
     joint = g.get("joint_ablation") or {}
     if single:
