@@ -1,24 +1,11 @@
-"""Typed records of the MA attribution (origin steps, the terms they are made of, ablations) and the one
-serializer of the explainer (dataclasses, tuples and non-finite floats made JSON-safe)."""
+"""Typed records of the MA attribution (origin steps, the terms they are made of, ablations); they are
+serialized by the package's one sanitizer, :func:`outlierlab.jsonsafe.jsonable` (re-exported here)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 
-
-def jsonable(obj):
-    """A JSON-safe copy: dataclasses become dicts, tuples lists, non-finite floats None (strict JSON)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    return obj
+from ..jsonsafe import jsonable  # noqa: F401 - the serializer of these records
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..data import DataConfig, make_windows
+from ..jsonsafe import jsonable
 from ..paths import atomic_write_json, atomic_write_text
 from ..progress import progress_bar
 from ..quantization import QuantConfig, get_quant
@@ -83,11 +84,7 @@ class Cell:
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("ppl", "delta_ppl", "rel_delta_pct"):
-            if d[k] is not None and not math.isfinite(d[k]):
-                d[k] = None
-        return d
+        return jsonable(self)
 
 
 @dataclass
@@ -110,22 +107,8 @@ class CompareResult:
 # -- hashing -------------------------------------------------------------------------------------------------
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return repr(obj)
-
-
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def model_hash(model, info: dict | None = None) -> str:
@@ -223,7 +206,7 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
             cell.error = f"method {m!r} is not in outlierlab.mitigation.METHODS (available: {', '.join(methods)})"
             continue
         mcfg = _method_config(m, methods)
-        cell.method_config = _jsonable(mcfg)
+        cell.method_config = jsonable(mcfg)
         cell.key = _digest({**base, "method": m, "method_config": cell.method_config, "quant": q.to_dict(),
                             "code": code_fingerprint(m)})[:24]
         path = cells_dir / f"{cell.key}.json" if cells_dir is not None else None
@@ -295,7 +278,7 @@ def _run_method(lm, m: str, mcfg, items, calib, ev, sqnr_ids, config: CompareCon
             advance()
         return
     t_mit = time.perf_counter() - t0
-    applied = {"applied": _jsonable(result.applied), "runtime": list(result.runtime),
+    applied = {"applied": jsonable(result.applied), "runtime": list(result.runtime),
                "fp_prefix": registry(lm.model).fp_prefix}
     try:
         for cell, q in items:

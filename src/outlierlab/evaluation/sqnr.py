@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..jsonsafe import jsonable
 from ..runtime import ORDER, FunctionEntry, installed, registry, run
 
 #: accumulator slots
@@ -95,10 +96,10 @@ class QuantErrorReport:
 
     def to_json(self) -> dict:
         return {"config": self.config, "windows": self.windows, "summary": self.summary(),
-                "linears": [_finite(asdict(r)) for r in self.rows], "kv": [_finite(d) for d in self.kv]}
+                "linears": [jsonable(asdict(r)) for r in self.rows], "kv": [jsonable(d) for d in self.kv]}
 
     def csv_rows(self) -> list[dict]:
-        return [_finite(asdict(r)) for r in self.rows]
+        return [jsonable(asdict(r)) for r in self.rows]
 
     def save_csv(self, path) -> None:
         import csv
@@ -121,17 +122,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def _row_brief(r: LinearError) -> dict:
-    return {"operator": r.operator, "name": r.name, "sqnr_db": _fin(r.sqnr_db), "rel_mse": _fin(r.rel_mse),
-            "cause": r.cause, "input_absmax": r.input_absmax}
-
-
-def _fin(x: float):
-    """JSON cannot hold inf: an exact (error-free) output is written as null."""
-    return x if isinstance(x, float) and math.isfinite(x) else (None if isinstance(x, float) else x)
-
-
-def _finite(d: dict) -> dict:
-    return {k: _fin(v) for k, v in d.items()}
+    return jsonable({"operator": r.operator, "name": r.name, "sqnr_db": r.sqnr_db, "rel_mse": r.rel_mse,
+                     "cause": r.cause, "input_absmax": r.input_absmax})
 
 
 def _db(signal: float, noise: float) -> float:

@@ -8,7 +8,6 @@ method written once works for ``nn.Linear`` and GPT-2's ``Conv1D`` alike.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..adapters.base import LinearSpec, NormSpec
 from ..errors import OutlierlabError
+from ..jsonsafe import jsonable
 from ..runtime import like
 from ..runtime import window_ids as _window_ids
 
@@ -29,15 +29,7 @@ class MitigationError(OutlierlabError):
 # -- configs ---------------------------------------------------------------------------------------------
 def config_to_json(cfg: Any) -> Any:
     """A frozen dataclass config as plain JSON (nested configs and tuples included)."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: config_to_json(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [config_to_json(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {str(k): config_to_json(v) for k, v in cfg.items()}
-    if isinstance(cfg, float) and not math.isfinite(cfg):
-        return str(cfg)
-    return cfg
+    return jsonable(cfg)
 
 
 def config_from_json(cls: type, data: dict) -> Any:

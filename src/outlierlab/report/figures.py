@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..paths import atomic_write_bytes
+from .fmt import num
 
 DPI = 100
 RESIDUAL = "block.out"
@@ -93,19 +94,6 @@ def _png(fig) -> bytes:
 def _tex(text: str) -> str:
     """Plain text safe for matplotlib (a ``$`` would start mathtext)."""
     return str(text).replace("$", r"\$")
-
-
-def _fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    a = abs(v)
-    if a >= 1e5:
-        return f"{v:.3g}"
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3g}"
 
 
 def _np(t) -> np.ndarray:
@@ -195,7 +183,7 @@ def _landscape_axes(fig, spec, z: np.ndarray, zscale: str, max_channels: int):
         ti, ci = np.unravel_index(int(idx), z.shape)
         if top <= 0 or z[ti, ci] < 0.2 * top:
             break
-        ax.text(ci, ti, float(tr(z[ti, ci])), f"t{ti} c{ci}: {_fmt(float(z[ti, ci]))}", fontsize=7,
+        ax.text(ci, ti, float(tr(z[ti, ci])), f"t{ti} c{ci}: {num(float(z[ti, ci]))}", fontsize=7,
                 color="#222222")
     return ax
 
@@ -225,7 +213,7 @@ def landscape_figure(before, after=None, layer: int | None = None, position: str
             ti, ci = np.unravel_index(int(np.argmax(z)), z.shape) if z.size else (0, 0)
             tok = f" ({tokens[ti]!r})" if tokens and ti < len(tokens) else ""
             title = (f"{label}: " if label else "") + \
-                f"max |x| {_fmt(float(z.max()) if z.size else 0)} at token {ti}{tok}, channel {ci}"
+                f"max |x| {num(float(z.max()) if z.size else 0)} at token {ti}{tok}, channel {ci}"
             _landscape_axes(fig, gs[0, i], z, zscale, max_channels)
             fig.text((i + 0.5) / len(panels), 0.86 if len(panels) == 1 else 0.9, _tex(title), ha="center",
                      va="bottom", fontsize=9)
@@ -290,7 +278,7 @@ def topk_figure(report: Mapping, positions: Iterable[str] = (RESIDUAL, DOWN_IN),
             peak = int(np.nanargmax(s["top1"])) if any(np.isfinite(s["top1"])) else None
             if peak is not None and s["top1_where"][peak]:
                 t, c = s["top1_where"][peak]
-                ax.annotate(f"{_fmt(s['top1'][peak])}\ntoken {t}, channel {c}", (x[peak], s["top1"][peak]),
+                ax.annotate(f"{num(s['top1'][peak])}\ntoken {t}, channel {c}", (x[peak], s["top1"][peak]),
                             textcoords="offset points", xytext=(6, -22), fontsize=7)
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize=7, loc="upper left")

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..tracing.result import Profile
+from .fmt import num
 
 
 def group_massive(mas: list[dict]) -> list[dict]:
@@ -29,8 +30,6 @@ def group_massive(mas: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(v: float) -> str:
-    return f"{v:,.1f}" if abs(v) < 1e5 else f"{v:.3g}"
 
 
 def print_profile_summary(p: Profile, console: Console | None = None) -> None:
@@ -47,7 +46,7 @@ def print_profile_summary(p: Profile, console: Console | None = None) -> None:
         row = [str(layer)]
         for pos in ("block.out", "mlp.down_in"):
             r = p.results.get((layer, pos))
-            row.append(_fmt(r.stats["absmax"]) if r else "-")
+            row.append(num(r.stats["absmax"]) if r else "-")
         r = p.results.get((layer, "block.out"))
         if r is not None and len(r.stats["top_value"]):
             row.append(f"t{int(r.stats['top_token'][0])}, c{int(r.stats['top_channel'][0])}")
@@ -64,7 +63,7 @@ def print_profile_summary(p: Profile, console: Console | None = None) -> None:
         for g in groups[:20]:
             layers = g["layers"]
             span = f"{layers[0]}-{layers[-1]} ({len(layers)})" if len(layers) > 1 else str(layers[0])
-            t.add_row(str(g["token_index"]), repr(g["token"]), str(g["channel"]), _fmt(g["value"]),
+            t.add_row(str(g["token_index"]), repr(g["token"]), str(g["channel"]), num(g["value"]),
                       f"L{g['first_layer']} {g['first_position']}", span)
         console.print(t)
     else:

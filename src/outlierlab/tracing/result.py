@@ -3,7 +3,6 @@ report files (``report.json`` + ``profile.safetensors``) they are written to and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..jsonsafe import jsonable
 from ..paths import atomic_write_bytes, atomic_write_json
 from .weights import summarize
 
@@ -59,16 +59,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
 @dataclass
 class Profile:
     model_info: dict
@@ -108,7 +98,7 @@ class Profile:
             "kind": "profile",
             "model": self.model_info,
             "data": self.data_info,
-            "config": _jsonable(cfg),
+            "config": jsonable(cfg),
             "versions": library_versions(),
             "seed": getattr(getattr(cfg, "stats", None), "seed", None),
             "timings": self.timings,
