@@ -4,7 +4,7 @@ Contract shared with the compare stage (issue 5) and the pipeline (issue 6):
 
 - ``METHODS``: method name -> its config class (a frozen dataclass with defaults). ``"none"`` is always there.
 - ``mitigate(model, methods, calib, tokenizer=None) -> MitigationResult``: applies the methods, in the
-  documented composition order, to ``model`` **in place** (callers that need the original deep-copy it first)
+  documented composition order, to ``model`` **in place** (callers that need the original wrap it in a ``WeightJournal``)
   and returns what was done. ``methods`` is a list of names (``"tma"``, or ``"tma,gamma"``) or config
   instances; ``calib`` is a ``Windows`` (calibration windows, brown:calib by default).
 - Runtime-only methods (tma, prefix, rotate's online Hadamard) install entries in the model's registry
