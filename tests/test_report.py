@@ -277,7 +277,7 @@ def test_report_states_the_numbers(run):
 
 
 def test_summary_opens_the_report_with_the_numbers_of_the_files(run):
-    from outlierlab.report.fmt import num
+    from outlierlab.fmt import num
 
     html = run["html"]
     assert html.index("<section id='summary'>") < html.index("What this report is about")

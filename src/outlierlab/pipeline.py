@@ -100,11 +100,11 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     from .api import as_windows
     from .evaluation import eval_windows
     from .evaluation.compare import CompareConfig, compare, render_table
+    from .fmt import duration
     from .mitigation import mitigate
     from .mitigation.measure import measure, reduction
     from .models.loader import load_model, max_positions
     from .report import landscape
-    from .report.fmt import duration
     from .report.html import build_report
     from .report.summary import summary_lines
     from .report.terminal import print_profile_summary

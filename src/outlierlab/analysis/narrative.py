@@ -4,20 +4,7 @@ super weights, precursor, propagation), then the channel-wise outliers and OTCs.
 
 from __future__ import annotations
 
-
-def _n(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    a = abs(v)
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 1:
-        return f"{v:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".") if a < 10 else f"{v:.1f}"
-    return f"{v:.3g}"
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.0f}%"
+from ..fmt import num, pct
 
 
 def _ppl(a) -> str:
@@ -35,11 +22,11 @@ def _what(step) -> str:
     """The entries a step's ablation changes, named as weights, gains or biases."""
     if step.mechanism == "norm_gain":
         g = step.norm
-        return (f"{g.module} gain[{g.channel}] = {_n(g.gain)}, {_n(g.gain_ratio)}x the median gain, on a "
-                f"normalized value of {_n(g.pre_gain)}")
+        return (f"{g.module} gain[{g.channel}] = {num(g.gain)}, {num(g.gain_ratio)}x the median gain, on a "
+                f"normalized value of {num(g.pre_gain)}")
     names = [f"W_{w.role}[{w.row}, {w.col}]" for w in step.weights]
     if any(e.kind == "bias" for e in step.ablation.edits):
-        names.append(f"b[{step.bias.channel}] = {_n(step.bias.value)}")
+        names.append(f"b[{step.bias.channel}] = {num(step.bias.value)}")
     return ", ".join(names)
 
 
@@ -48,16 +35,16 @@ def steps_sentence(g: dict) -> str | None:
     steps = g.get("steps") or []
     if not steps:
         return None
-    parts = [f"layer {s.layer} {BRANCH[s.branch]} ({'+' if s.contribution >= 0 else ''}{_n(s.contribution)}, "
-             f"{_pct(s.share)} of the peak) {s.label} ({_what(s)})" for s in steps]
+    parts = [f"layer {s.layer} {BRANCH[s.branch]} ({'+' if s.contribution >= 0 else ''}{num(s.contribution)}, "
+             f"{pct(s.share)} of the peak) {s.label} ({_what(s)})" for s in steps]
     s = f"{_head(g)}: built in {len(steps)} step{'s' if len(steps) > 1 else ''}: " + "; ".join(parts)
     if len(steps) > 1 and all(st.ablation.verified is not None for st in steps):
-        s += "; ablating each step alone leaves " + ", ".join(_n(st.ablation.ma_after) for st in steps)
+        s += "; ablating each step alone leaves " + ", ".join(num(st.ablation.ma_after) for st in steps)
     j = g["steps_joint"]
     if j.verified is None:
         return s + "; not ablated" + (f" ({j.skipped})" if j.skipped else "") + "."
     what = "all steps together leave" if len(steps) > 1 else "ablating it leaves"
-    return (f"{s}; {what} {_n(j.ma_after)}{_ppl(j)}: "
+    return (f"{s}; {what} {num(j.ma_after)}{_ppl(j)}: "
             + ("explained (verified by ablation)." if j.verified else "not explained (the MA stays).")
             )
 
@@ -66,7 +53,7 @@ def steps_sentence(g: dict) -> str | None:
 def _head(g: dict) -> str:
     tok = f" ({g['token']!r})" if g.get("token") else ""
     where = "" if g["on_residual"] else " (at a projection output only, not on the residual stream)"
-    return f"MA {_n(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}"
+    return f"MA {num(g['value'])} at token {g['token_index']}{tok} channel {g['channel']}{where}"
 
 
 def _signature(g: dict) -> tuple:
@@ -81,12 +68,12 @@ def _origin_line(g: dict) -> str:
     chans = []
     for c in g.get("down_in_channels", []):
         if c.get("up") is not None:
-            chans.append(f"channel {c['channel']} = {_n(c['value'])} (gate {_n(c['gate'])}, "
-                         f"act {_n(c['act'])}, up {_n(c['up'])})")
+            chans.append(f"channel {c['channel']} = {num(c['value'])} (gate {num(c['gate'])}, "
+                         f"act {num(c['act'])}, up {num(c['up'])})")
         elif c.get("act") is not None:
-            chans.append(f"channel {c['channel']} = {_n(c['value'])} (fc1 {_n(c['gate'])})")
+            chans.append(f"channel {c['channel']} = {num(c['value'])} (fc1 {num(c['gate'])})")
         else:
-            chans.append(f"channel {c['channel']} = {_n(c['value'])}")
+            chans.append(f"channel {c['channel']} = {num(c['value'])}")
     branch = {c.get("branch") for c in g.get("down_in_channels", [])} - {None, "fc1"}
     branch_s = ""
     if len(branch) == 1:
@@ -109,18 +96,18 @@ def _weight_lines(g: dict) -> list[str]:
                          + ", ".join(f"{r['cosine']:.2f}, rank {r['cosine_rank']}/{r['rows']}" for r in rows)
                          + ").")
     for sw in g.get("super_weights", []):
-        head = (f"W_{sw['role']}[{sw['row']}, {sw['col']}] = {_n(sw['value'])} ({sw['module']}, "
-                f"{_n(sw['weight_ratio'])}x the median |w|) carries {_pct(sw['share'])} of the output")
+        head = (f"W_{sw['role']}[{sw['row']}, {sw['col']}] = {num(sw['value'])} ({sw['module']}, "
+                f"{num(sw['weight_ratio'])}x the median |w|) carries {pct(sw['share'])} of the output")
         ppl = _ppl(sw).replace(", perplexity", " and perplexity from").replace(" -> ", " to ")
         if sw.get("verified") is None:
             lines.append(head + ": not ablated" + (f" ({sw['skipped']})" if sw.get("skipped") else "") + ".")
         elif sw["verified"]:
-            lines.append(f"{head} and is a super weight: zeroing it drops the MA to {_n(sw['ma_after'])}{ppl}.")
+            lines.append(f"{head} and is a super weight: zeroing it drops the MA to {num(sw['ma_after'])}{ppl}.")
         else:
-            lines.append(f"{head} but is not verified: zeroing it leaves {_n(sw['ma_after'])}{ppl}.")
+            lines.append(f"{head} but is not verified: zeroing it leaves {num(sw['ma_after'])}{ppl}.")
     j = g.get("joint_ablation")
     if j and j.get("verified") is not None:
-        lines.append(f"Zeroing the {len(j['weights'])} candidates together leaves {_n(j['ma_after'])}{_ppl(j)}: "
+        lines.append(f"Zeroing the {len(j['weights'])} candidates together leaves {num(j['ma_after'])}{_ppl(j)}: "
                      + ("the MA is removed (verified jointly)." if j["verified"] else "not removed."))
     return lines
 
@@ -129,19 +116,19 @@ def _carry_lines(g: dict, cfg) -> list[str]:
     o, lines = g["origin"], []
     fd, pre = g.get("first_detected"), g.get("precursor", {})
     if fd and fd["layer"] < o["layer"]:
-        lines.append(f"A precursor ({_n(pre.get('max_before_origin'))} at most) already meets the MA rule "
+        lines.append(f"A precursor ({num(pre.get('max_before_origin'))} at most) already meets the MA rule "
                      f"at layer {fd['layer']} {fd['position']}, before the first origin step.")
     cl = g.get("cancel_layers", [])
     if g.get("peak_layer") is not None and g["on_residual"]:
-        s = f"The residual stream carries it from layer {o['layer']} (peak {_n(g.get('peak'))} at layer " \
+        s = f"The residual stream carries it from layer {o['layer']} (peak {num(g.get('peak'))} at layer " \
             f"{g['peak_layer']})"
         if cl:
             s += "; cancelled in layer" + ("s " if len(cl) > 1 else " ") + ", ".join(
-                f"{c['layer']} ({c['by'] or '?'}, -{_pct(c['drop_fraction'])})" for c in cl)
+                f"{c['layer']} ({c['by'] or '?'}, -{pct(c['drop_fraction'])})" for c in cl)
         if g.get("cancelled_at") is not None:
-            s += f"; below {_pct(cfg.cancel_fraction)} of the peak from layer {g['cancelled_at']}"
+            s += f"; below {pct(cfg.cancel_fraction)} of the peak from layer {g['cancelled_at']}"
         else:
-            s += f"; {_pct(g.get('final_fraction'))} of the peak is left after the last layer"
+            s += f"; {pct(g.get('final_fraction'))} of the peak is left after the last layer"
         lines.append(s + ".")
     return lines
 
@@ -153,7 +140,7 @@ def _ma_lines(g: dict, index: int, seen: dict, cfg) -> list[str]:
     key = _signature(g)
     if key in seen:  # the same mechanism at another token: one line
         j = g["steps_joint"]
-        after = f"; ablating its steps leaves {_n(j.ma_after)}" if j.ma_after is not None else ""
+        after = f"; ablating its steps leaves {num(j.ma_after)}" if j.ma_after is not None else ""
         return [(f"{_head(g)}: same steps (first at layer {o['layer']}, {o['position']}) and weights as MA "
                 f"#{seen[key] + 1}{after}.")]
     seen[key] = index
@@ -170,16 +157,16 @@ def _co_lines(exp, max_cos: int) -> list[str]:
                      f"of which gamma explains at least half for "
                      f"{sum(1 for c in at_norm if (c['gamma_share'] or 0) >= 0.5)}.")
         for c in sorted(at_norm, key=lambda c: -c["ratio"])[:max_cos]:
-            lines.append(f"Layer {c['layer']} {c['position']} channel {c['channel']}: {_n(c['ratio'])}x the median, "
-                         f"gamma {_n(c['gamma'])} ({_n(c['gain_ratio'])}x the median gain), ratio "
-                         f"{_n(c['ratio_before'])} before the gain vs {_n(c['ratio_after'])} after: gamma share "
-                         f"{_pct(c['gamma_share'])}; {c['persistence']}, {c['kind'] or '?'} "
-                         f"({_pct(c['token_fraction'])} of tokens), CO in {len(c['layers'])} layer(s).")
+            lines.append(f"Layer {c['layer']} {c['position']} channel {c['channel']}: {num(c['ratio'])}x the median, "
+                         f"gamma {num(c['gamma'])} ({num(c['gain_ratio'])}x the median gain), ratio "
+                         f"{num(c['ratio_before'])} before the gain vs {num(c['ratio_after'])} after: gamma share "
+                         f"{pct(c['gamma_share'])}; {c['persistence']}, {c['kind'] or '?'} "
+                         f"({pct(c['token_fraction'])} of tokens), CO in {len(c['layers'])} layer(s).")
         dom = sorted((c for c in at_norm if (c["gamma_share"] or 0) >= 0.5), key=lambda c: -c["ratio"])
         if dom:
             lines.append("Gamma-dominated: " + "; ".join(
-                f"layer {c['layer']} {c['position']} channel {c['channel']} ({_n(c['ratio'])}x, gamma "
-                f"{_n(c['gamma'])} = {_n(c['gain_ratio'])}x the median gain, share {_pct(c['gamma_share'])})"
+                f"layer {c['layer']} {c['position']} channel {c['channel']} ({num(c['ratio'])}x, gamma "
+                f"{num(c['gamma'])} = {num(c['gain_ratio'])}x the median gain, share {pct(c['gamma_share'])})"
                 for c in dom[:max_cos]) + ".")
     else:
         lines.append("No channel-wise outliers.")
@@ -191,14 +178,14 @@ def _otc_lines(exp, max_cos: int) -> list[str]:
     lines = [(f"{len(exp.otcs)} outlier-triggering columns ({len(w)} caused by the weight column, "
              f"{len(exp.otcs) - len(w)} by the activation it reads).")]
     for o in w[:max_cos]:
-        lines.append(f"OTC {o['module']} column {o['col']} ({o['role']}): score {_n(o['ratio'])}x the median, "
-                     f"||W[:, c]|| {_n(o['weight_ratio'])}x, E|x_c| {_n(o['act_ratio'])}x.")
+        lines.append(f"OTC {o['module']} column {o['col']} ({o['role']}): score {num(o['ratio'])}x the median, "
+                     f"||W[:, c]|| {num(o['weight_ratio'])}x, E|x_c| {num(o['act_ratio'])}x.")
     if exp.qk_outliers:
         q = exp.qk_outliers[0]
         lines.append(f"{len(exp.qk_outliers)} q/k output channels stand out in their head; the largest: layer "
-                     f"{q['layer']} {q['role']} head {q['head']} channel {q['index']} ({_n(q['ratio_head'])}x the "
+                     f"{q['layer']} {q['role']} head {q['head']} channel {q['index']} ({num(q['ratio_head'])}x the "
                      f"head median), driven by input column(s) "
-                     + ", ".join(f"{d['col']} ({_pct(d['share'])})" for d in q["drivers"]) + ".")
+                     + ", ".join(f"{d['col']} ({pct(d['share'])})" for d in q["drivers"]) + ".")
     return lines
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fmt import num
 from ..paths import atomic_write_bytes
-from .fmt import num
 
 DPI = 100
 RESIDUAL = "block.out"

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutlierlabError
+from ..fmt import change, num, pct, quoted, signed_pct, site
 from ..paths import atomic_write_text
 from . import figures as F
 from . import landscape as L
-from .fmt import change, num, pct, quoted, signed_pct, site
 from .summary import Finding, best_per_quant, steps_text, summarize
 
 REPORT_FILE = "report.html"

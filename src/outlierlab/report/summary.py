@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fmt import change, num, pct, quoted, signed_pct, site
 from . import figures as F
-from .fmt import change, num, pct, quoted, signed_pct, site
 from .terminal import group_massive
 
 

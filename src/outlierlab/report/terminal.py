@@ -7,8 +7,8 @@ from collections import defaultdict
 from rich.console import Console
 from rich.table import Table
 
+from ..fmt import num
 from ..tracing.result import Profile
-from .fmt import num
 
 
 def group_massive(mas: list[dict]) -> list[dict]:

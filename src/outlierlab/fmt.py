@@ -1,4 +1,5 @@
-"""The one number formatting of the report, the run summary and the terminal (plain text: HTML escapes it)."""
+"""The one number and text formatting of the package: reports, the run summary, the terminal and the explain
+narrative (plain text: HTML escapes it)."""
 
 from __future__ import annotations
 
