@@ -58,3 +58,26 @@ def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
     assert cached == {"profile", "explain", "mitigate"}
     cells = json.loads((out / "compare.json").read_text())["cells"]
     assert len(cells) == 4 and all(c["cached"] for c in cells)  # every cell reused from the per-cell cache
+
+
+def test_cli_run_exits_non_zero_and_the_report_names_a_failed_cell(tiny_folder, tmp_path, cache, monkeypatch):
+    """A compare method that raises: run finishes every stage, report.html lists the failed cells, exit 1."""
+    from typer.testing import CliRunner
+
+    from outlierlab import mitigation
+    from outlierlab.cli import app
+    from outlierlab.mitigation import Method, MitigationError, SmoothQuantConfig
+
+    def boom(ctx, cfg):
+        raise MitigationError("planted failure")
+
+    monkeypatch.setitem(mitigation._BY_NAME, "smoothquant", Method("smoothquant", SmoothQuantConfig, boom))
+    text = str(tmp_path / "text.txt")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "--quick", "--model", str(tiny_folder), "--data", text, "--eval-data",
+                                   text, "--methods", "none,smoothquant", "--quant", "fp,w8a8-token",
+                                   "--recommended", "tma", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert "failed: smoothquant x fp" in " ".join(res.output.split())
+    html = (out / "report.html").read_text()
+    assert "2 cell(s) failed" in html and "planted failure" in html
