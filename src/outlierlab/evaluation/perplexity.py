@@ -8,14 +8,12 @@ Protocol (``EvalConfig`` defaults): the first ``n_samples`` non-overlapping wind
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from ..data import DataConfig, Windows, make_windows
-from ..runtime import next_token_nll, run
+from ..runtime import NextTokenLoss, run
 
 
 @dataclass(frozen=True)
@@ -45,14 +43,6 @@ def perplexity(model: nn.Module, windows, batch_size: int = 4, progress: bool = 
 
     The sum stays on the device until the end (no host sync per batch).
     """
-    total: list[torch.Tensor] = []
-    count = 0
-
-    def add(batch, out) -> None:
-        nonlocal count
-        nll, n = next_token_nll(out.logits, batch.ids)
-        total.append(nll)
-        count += n
-
-    run(model, windows, batch_size, add, progress=progress, description="perplexity")
-    return math.exp(float(torch.stack([t.to(total[0].device) for t in total]).sum()) / count)
+    loss = NextTokenLoss()
+    run(model, windows, batch_size, loss, progress=progress, description="perplexity")
+    return loss.perplexity()

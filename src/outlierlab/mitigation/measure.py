@@ -19,7 +19,6 @@ mitigation hook, so they see what the model computes now):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..analysis.detect import DetectConfig
-from ..runtime import ORDER, FunctionEntry, installed, next_token_nll, run
+from ..runtime import ORDER, FunctionEntry, NextTokenLoss, installed, run
 from ..tracing import ProfileConfig
 from ..tracing.hooks import _first_tensor
 from ..tracing.profiler import Tracer, build_profile
@@ -65,8 +64,7 @@ def measure(model: nn.Module, windows, config: MeasureConfig | None = None, toke
     down: dict[int, torch.Tensor] = {}
     resid: dict[int, torch.Tensor] = {}
     spec = down_spec(adapter)
-    nll: list[torch.Tensor] = []
-    count = 0
+    loss = NextTokenLoss()
 
     def keep_max(store: dict, i: int, x: torch.Tensor) -> None:
         m = x.detach().abs().amax().float()
@@ -77,22 +75,15 @@ def measure(model: nn.Module, windows, config: MeasureConfig | None = None, toke
             hooks.pre(linear_module(adapter, i, spec), lambda m, args, i=i: keep_max(down, i, args[0]))
             hooks.forward(adapter.layers()[i], lambda m, a, out, i=i: keep_max(resid, i, _first_tensor(out)))
 
-    def add(batch, out) -> None:
-        nonlocal count
-        total, n = next_token_nll(out.logits, batch.ids)
-        nll.append(total)
-        count += n
-
     entries = [FunctionEntry("measure", ORDER["trace"], maxima)] + ([tracer] if tracer is not None else [])
     with installed(model, *entries):
-        run(model, ids, cfg.batch_size, add, description="measuring")
+        run(model, ids, cfg.batch_size, loss, description="measuring")
     resid_l = torch.tensor([float(resid[i]) if i in resid else 0.0 for i in range(n_layers)])
     down_l = torch.tensor([float(down[i]) if i in down else 0.0 for i in range(n_layers)])
-    total = sum(float(t) for t in nll)
     out = {
         "resid_max": float(resid_l.max()),
         "down_in_max": float(down_l.max()),
-        "ppl": math.exp(total / count),
+        "ppl": loss.perplexity(),
         "resid_max_per_layer": [round(float(v), 3) for v in resid_l],
         "down_in_max_per_layer": [round(float(v), 3) for v in down_l],
     }

@@ -1,7 +1,16 @@
 """The runtime: the one forward loop (:mod:`.forward`) and the one registry of what is installed on a model
 (:mod:`.registry`). Every stage runs models and installs hooks through these two."""
 
-from .forward import Batch, call, input_device, like, next_token_nll, run, window_ids
+from .forward import (
+    Batch,
+    NextTokenLoss,
+    call,
+    input_device,
+    like,
+    next_token_nll,
+    run,
+    window_ids,
+)
 from .registry import (
     ORDER,
     BatchInfo,
@@ -15,5 +24,23 @@ from .registry import (
     uninstall,
 )
 
-__all__ = ["ORDER", "Batch", "BatchInfo", "Entry", "FunctionEntry", "Hooks", "Registry", "call", "input_device",
-           "install", "installed", "like", "next_token_nll", "registry", "run", "uninstall", "window_ids"]
+__all__ = [
+    "ORDER",
+    "Batch",
+    "BatchInfo",
+    "Entry",
+    "FunctionEntry",
+    "Hooks",
+    "NextTokenLoss",
+    "Registry",
+    "call",
+    "input_device",
+    "install",
+    "installed",
+    "like",
+    "next_token_nll",
+    "registry",
+    "run",
+    "uninstall",
+    "window_ids",
+]

@@ -16,6 +16,7 @@ It owns what each hand-written loop used to get right or wrong on its own:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,25 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tenso
     nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                       ignore_index=-100, reduction="sum")
     return nll.double(), int(ids[:, 1:].numel())
+
+
+class NextTokenLoss:
+    """An ``on_batch`` for :func:`run` that sums the next-token NLL on the device (no host sync per batch);
+    :meth:`perplexity` reads it once at the end."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.count = 0
+
+    def __call__(self, batch: Batch, out) -> None:
+        nll, n = next_token_nll(out.logits, batch.ids)
+        self.sums.append(nll)
+        self.count += n
+
+    def perplexity(self) -> float:
+        """exp(mean NLL) over every token predicted so far."""
+        total = torch.stack([t.to(self.sums[0].device) for t in self.sums]).sum()
+        return math.exp(float(total) / self.count)
 
 
 def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
