@@ -48,6 +48,14 @@ def test_run_writes_every_stage_and_resumes(tiny_folder, tmp_path, cache):
     assert any(ln.startswith("mitigation: smoothquant: residual max ") for ln in summary), summary
     assert any(ln.startswith("quantization: perplexity vs none / fp ") for ln in summary), summary
     assert f"wrote {out / 'report.html'}" in tail[-1]
+    # work shared between stages: the profile serves smoothquant's calibration, the before/after measurement
+    # gives the fp cells, and the recommended method's cells come from the mitigate stage (cached in compare)
+    assert "smoothquant: calibration statistics from the profile of the unmodified model" in printed
+    cells = {(c["method"], c["quant"]): c for c in json.loads((out / "compare.json").read_text())["cells"]}
+    assert cells[("none", "fp")]["ppl"] == mit["before"]["ppl"]
+    assert cells[("smoothquant", "fp")]["ppl"] == mit["after"]["ppl"]
+    assert cells[("none", "fp")]["note"] == cells[("smoothquant", "fp")]["note"] == "measured by the caller"
+    assert cells[("smoothquant", "w8a8-token")]["cached"] and not cells[("none", "w8a8-token")]["cached"]
 
     states.clear()
     term = io.StringIO()

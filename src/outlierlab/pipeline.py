@@ -18,9 +18,9 @@ from pathlib import Path
 from rich.console import Console
 
 from .data import DataConfig
+from .errors import OutlierlabError
 from .evaluation import EvalConfig
 from .paths import atomic_write_json
-from .runtime.journal import WeightJournal
 
 STAGES = ("profile", "explain", "mitigate", "compare", "report")
 #: every method and preset (``outlierlab run --methods all --quant all``); about 40 cells, over 30 min on 2 CPU cores
@@ -101,8 +101,7 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     from .evaluation import eval_windows
     from .evaluation.compare import CompareConfig, compare, render_table
     from .fmt import duration
-    from .mitigation import mitigate
-    from .mitigation.measure import measure, reduction
+    from .mitigation.measure import MeasureConfig, measure, reduction
     from .models.loader import load_model, max_positions
     from .report import landscape
     from .report.html import build_report
@@ -165,7 +164,11 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
             console.print(f"  {line}")
         log.done("explain", k_explain, time.perf_counter() - t0)
 
-    # -- mitigate (the recommended method, before/after, landscapes) ---------------------------------
+    # -- mitigate (the recommended method, before/after, landscapes, its compare cells) ------------------
+    # the recommended method is applied once, inside compare's run of its cells: the before/after
+    # measurements give the none/fp and recommended/fp cells, and compare (stage 4) finds its cells cached
+    cconf = CompareConfig(methods=config.methods, quants=config.quants, eval=config.eval, calib=config.calib,
+                          batch_size=config.batch_size)
     k_mitigate = _key("mitigate", model_id, config.dtype, config.recommended, config.calib, config.eval)
     outputs = [out / "mitigate.json", out / landscape.BEFORE_FILE, out / landscape.AFTER_FILE]
     if log.fresh("mitigate", k_mitigate, outputs):
@@ -176,16 +179,23 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
         layers = landscape.default_layers(prof)
         window = ev.input_ids[:1]
         landscape.capture_to_file(lm.model, window, out / landscape.BEFORE_FILE, layers, tokenizer=lm.tokenizer)
-        before = measure(lm.model, ev, tokenizer=lm.tokenizer)
-        with WeightJournal(lm.model):  # the weights come back bit for bit afterwards (no copy on the device)
-            result = mitigate(lm.model, [config.recommended], calib, lm.tokenizer,
-                              log=lambda s: console.print(f"  {s}"))
-            try:
-                after = measure(lm.model, ev, tokenizer=lm.tokenizer)
-                landscape.capture_to_file(lm.model, window, out / landscape.AFTER_FILE, layers,
-                                          tokenizer=lm.tokenizer)
-            finally:
-                result.remove()
+        mconf = MeasureConfig(batch_size=config.batch_size)  # the batches of compare's evaluations
+        before = measure(lm.model, ev, mconf, tokenizer=lm.tokenizer)
+        done: dict = {}
+
+        def after_mitigation(name: str, result) -> dict:
+            done["result"], done["after"] = result, measure(lm.model, ev, mconf, tokenizer=lm.tokenizer)
+            landscape.capture_to_file(lm.model, window, out / landscape.AFTER_FILE, layers, tokenizer=lm.tokenizer)
+            return {"fp": done["after"]["ppl"]}
+
+        rec = dataclasses.replace(cconf, methods=(config.recommended,),
+                                  quants=config.quants if config.recommended in config.methods else ("fp",))
+        compare(lm, rec, out, progress=progress, profile=prof, known={("none", "fp"): before["ppl"]},
+                on_method=after_mitigation, force=True, log=lambda s: console.print(f"  {s}"))
+        if "after" not in done:
+            raise OutlierlabError(f"the recommended mitigation {config.recommended!r} could not be applied "
+                                  f"(see {out / 'compare.json'})")
+        result, after = done["result"], done["after"]
         doc = {"methods": result.applied, "before": before, "after": after, "reduction": reduction(before, after),
                "protocol": config.eval.protocol(), "seconds": time.perf_counter() - t0}
         atomic_write_json(out / "mitigate.json", doc)
@@ -195,11 +205,9 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
         log.done("mitigate", k_mitigate, time.perf_counter() - t0)
 
     # -- compare (caches every cell itself) ---------------------------------------------------------
-    cconf = CompareConfig(methods=config.methods, quants=config.quants, eval=config.eval, calib=config.calib,
-                          batch_size=config.batch_size)
     header("compare", f"{len(config.methods)} methods x {len(config.quants)} quantizations")
     t0 = time.perf_counter()
-    table = compare(lm, cconf, out, progress=progress)
+    table = compare(lm, cconf, out, progress=progress, profile=prof)
     render_table(table, console)
     log.done("compare", _key("compare", model_id, cconf), time.perf_counter() - t0)
 

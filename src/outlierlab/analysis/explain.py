@@ -67,6 +67,9 @@ class ExplainConfig:
     min_share: float = 0.1          # a candidate's term must carry at least this share of the writer output
     max_candidates: int = 2         # super-weight candidates ablated per origin step
     max_ablations: int = 4          # ablation runs in total (each: eval perplexity + MA windows)
+    #: evaluation windows (the first N of the protocol) behind each ablation's perplexity: the ablations ask "is
+    #: the MA gone, does the perplexity jump", which a few windows answer; None: every protocol window
+    ablation_windows: int | None = 2
     ablate: bool = True
     cancel_step: float = 0.2        # a cancelling layer removes at least this fraction of the peak
     cancel_fraction: float = 0.1    # "cancelled" once below this fraction of the peak
@@ -205,6 +208,12 @@ def _eval_ids(eval_windows, lm, tokenizer, cfg: ExplainConfig, notes: list[str])
     return w.input_ids, cfg.eval.protocol()
 
 
+def _ablation_subset(ids: torch.Tensor, protocol: dict, cfg: ExplainConfig) -> tuple[torch.Tensor, dict]:
+    """The first ``cfg.ablation_windows`` evaluation windows, and the protocol saying so."""
+    n = ids.shape[0] if cfg.ablation_windows is None else min(cfg.ablation_windows, ids.shape[0])
+    return ids[:n], {**protocol, "n_windows_used": int(n), "n_windows_protocol": int(ids.shape[0])}
+
+
 def _ppl_fn(model, ids, batch_size):
     from ..evaluation import perplexity
 
@@ -245,6 +254,8 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
     timings["ma_s"] = time.perf_counter() - t1
 
     eval_ids, protocol = _eval_ids(eval_windows, lm, tokenizer, cfg, notes) if cfg.ablate and mas else (None, None)
+    if eval_ids is not None:
+        eval_ids, protocol = _ablation_subset(eval_ids, protocol, cfg)
     ppl = {"baseline": None, "protocol": protocol}
     if cfg.ablate and mas:
         t2 = time.perf_counter()

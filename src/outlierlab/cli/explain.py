@@ -36,6 +36,8 @@ AblateOpt = typer.Option(True, "--ablate/--no-ablate", help="verify super weight
 EvalDataOpt = typer.Option("brown:eval", "--eval-data", help="text of the perplexity protocol")
 EvalSamplesOpt = typer.Option(8, "--eval-samples", help="evaluation windows for perplexity")
 EvalSeqLenOpt = typer.Option(512, "--eval-seq-len", help="tokens per evaluation window")
+AblationWindowsOpt = typer.Option(
+    2, "--ablation-windows", help="the first N evaluation windows give each ablation's perplexity (0 = all)")
 CoWindowsOpt = typer.Option(2, "--co-windows", help="windows of the gain before/after sample pass")
 OtcKOpt = typer.Option(10.0, "--otc-k", help="OTC rule: score above this times the median score")
 MaAbsOpt = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this")
@@ -83,6 +85,7 @@ def explain_cmd(
     eval_data: str = EvalDataOpt,
     eval_samples: int = EvalSamplesOpt,
     eval_seq_len: int = EvalSeqLenOpt,
+    ablation_windows: int = AblationWindowsOpt,
     co_windows: int = CoWindowsOpt,
     otc_k: float = OtcKOpt,
     ma_abs: float = MaAbsOpt,
@@ -107,6 +110,7 @@ def explain_cmd(
     detect = DetectConfig(ma_abs=ma_abs, ma_rel=ma_rel, co_k=co_k)
     cfg = ExplainConfig(detect=detect, batch_size=batch_size, max_mas=max_mas, max_candidates=candidates,
                         max_ablations=max_ablations, ablate=ablate, co_windows=co_windows, otc_k=otc_k,
+                        ablation_windows=ablation_windows or None,
                         eval=EvalConfig(source=eval_data, n_samples=eval_samples, seq_len=eval_seq_len))
     with err.status("loading model and data"):
         lm = load_model(model, device, dtype)

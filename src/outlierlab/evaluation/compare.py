@@ -82,6 +82,8 @@ class Cell:
     quant_info: dict = field(default_factory=dict)
     sqnr: dict | None = None
     timings: dict = field(default_factory=dict)
+    #: where the number came from when not from this cell's own evaluation
+    note: str | None = None
 
     def to_json(self) -> dict:
         return jsonable(self)
@@ -173,9 +175,17 @@ def _short_error(exc: BaseException) -> str:
 
 
 def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None = None, *,
-            progress: bool = False, force: bool = False, on_cell=None) -> CompareResult:
+            progress: bool = False, force: bool = False, on_cell=None, profile=None,
+            known: dict[tuple[str, str], float] | None = None, on_method=None, log=None) -> CompareResult:
     """Run (or resume) the table for a :class:`~outlierlab.models.LoadedModel`. ``out_dir`` None: no files
-    and no cache. ``force``: recompute cached cells. ``on_cell(cell)`` is called after each cell."""
+    and no cache. ``force``: recompute cached cells. ``on_cell(cell)`` is called after each cell.
+
+    Work done elsewhere on the same model and windows is not repeated: ``profile`` (a profile of the model on
+    the calibration windows ``config.calib``) serves the first calibration of every method, and ``known``
+    (``{(method, quant): perplexity}``, measured with this protocol, e.g. the pipeline's before/after
+    measurement) fills those cells without a new evaluation. ``on_method(name, result)`` is called with the
+    method applied, before its cells (the pipeline measures the mitigated model there); it may return
+    ``{quant: perplexity}`` for cells it measured with this protocol. ``log`` receives the methods' lines."""
     from ..models.loader import max_positions
 
     config = config or CompareConfig()
@@ -221,9 +231,15 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
                     continue
             except (OSError, ValueError):
                 pass
+        if (m, q.name) in (known or {}):
+            cell.ppl, cell.status, cell.note = float(known[(m, q.name)]), "ok", "measured by the caller"
+            if path is not None:
+                atomic_write_json(path, cell.to_json())
+            continue
         todo.setdefault(m, []).append((cell, q))
 
     n_todo = sum(len(v) for v in todo.values())
+    run = _Shared(lm, calib, ev, sqnr_ids, config, cells_dir, on_cell, on_method, profile, log)
     with progress_bar(progress) as bar:
         task = bar.add_task("compare", total=n_todo)
         for m, items in todo.items():
@@ -231,8 +247,8 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
             # the method edits the model in place; the journal gives the original weights back afterwards
             journal = WeightJournal(lm.model, config.journal) if m != "none" else contextlib.nullcontext()
             with journal:
-                _run_method(lm, m, _method_config(m, methods), items, calib, ev, sqnr_ids, config,
-                            cells_dir, on_cell, lambda: bar.advance(task), lambda d: bar.update(task, description=d))
+                _run_method(run, m, _method_config(m, methods), items, lambda: bar.advance(task),
+                            lambda d: bar.update(task, description=d))
 
     ref = cells[(REFERENCE[0], REFERENCE[1])]
     for cell in cells.values():
@@ -262,16 +278,32 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
     return CompareResult(config, requested, ref, doc, out)
 
 
-def _run_method(lm, m: str, mcfg, items, calib, ev, sqnr_ids, config: CompareConfig, cells_dir, on_cell,
-                advance, describe) -> None:
-    """Mitigate ``lm.model`` with method ``m`` (in place), then run each of its cells; the runtime parts are
+@dataclass(frozen=True)
+class _Shared:
+    """What every method's cells share within one :func:`compare` call."""
+
+    lm: Any
+    calib: Any
+    ev: Any
+    sqnr_ids: torch.Tensor
+    config: CompareConfig
+    cells_dir: Path | None
+    on_cell: Any = None
+    on_method: Any = None
+    profile: Any = None
+    log: Any = None
+
+
+def _run_method(run: _Shared, m: str, mcfg, items, advance, describe) -> None:
+    """Mitigate the model with method ``m`` (in place), then run each of its cells; the runtime parts are
     removed on every exit path (the caller restores the weights)."""
     from ..mitigation import mitigate
     from ..runtime import registry
 
+    model = run.lm.model
     t0 = time.perf_counter()
     try:
-        result = mitigate(lm.model, [mcfg], calib, lm.tokenizer)
+        result = mitigate(model, [mcfg], run.calib, run.lm.tokenizer, log=run.log, profile=run.profile)
     except Exception as exc:  # noqa: BLE001 - a broken method must not stop the table
         for cell, _ in items:
             cell.status, cell.error = "error", f"mitigation failed: {_short_error(exc)}"
@@ -279,17 +311,21 @@ def _run_method(lm, m: str, mcfg, items, calib, ev, sqnr_ids, config: CompareCon
         return
     t_mit = time.perf_counter() - t0
     applied = {"applied": jsonable(result.applied), "runtime": list(result.runtime),
-               "fp_prefix": registry(lm.model).fp_prefix}
+               "fp_prefix": registry(model).fp_prefix}
     try:
+        measured = (run.on_method(m, result) if run.on_method is not None else None) or {}
         for cell, q in items:
             describe(f"{m} x {q.name}")
             cell.mitigation = applied
             cell.timings["mitigation_s"] = t_mit
-            _run_cell(lm.model, cell, q, calib, ev, sqnr_ids, config)
-            if cell.status == "ok" and cells_dir is not None:
-                atomic_write_json(cells_dir / f"{cell.key}.json", cell.to_json())
-            if on_cell is not None:
-                on_cell(cell)
+            if q.name in measured:
+                cell.ppl, cell.status, cell.note = float(measured[q.name]), "ok", "measured by the caller"
+            else:
+                _run_cell(model, cell, q, run.calib, run.ev, run.sqnr_ids, run.config)
+            if cell.status == "ok" and run.cells_dir is not None:
+                atomic_write_json(run.cells_dir / f"{cell.key}.json", cell.to_json())
+            if run.on_cell is not None:
+                run.on_cell(cell)
             advance()
     finally:
         result.remove()

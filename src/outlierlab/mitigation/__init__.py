@@ -106,12 +106,15 @@ class Method:
     config: type
     apply: Callable | None = None
     entry: Callable[[dict], Entry] | None = None
+    #: False for methods that leave what the model computes unchanged (later calibrations may still use a
+    #: profile of the unmodified model)
+    alters_model: bool = True
 
 
 #: every method, in the composition order (``paper`` expands to its parts and has no row of its own)
 TABLE: tuple[Method, ...] = (
-    Method("none", NoneConfig),
-    Method("prefix", PrefixConfig, _prefix.apply, _prefix.FPPrefix),
+    Method("none", NoneConfig, alters_model=False),
+    Method("prefix", PrefixConfig, _prefix.apply, _prefix.FPPrefix, alters_model=False),
     Method("gamma", GammaConfig, _gamma.apply),
     Method("smoothquant", SmoothQuantConfig, _smoothquant.apply),
     Method("tma", TMAConfig, _tma.apply, _tma.TMAEntry),
@@ -165,18 +168,20 @@ def resolve(methods) -> list:
     return sorted(expanded, key=lambda c: ORDER.index(method_name(c)))
 
 
-def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], None] | None = None
-             ) -> MitigationResult:
+def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], None] | None = None,
+             profile=None) -> MitigationResult:
     """Apply ``methods`` (names or config instances) to ``model`` in place, in the composition order.
 
     ``calib``: calibration ``Windows`` (or a [n, T] LongTensor); when None and a method needs data, 8
-    windows of brown:calib are made with ``tokenizer``. ``log`` receives one line per step.
+    windows of brown:calib are made with ``tokenizer``. ``log`` receives one line per step. ``profile``: a
+    profile of this (unmodified) model on ``calib`` (e.g. the profile stage's); calibrations that run before
+    any method has changed the model read it instead of tracing the calibration windows again.
     """
     configs = resolve(methods)
     result = MitigationResult(model)
     if not configs:
         return result
-    ctx = Context.for_model(model, calib, tokenizer, log)
+    ctx = Context.for_model(model, calib, tokenizer, log, profile)
     teachers = [c for c in configs if getattr(c, "needs_teacher", False)]
     if teachers:
         t0 = time.perf_counter()
@@ -197,6 +202,7 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
                 result.install(name, method.entry(params))
             record["seconds"] = time.perf_counter() - t0
             result.applied.append(record)
+            ctx.pristine = ctx.pristine and not method.alters_model
     except BaseException:
         result.remove()
         raise

@@ -204,6 +204,17 @@ def calib_profile(model: nn.Module, windows, positions: tuple[str, ...], batch_s
     return profile(model, window_ids(windows), cfg)
 
 
+def profile_covers(profile, windows) -> bool:
+    """True when ``profile`` was traced on exactly these calibration windows (same start offsets, same shape)."""
+    data = getattr(profile, "data_info", None) or {}
+    starts = getattr(windows, "starts", None)
+    ids = getattr(windows, "input_ids", None)
+    if starts is None or ids is None or data.get("starts") is None:
+        return False
+    return (list(map(int, data["starts"])) == list(map(int, starts)) and int(data.get("seq_len", -1)) == ids.shape[1]
+            and data.get("source") == getattr(getattr(windows, "config", None), "source", data.get("source")))
+
+
 @dataclass
 class Context:
     """What one :func:`outlierlab.mitigation.mitigate` call hands to each method."""
@@ -215,10 +226,28 @@ class Context:
     #: teacher next-token log-probabilities of the unmodified model, keyed by a name (see otc)
     teacher: dict = field(default_factory=dict)
     log: Any = None
+    #: a profile of the unmodified model on ``calib`` (the profile stage's), served to calibrations while the
+    #: model is still unmodified instead of a new pass over the calibration windows
+    profile: Any = None
+    #: no method has changed what the model computes yet (``mitigate`` clears it after each such method)
+    pristine: bool = True
 
     @classmethod
-    def for_model(cls, model, calib=None, tokenizer=None, log=None) -> Context:
-        return cls(model, get_adapter(model), calib, tokenizer, log=log)
+    def for_model(cls, model, calib=None, tokenizer=None, log=None, profile=None) -> Context:
+        ctx = cls(model, get_adapter(model), calib, tokenizer, log=log)
+        if profile is not None and calib is not None and profile_covers(profile, calib):
+            ctx.profile = profile
+        return ctx
+
+    def calib_profile(self, what: str, positions: tuple[str, ...], batch_size: int = 4, layers=None):
+        """A profile of ``positions`` on the calibration windows: the given one while the model is unmodified
+        and it holds every (layer, position) asked for, else a new pass."""
+        p = self.profile
+        wanted = range(self.adapter.n_layers) if layers is None else layers
+        if self.pristine and p is not None and all((i, pos) in p.results for i in wanted for pos in positions):
+            self.say(f"{what}: calibration statistics from the profile of the unmodified model (no new pass)")
+            return p
+        return calib_profile(self.model, self.calib_ids(what), positions, batch_size, layers)
 
     def calib_ids(self, what: str) -> torch.Tensor:
         if self.calib is None:

@@ -39,7 +39,6 @@ from ..tracing import attach_positions
 from .base import (
     Context,
     MitigationError,
-    calib_profile,
     check_choice,
     consumers,
     folding_norms,
@@ -301,7 +300,7 @@ def apply(ctx: Context, cfg: OTCConfig) -> dict:
         outputs.update(FUSED_POSITIONS.get(s.role, (s.output_position,)))
     outputs.discard(None)
     positions = tuple(sorted(set(inputs) | outputs))
-    profile = calib_profile(ctx.model, ctx.calib_ids("otc"), positions, layers=layers)
+    profile = ctx.calib_profile("otc", positions, layers=layers)
     otcs = find_otcs(adapter, profile, specs, layers, cfg.k)
     n = sum(len(v["channels"]) for v in otcs.values())
     peak = max((max(v["score_ratio"]) for v in otcs.values()), default=0.0)

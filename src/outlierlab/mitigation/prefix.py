@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..runtime import ORDER, Entry
-from .base import Context, MitigationError, calib_profile
+from .base import Context, MitigationError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class FPPrefix(Entry):
 def apply(ctx: Context, cfg: PrefixConfig) -> dict:
     found = None
     if cfg.n is None:
-        profile = calib_profile(ctx.model, ctx.calib_ids("prefix"), ("block.out",), cfg.batch_size)
+        profile = ctx.calib_profile("prefix", ("block.out",), cfg.batch_size)
         n, found = detect_prefix(profile, cfg.max_prefix)
     else:
         n = cfg.n

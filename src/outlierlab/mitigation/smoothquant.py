@@ -23,7 +23,6 @@ from ..runtime import like
 from .base import (
     Context,
     MitigationError,
-    calib_profile,
     consumers,
     fold_norm_rescale,
     folding_norms,
@@ -74,7 +73,7 @@ def apply(ctx: Context, cfg: SmoothQuantConfig) -> dict:
     positions = tuple({n.output_position for n in norms} | ({"mlp.down_in"} if do_down else set()))
     if not positions:
         return {"info": {"pairs": []}}
-    profile = calib_profile(ctx.model, ctx.calib_ids("smoothquant"), positions, cfg.batch_size)
+    profile = ctx.calib_profile("smoothquant", positions, cfg.batch_size)
     done, ratio_before, ratio_after = [], {}, {}
     for layer in range(adapter.n_layers):
         for norm in norms:

@@ -173,7 +173,7 @@ def calibrate(ctx: Context, cfg: TMAConfig, profile=None) -> dict:
         return {"params": params, "y6_absmax": {}}
     ids = ctx.calib_ids("tma")
     if profile is None:
-        profile = calibration_profile(ctx.model, ids, cfg.batch_size)
+        profile = ctx.calib_profile("tma", CALIB_POSITIONS, cfg.batch_size)
     origins = find_origins(profile, cfg.growth)
     if cfg.layers == "origin":
         layers = origins

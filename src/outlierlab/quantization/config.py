@@ -38,7 +38,9 @@ class QuantConfig:
     Which modules: every linear of every decoder block (``roles``/``layers`` restrict it); ``lm_head`` (weight
     and input) and ``embeddings`` (weight, per row) stay in full precision unless set.
 
-    ``calib_samples`` caps the calibration windows used for static scales and GPTQ (None: all given).
+    ``calib_samples`` caps the calibration windows used for static scales and GPTQ (None: all given);
+    ``a_calib_samples`` caps, within those, the windows whose abs-max gives the static activation scales (4 by
+    default: the abs-max is set by the massive activations, which every window holds at its first tokens).
     """
 
     name: str = "custom"
@@ -55,6 +57,7 @@ class QuantConfig:
     gptq_act_order: bool = False
     a_granularity: str = "token"
     a_clip: float = 1.0
+    a_calib_samples: int | None = 4
     kv_symmetric: bool = False
     kv_clip: float = 1.0
     roles: tuple[str, ...] | None = None
@@ -86,8 +89,9 @@ class QuantConfig:
             raise QuantConfigError(f"gptq_damp must be in [0, 1), not {self.gptq_damp!r}")
         if self.gptq_block < 1:
             raise QuantConfigError("gptq_block must be positive")
-        if self.calib_samples is not None and self.calib_samples < 1:
-            raise QuantConfigError("calib_samples must be positive or None")
+        for key in ("calib_samples", "a_calib_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise QuantConfigError(f"{key} must be positive or None")
         if self.roles is not None:
             object.__setattr__(self, "roles", tuple(self.roles))
         if self.layers is not None:

@@ -374,8 +374,8 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
     t1 = time.perf_counter()
     if config.quantizes_activations:
         if config.a_granularity == "tensor-static":
-            plan.acts = calibrate_static(model, targets, _calib_ids(calib, config), config, prefix, batch_size,
-                                         progress)
+            ids = _calib_ids(calib, config)[: config.a_calib_samples]
+            plan.acts = calibrate_static(model, targets, ids, config, prefix, batch_size, progress)
         else:
             plan.acts = {t.name: ActQuantizer(config.a_bits, config.symmetric, config.a_granularity,
                                               config.a_clip, prefix) for t in targets}

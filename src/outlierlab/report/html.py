@@ -312,6 +312,13 @@ def auto_narrative(ex: Mapping) -> list[str]:
     return lines
 
 
+def _ablation_windows(ex: dict) -> str:
+    """' on N of the M evaluation windows' when the ablations used a subset of the protocol's windows."""
+    p = (ex.get("perplexity") or {}).get("protocol") or {}
+    used, total = p.get("n_windows_used"), p.get("n_windows_protocol")
+    return f" on the first {used} of the {total} evaluation windows" if used and total and used < total else ""
+
+
 def super_weight_rows(mas: list[dict]) -> list[list]:
     """One row per (weight, MA channel), tokens merged; then one row per joint ablation (merged the same way)."""
     groups: dict[tuple, dict] = {}
@@ -402,7 +409,7 @@ def section_explain(ex: Mapping | None) -> str:
         parts.append("<h3>Super weights (ablation)</h3><p>Each candidate weight of the down projection is set to "
                      "zero, one at a time (and the candidates of one MA together: <i>joint</i>); it is verified when "
                      "the MA then falls below the MA rule everywhere it was. Perplexity is measured with the weight "
-                     "zeroed.</p>"
+                     "zeroed" + _ablation_windows(ex) + ".</p>"
                      + table(["weight(s)", "[row, col]", "value", "writes the MA", "verified",
                               "MA after zeroing", "perplexity before -> after"], sw_rows[:MAX_ROWS]))
     cos = ex.get("channel_outliers") or []
