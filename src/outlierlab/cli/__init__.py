@@ -11,7 +11,7 @@ import pkgutil
 from .common import app
 
 #: the order of ``outlierlab --help``: the order a user takes the study in (typer lists in registration order)
-ORDER = ("run", "profile", "explain", "mitigate", "compare", "quant-error", "lm-eval", "report", "models")
+ORDER = ("run", "profile", "explain", "mitigate", "compare", "quant-error", "lm-eval", "export", "report", "models")
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "common":
