@@ -36,21 +36,22 @@ _RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from outlierlab.evaluation import perplexity
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3])).to(sys.argv[6])
 print(json.dumps({"ppl": perplexity(model, torch.load(sys.argv[2]), int(sys.argv[4])),
                   "linear": type(model.get_submodule(sys.argv[5])).__name__}))
 """
 
 
-def reload_perplexity(folder: Path, ids, dtype: str, batch_size: int, linear: str) -> dict:
-    """Perplexity of the checkpoint loaded by ``AutoModelForCausalLM.from_pretrained`` in a fresh process."""
+def reload_perplexity(folder: Path, ids, dtype: str, batch_size: int, linear: str, device: str) -> dict:
+    """Perplexity of the checkpoint loaded by ``AutoModelForCausalLM.from_pretrained`` in a fresh process, on
+    ``device`` (the harness' device: CPU and GPU rounding differ by more than the tolerance at 4 bits)."""
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ids.pt"
         torch.save(ids.cpu(), path)
         res = subprocess.run([sys.executable, "-c", _RELOAD, str(folder), str(path), dtype, str(batch_size),
-                              linear], capture_output=True, text=True, check=False)
+                              linear, device], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"reloading {folder} with transformers failed: {tail}")
@@ -92,6 +93,7 @@ def export_cmd(
     from ..quantization import get_quant
     from ..quantization.export import check_exportable, export_compressed
     from ..quantization.fake import prepare
+    from ..runtime import input_device
 
     t0 = time.perf_counter()
     config = get_quant(quant)
@@ -114,7 +116,8 @@ def export_cmd(
     if not check:
         return
     with err.status("reloading with transformers in a fresh process"):
-        got = reload_perplexity(folder, ev.input_ids, dtype, batch_size, plan.targets[0].name)
+        got = reload_perplexity(folder, ev.input_ids, dtype, batch_size, plan.targets[0].name,
+                                str(input_device(lm.model)))
     rel = got["ppl"] / extra["harness_ppl"] - 1.0
     doc = {"harness_ppl": extra["harness_ppl"], "reloaded_ppl": got["ppl"], "rel_diff": rel,
            "tolerance": TOLERANCE, "reloaded_linear_type": got["linear"], "eval": ecfg.protocol(),
