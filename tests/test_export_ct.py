@@ -99,3 +99,28 @@ def test_cli_export_checks_the_reload(tiny_folder, tmp_path, cache):
     doc = json.loads((out / "export_check.json").read_text())
     assert abs(doc["rel_diff"]) <= 0.005 and doc["reloaded_linear_type"] == "Linear"
     assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["w8a8-token", "w4a16"])
+def test_default_model_export_reloads_within_half_a_percent(quant, tmp_path):
+    from outlierlab import load_model
+    from outlierlab.api import as_windows
+    from outlierlab.data import DataConfig
+    from outlierlab.evaluation import EvalConfig, eval_windows
+
+    lm = load_model("smollm2-135m")
+    calib = as_windows(DataConfig(n_samples=4), lm)
+    ev = eval_windows(lm.tokenizer, EvalConfig(n_samples=2))
+    mitigate(lm.model, ["smoothquant"], calib)
+    folder = export_compressed(lm.model, lm.tokenizer, quant, tmp_path / "ck", calib=calib)
+    with quantize_(lm.model, quant, calib):
+        harness = perplexity(lm.model, ev)
+    got = perplexity(_reload(folder), ev)
+    assert got == pytest.approx(harness, rel=5e-3)
+    packed = "weight_packed" if quant == "w4a16" else "weight"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        t = f.get_tensor(f"model.layers.0.mlp.down_proj.{packed}")
+    assert t.dtype == (torch.int32 if quant == "w4a16" else torch.int8)
