@@ -447,8 +447,12 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
             from .gptq import gptq_weights
 
             ids = _calib_ids(calib, config)
-            for name, w in gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
-                                        batch_size, progress).items():
+            # gptq swaps weights during its replay: offloaded ones are opened on the host for it (a no-op on a
+            # model in memory)
+            with offload.writable(model):
+                found = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
+                                     batch_size, progress)
+            for name, w in found.items():
                 plan.weights.hold(name, w)
         if config.embeddings:
             plan.embedding = model.get_input_embeddings()

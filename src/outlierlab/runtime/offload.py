@@ -111,8 +111,10 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def writable(root: nn.Module) -> Iterator[nn.Module]:
-    """Offloaded tensors under ``root`` as real host tensors inside the block (see the module docstring)."""
+def writable(root: nn.Module, write_back: bool = True) -> Iterator[nn.Module]:
+    """Offloaded tensors under ``root`` as real host tensors inside the block (see the module docstring).
+    ``write_back=False``: for readers whose edits are undone inside the block (explain's ablations); the
+    stores are left as they were."""
     mods = [m for m in root.modules() if hook_of(m) is not None]
     opened: list[tuple[nn.Module, object, list[str]]] = []
     try:
@@ -134,7 +136,8 @@ def writable(root: nn.Module) -> Iterator[nn.Module]:
                 for name in keys:
                     t = _tensor(m, name)
                     if t is not None and t.device.type != "meta":
-                        write(m, name, t)
+                        if write_back:
+                            write(m, name, t)
                         set_module_tensor_to_device(m, name, "meta")
 
 
