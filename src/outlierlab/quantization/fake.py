@@ -75,9 +75,7 @@ class Target:
     def weight_view(self) -> torch.Tensor:
         """The weight as ``[out, in]`` (a view of the module's current weight; read from accelerate's store when
         the module is offloaded)."""
-        w = self.module.weight
-        if w.device.type == "meta" and offload.hook_of(self.module) is not None:
-            w = offload.read(self.module, "weight")
+        w = offload.value(self.module, "weight")
         return w.t() if self.transposed else w
 
     def to_storage(self, w_out_in: torch.Tensor) -> torch.Tensor:
@@ -347,7 +345,7 @@ class QuantState(Entry):
                 out.append((t.module, lambda t=t: t.to_storage(plan.weights[t.name])))
         if plan.embedding is not None:
             c, emb = self.config, plan.embedding
-            out.append((emb, lambda: quant_weight(_stored(emb), c.w_bits, c.symmetric, "channel", c.group_size,
+            out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric, "channel", c.group_size,
                                                   c.w_clip)))
         return out
 
@@ -410,14 +408,6 @@ class QuantState(Entry):
     def describe(self) -> dict:
         return {"name": self.name, "config": self.config.to_dict(), "summary": self.config.describe(),
                 **self.plan.info}
-
-
-def _stored(module: nn.Module) -> torch.Tensor:
-    """A module's weight, read from accelerate's store when it is offloaded."""
-    w = module.weight
-    if w.device.type == "meta" and offload.hook_of(module) is not None:
-        return offload.read(module, "weight")
-    return w.detach()
 
 
 def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:

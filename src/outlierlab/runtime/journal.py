@@ -38,6 +38,7 @@ class WeightJournal:
         self._slots: list[tuple[nn.Module, str, str, torch.Tensor | None, str]] = []  # module, name, kind, obj, key
         self._values: dict[str, torch.Tensor] = {}
         self._files: dict[str, str] = {}
+        self._held: dict = {}  # key -> (table, key there, tensor) of offloaded tensors kept in host tables
         self._folder: Path | None = None
         self._config = None
         self._taken = False
@@ -84,6 +85,8 @@ class WeightJournal:
                 continue
             if t is not None:
                 seen[id(t)] = key
+            else:  # offloaded: a host store's tensor object is put back like a Parameter (ties in the store)
+                self._held[key] = offload.host_entry(module, name)
             self._slots.append((module, name, kind, t, key))
             value = offload.read(module, name) if t is None else t
             self._keep(key, value.detach().to("cpu", copy=True).contiguous())
@@ -116,6 +119,9 @@ class WeightJournal:
             table = module._parameters if kind == "param" else module._buffers
             if table.get(name) is not t:
                 table[name] = t
+        for table, key, t in filter(None, self._held.values()):
+            if table.get(key) is not t:
+                table[key] = t
         done = set()
         for module, name, kind, t, key in self._slots:
             if key in done:
@@ -125,7 +131,11 @@ class WeightJournal:
             if t is not None:
                 t.data.copy_(value.to(device=t.device, dtype=t.dtype))
                 continue
-            offload.write(module, name, value)
+            held = self._held.get(key)
+            if held is not None:  # in place: a tie partner holding the same tensor gets its original too
+                held[2].copy_(value.to(dtype=held[2].dtype))
+            else:
+                offload.write(module, name, value)
             live = getattr(module, name, None)
             if live is not None and live.device.type != "meta":  # the module is materialized right now
                 live.data.copy_(value.to(device=live.device, dtype=live.dtype))

@@ -60,10 +60,30 @@ def _store(module: nn.Module, name: str):
     return table, key
 
 
+def host_entry(module: nn.Module, name: str):
+    """(table, key, tensor) when the offloaded tensor lives in a host table (the tensor object is what forwards
+    load; the journal puts the very object back), None when it lives in a file."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    table, key = _store(module, name)
+    if isinstance(table, OffloadedWeightsLoader):
+        table = table.state_dict
+    return (table, key, table[key]) if key in table else None
+
+
 def read(module: nn.Module, name: str) -> torch.Tensor:
     """The stored value of an offloaded tensor (for a host store, the stored tensor itself: do not edit it
     unless the edit is meant for the store)."""
     return module._hf_hook.weights_map[name]
+
+
+def value(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The module's tensor ``name`` (``weight``, ``bias``) with its data: read from the store when accelerate
+    offloaded it (a hook reading a weight after the forward, when the module holds meta tensors again)."""
+    t = getattr(module, name, None)
+    if t is not None and t.device.type == "meta" and hook_of(module) is not None and name in names(module):
+        return read(module, name)
+    return t
 
 
 @torch.no_grad()
@@ -84,11 +104,15 @@ def write(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _put(table, key: str, value: torch.Tensor) -> None:
     old = table.get(key)
-    if old is not None and old.shape == value.shape and old.dtype == value.dtype:
-        if old.data_ptr() != value.data_ptr():
-            old.copy_(value)
+    if old is not None and old.data_ptr() == value.data_ptr() and old.shape == value.shape:
+        return  # the stored tensor itself was edited
+    # in place, unless another key holds the same tensor (tied weights: the partner keeps its values)
+    tied = old is not None and any(v.data_ptr() == old.data_ptr() for k, v in table.items() if k != key)
+    if old is not None and not tied and old.shape == value.shape and old.dtype == value.dtype:
+        old.copy_(value)
     else:
-        table[key] = value.to("cpu" if old is None else old.device, copy=True)
+        table[key] = value.to(device="cpu" if old is None else old.device,
+                              dtype=value.dtype if old is None else old.dtype, copy=True)
 
 
 def _write_dat(loader, key: str, value: torch.Tensor) -> None:
