@@ -345,8 +345,8 @@ class QuantState(Entry):
                 out.append((t.module, lambda t=t: t.to_storage(plan.weights[t.name])))
         if plan.embedding is not None:
             c, emb = self.config, plan.embedding
-            out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric, "channel", c.group_size,
-                                                  c.w_clip)))
+            out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric,
+                                                  "channel", c.group_size, c.w_clip)))
         return out
 
     def attach(self, model: nn.Module, hooks, reg) -> None:
