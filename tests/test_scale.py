@@ -64,8 +64,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("family", "store"), [("llama", "disk"), ("llama", "cpu"), ("gpt2", "disk"),
-                                               ("gpt2", "cpu")])
+@pytest.mark.parametrize(("family", "store"), [("llama", "disk"), ("gpt2", "disk"), ("gpt2", "cpu")])
 def test_every_mitigation_mode_on_an_offloaded_model_equals_in_memory(family, store, tmp_path):
     ref_model = _planted(family)
     off = _offloaded(_planted(family), store, tmp_path)
@@ -184,12 +183,13 @@ def test_explain_on_an_offloaded_model_equals_in_memory(tmp_path):
 # -- compare on a synthetic model (the default tokenizer: slow lane) -------------------------------------------
 
 
-def _compare_config(journal: str, quants=("fp", "w8a8-tensor", "w4a8:w_method=gptq")):
+def _compare_config(journal: str, quants=("fp", "w8a8-tensor", "w4a8:w_method=gptq"),
+                    methods=("smoothquant", "rotate", "paper")):
     from outlierlab.data import DataConfig
     from outlierlab.evaluation.compare import CompareConfig
     from outlierlab.evaluation.perplexity import EvalConfig
 
-    return CompareConfig(methods=("smoothquant", "rotate", "paper"), quants=quants,
+    return CompareConfig(methods=methods, quants=quants,
                          eval=EvalConfig(n_samples=2, seq_len=64), calib=DataConfig(n_samples=2, seq_len=64),
                          journal=journal)
 
@@ -214,39 +214,43 @@ def test_compare_on_an_offloaded_model_equals_in_memory():
 _PEAK = textwrap.dedent("""
     import json, re, sys
     import torch
+    from outlierlab.data import make_windows
     from outlierlab.evaluation.compare import compare
-    from outlierlab.models import load_model
+    from outlierlab.evaluation.perplexity import eval_windows
+    from outlierlab.models import load_model, synthetic
     sys.path.insert(0, {tests!r})
     from test_scale import _compare_config
 
-    def peak_rss():  # bytes; VmHWM, reset by writing 5 to clear_refs
-        return 1024 * int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-
-    def peak_rss_reset():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    def rss(field):  # bytes; VmHWM (the peak) is reset by writing 5 to clear_refs
+        return 1024 * int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
     torch.set_num_threads(2)
-    peak_rss_reset()
-    base = peak_rss()
+    config = _compare_config("disk", tuple({quants!r}), tuple({methods!r}))
+    tok = synthetic.tokenizer_for({spec!r})  # the data first: the corpus is not the model's memory
+    eval_windows(tok, config.eval, max_positions=4096)
+    make_windows(tok, config.calib, max_positions=4096)
+    base = rss("VmRSS")
     lm = load_model({spec!r})
     size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    loaded = peak_rss()
-    peak_rss_reset()
-    result = compare(lm, _compare_config("disk", tuple({quants!r})))
-    print(json.dumps({{"size": size, "base": base, "loaded": loaded, "peak": peak_rss(),
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    result = compare(lm, config)
+    print(json.dumps({{"size": size, "base": base, "peak": rss("VmHWM"),
                       "ok": all(c.status == "ok" for c in result.cells)}}))
 """)
 
+#: LLaMA layout, hidden 1024, FFN 4096, 16 layers: 1.38 GB in float32, 70% of it in the decoder linears (the
+#: vocabulary of the default tokenizer makes the embeddings large; a 7B-70B model is > 95% linears)
+PEAK_SPEC = ("synthetic:llama-tiny:hidden_size=1024,intermediate_size=4096,num_attention_heads=16,layers=16,"
+             "num_key_value_heads=4,head_dim=64")
 
-def _peak(quants) -> dict:
-    spec = "synthetic:llama-tiny:hidden_size=1024,intermediate_size=4096,num_attention_heads=16,layers=6," \
-           "num_key_value_heads=4,head_dim=64"
-    code = _PEAK.format(tests=str(Path(__file__).parent), spec=spec, quants=list(quants))
+
+def _peak(methods, quants) -> dict:
+    code = _PEAK.format(tests=str(Path(__file__).parent), spec=PEAK_SPEC, quants=list(quants), methods=list(methods))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
-                         timeout=1200)
+                         timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["ok"]
@@ -257,10 +261,10 @@ def _peak(quants) -> dict:
 
 @pytest.mark.slow
 def test_compare_peak_memory_is_about_one_model():
-    """Peak RSS of a whole compare (3 methods x fp, w8a8-tensor, w4a8; journal and quantization originals on
-    disk), above the process before the model was built, is below 1.3x the model's size."""
-    rec = _peak(("fp", "w8a8-tensor", "w4a8"))
-    assert rec["size"] > 400e6  # the model dominates the process
+    """Peak RSS of a whole compare (smoothquant, tma, paper x fp, w8a8-tensor, w4a8; journal and quantization
+    originals on disk) above the process before the model was built (data loaded) is below 1.3x the model."""
+    rec = _peak(("smoothquant", "tma", "paper"), ("fp", "w8a8-tensor", "w4a8"))
+    assert rec["size"] > 1e9  # the model dominates the process
     assert rec["ratio"] < 1.3
 
 
@@ -268,4 +272,4 @@ def test_compare_peak_memory_is_about_one_model():
 @pytest.mark.xfail(reason="gptq.py's gptq_weights returns every quantized linear at once (1x the linears beside "
                           "the model); the layer-by-layer GPTQ rewrite is another engineer's change", strict=False)
 def test_compare_peak_memory_with_gptq_is_about_one_model():
-    assert _peak(("w4a8:w_method=gptq",))["ratio"] < 1.3
+    assert _peak(("none",), ("w4a8:w_method=gptq",))["ratio"] < 1.3
