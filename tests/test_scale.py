@@ -245,8 +245,8 @@ PEAK_SPEC = ("synthetic:llama-tiny:hidden_size=1024,intermediate_size=4096,num_a
              "num_key_value_heads=4,head_dim=64")
 
 
-def _peak(methods, quants) -> dict:
-    code = _PEAK.format(tests=str(Path(__file__).parent), spec=PEAK_SPEC, quants=list(quants), methods=list(methods))
+def _peak(methods, quants, spec: str = PEAK_SPEC) -> dict:
+    code = _PEAK.format(tests=str(Path(__file__).parent), spec=spec, quants=list(quants), methods=list(methods))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
@@ -272,4 +272,5 @@ def test_compare_peak_memory_is_about_one_model():
 @pytest.mark.xfail(reason="gptq.py's gptq_weights returns every quantized linear at once (1x the linears beside "
                           "the model); the layer-by-layer GPTQ rewrite is another engineer's change", strict=False)
 def test_compare_peak_memory_with_gptq_is_about_one_model():
-    assert _peak(("none",), ("w4a8:w_method=gptq",))["ratio"] < 1.3
+    # 4 layers: GPTQ on the 16-layer model takes over 8 min on the 2-core CPU (there its peak passed 1.95x)
+    assert _peak(("none",), ("w4a8:w_method=gptq",), PEAK_SPEC.replace("layers=16", "layers=4"))["ratio"] < 1.3
