@@ -37,6 +37,8 @@ class RunConfig:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str = "float32"
+    #: accelerate placement budget (``0=15GiB,cpu=60GiB``): what does not fit is offloaded (None: all on device)
+    max_memory: str | None = None
     calib: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     batch_size: int = 4
@@ -126,7 +128,7 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
             on_stage(stage, state)
 
     t0 = time.perf_counter()
-    lm = load_model(config.model, config.device, config.dtype)
+    lm = load_model(config.model, config.device, config.dtype, max_memory=config.max_memory)
     console.print(f"model {lm.info['id']} ({lm.info['model_type']}, {lm.info['n_layers']} layers) loaded in "
                   f"{time.perf_counter() - t0:.1f} s")
     calib = as_windows(config.calib, lm)

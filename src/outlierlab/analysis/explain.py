@@ -30,6 +30,7 @@ import torch
 from ..adapters import get_adapter
 from ..errors import DataError, OutlierlabError
 from ..evaluation import EvalConfig
+from ..runtime.offload import writable
 from .attribution import attention_reads
 from .detect import DetectConfig
 from .explain_co import channel_outliers, find_otcs, qk_outliers
@@ -248,6 +249,14 @@ def explain(lm_or_model, windows=None, config: ExplainConfig | None = None, prof
             cfg = dataclasses.replace(cfg, detect=det)
             notes.append("thresholds taken from the given profile's detect config")
 
+    # weights that accelerate offloaded are read (and ablated, then restored) as host tensors from here on
+    with writable(model, write_back=False):
+        return _explain(lm, model, adapter, ids, profile, cfg, tokenizer, eval_windows, info, notes, timings, t0,
+                        progress)
+
+
+def _explain(lm, model, adapter, ids, profile, cfg, tokenizer, eval_windows, info, notes, timings, t0, progress
+             ) -> Explanation:
     # -- massive activations
     t1 = time.perf_counter()
     mas = _massive(model, adapter, ids, profile, cfg, notes)

@@ -40,6 +40,9 @@ DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | auto")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
 BatchOpt = typer.Option(4, "--batch-size", "-b", help="windows per forward pass")
 DebugOpt = typer.Option(False, "--debug", help="show tracebacks")
+MaxMemoryOpt = typer.Option(None, "--max-memory",
+                            help="place the model with accelerate within this budget, e.g. 0=20GiB,cpu=60GiB: "
+                                 "what does not fit is offloaded to the CPU or disk and run layer by layer")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="progress bars")
 
 

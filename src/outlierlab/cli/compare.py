@@ -13,6 +13,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     ProgressOpt,
@@ -66,6 +67,7 @@ def compare_cmd(
     force: bool = typer.Option(False, "--force", help="recompute cells found in OUT/cells"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -85,7 +87,7 @@ def compare_cmd(
         batch_size=batch_size, sqnr=sqnr, sqnr_samples=sqnr_samples,
     )
     with err.status("loading model"):
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, max_memory=max_memory)
 
     def report(cell) -> None:
         if not progress:

@@ -14,6 +14,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     ProgressOpt,
@@ -46,6 +47,7 @@ def quant_error_cmd(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -68,7 +70,7 @@ def quant_error_cmd(
     if missing:
         raise OutlierlabError(f"mitigation method(s) {', '.join(missing)} not available; have {', '.join(METHODS)}")
     with err.status("loading model and data"):
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, max_memory=max_memory)
         calib = as_windows(DataConfig(source=data, seq_len=seq_len, n_samples=calib_samples, seed=seed, bos=bos),
                            lm)
     mitigation = mitigate(lm.model, names, calib, lm.tokenizer)

@@ -15,6 +15,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NOpt,
     OutOpt,
@@ -76,6 +77,7 @@ def explain_cmd(
     bos: str = BosOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     batch_size: int = BatchOpt,
     profile_dir: Path | None = ProfileDirOpt,
     max_mas: int = MaxMasOpt,
@@ -113,7 +115,7 @@ def explain_cmd(
                         ablation_windows=ablation_windows or None,
                         eval=EvalConfig(source=eval_data, n_samples=eval_samples, seq_len=eval_seq_len))
     with err.status("loading model and data"):
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, max_memory=max_memory)
         t_load = time.perf_counter() - t0
         prof = None
         if profile_dir is not None:

@@ -16,6 +16,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     ProgressOpt,
@@ -161,6 +162,7 @@ def mitigate_cmd(
     bos: str = BosOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     batch_size: int = BatchOpt,
     sets: list[str] = typer.Option([], "--set", "-s", help="config field, METHOD.FIELD=VALUE (repeatable), "
                                                           "e.g. tma.target=20, gamma.k=1.5, paper.otc.steps=30"),
@@ -191,7 +193,7 @@ def mitigate_cmd(
     if sweep and [type(c).__name__ for c in configs] != ["TMAConfig"]:
         raise MitigationError("--sweep works with --method tma alone")
     with err.status("loading model and data"):
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, max_memory=max_memory)
         calib = as_windows(DataConfig(source=data, seq_len=seq_len, n_samples=n_samples, seed=seed, bos=bos), lm)
         ecfg = EvalConfig(source=eval_data, n_samples=eval_samples, seq_len=eval_seq_len)
         ev = eval_windows(lm.tokenizer, ecfg, max_positions=max_positions(lm.model))

@@ -14,6 +14,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NOpt,
     OutOpt,
@@ -44,9 +45,7 @@ def profile_cmd(
     ma_abs: float = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this"),
     ma_rel: float = typer.Option(1000.0, "--ma-rel", help="MA rule: |x| above this times the tensor median"),
     co_k: float = typer.Option(10.0, "--co-k", help="CO rule: channel median above this times the tensor median"),
-    max_memory: str = typer.Option(None, "--max-memory",
-                                   help="place the model with accelerate within this budget, e.g. 0=20GiB,cpu=60GiB: "
-                                        "what does not fit is offloaded and run layer by layer"),
+    max_memory: str = MaxMemoryOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:

@@ -10,6 +10,7 @@ from .common import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelOpt,
     OutOpt,
     ProgressOpt,
@@ -34,6 +35,7 @@ def run_cmd(
     recommended: str = typer.Option("paper", "--recommended", help="the mitigation shown before/after"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -44,7 +46,7 @@ def run_cmd(
     from ..pipeline import run as run_pipeline
 
     cfg = quick_config() if quick else RunConfig()
-    cfg = replace(cfg, model=model, device=device, dtype=dtype, recommended=recommended,
+    cfg = replace(cfg, model=model, device=device, dtype=dtype, max_memory=max_memory, recommended=recommended,
                   calib=replace(cfg.calib, source=data), eval=replace(cfg.eval, source=eval_data))
     if methods:
         picked = FULL_METHODS if methods == "all" else tuple(split_list(methods))

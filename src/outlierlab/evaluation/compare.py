@@ -60,7 +60,8 @@ class CompareConfig:
     batch_size: int = 4
     sqnr: bool = False
     sqnr_samples: int = 4
-    #: where the original weights wait while a method's cells run: "cpu" (one host copy) or "disk"
+    #: where the original weights wait while a method's cells run and while a cell quantizes them: "cpu" (one
+    #: host copy) or "disk"
     journal: str = "cpu"
 
 
@@ -356,7 +357,7 @@ def _run_cell(work, cell: Cell, q: QuantConfig, calib, ev, sqnr_ids, config: Com
                 "linears": rep.csv_rows(), "kv": rep.to_json()["kv"]}
             cell.timings["sqnr_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        with plan.install(work, restore=True) as state:
+        with plan.install(work, restore=True, store=config.journal) as state:
             cell.quant_info = {k: v for k, v in state.info.items() if not k.endswith("_s")}
             ppl = perplexity(work, ev, config.batch_size)
         cell.timings["eval_s"] = time.perf_counter() - t2

@@ -46,7 +46,7 @@ from . import prefix as _prefix
 from . import rotate as _rotate
 from . import smoothquant as _smoothquant
 from . import tma as _tma
-from .base import Context, MitigationError, config_to_json
+from .base import Context, MitigationError, config_to_json, weights_writable
 from .gamma import GammaConfig
 from .otc import OTCConfig
 from .paper import PaperConfig
@@ -194,7 +194,8 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
             record = {"method": name, "config": config_to_json(cfg), "exact": bool(cfg.exact)}
             t0 = time.perf_counter()
             method = _BY_NAME[name]
-            out = method.apply(ctx, cfg) if method.apply is not None else {}
+            with weights_writable(model):  # offloaded weights: edits land in accelerate's store
+                out = method.apply(ctx, cfg) if method.apply is not None else {}
             record["info"] = out.get("info", {})
             params = out.get("runtime")
             if params is not None:

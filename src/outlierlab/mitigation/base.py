@@ -2,7 +2,10 @@
 statistics, the per-call context and the JSON form of configs.
 
 All weight edits go through :func:`linear_weight` (a ``[out, in]`` view whatever the storage layout), so a
-method written once works for ``nn.Linear`` and GPT-2's ``Conv1D`` alike.
+method written once works for ``nn.Linear`` and GPT-2's ``Conv1D`` alike. Methods run inside
+:func:`weights_writable` (``mitigate`` opens it around each method): on a model that accelerate offloaded to the
+CPU or to disk, every weight is then a real host tensor that reads and edits like any other, and the edits are
+written back to accelerate's store when the method returns (:mod:`outlierlab.runtime.offload`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..errors import OutlierlabError
 from ..jsonsafe import jsonable
 from ..runtime import like
 from ..runtime import window_ids as _window_ids
+from ..runtime.offload import writable as weights_writable  # noqa: F401 - the one edit scope of methods
 
 
 class MitigationError(OutlierlabError):

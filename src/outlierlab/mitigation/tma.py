@@ -37,7 +37,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..analysis.detect import DetectConfig
-from ..runtime import ORDER, BatchInfo, Entry, FunctionEntry, installed, run
+from ..runtime import ORDER, BatchInfo, Entry, FunctionEntry, installed, offload, run
 from .base import (
     Context,
     MitigationError,
@@ -279,10 +279,10 @@ class TMAEntry(Entry):
     def bias_fix(self, which: str):
         def hook(module, args, out):
             factor = self.down_factor if which == "down" else self.o_factor
-            b = getattr(module, "bias", None)
+            b = offload.value(module, "bias")
             if factor is None or b is None:
                 return None
-            return out + (factor - 1.0) * b
+            return out + (factor - 1.0) * b.to(out.device)
         return hook
 
     def capture_m(self, module, args, out):

@@ -237,6 +237,8 @@ def _load_synthetic(spec: str, dev: torch.device, dt: torch.dtype, max_memory) -
         budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
         no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
         device_map = infer_auto_device_map(hf_model, max_memory=budget, no_split_module_classes=no_split)
+        if "" in device_map:  # the whole model on one device: name its children (accelerate offloads by name)
+            device_map = {name: device_map[""] for name, _ in hf_model.named_children()}
         hf_model = dispatch_model(hf_model, device_map, offload_dir=_offload_folder())
         dev = input_device(hf_model)
     source = ModelSource("synthetic", spec, None, synthetic.identity(spec))

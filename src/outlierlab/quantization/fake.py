@@ -7,9 +7,15 @@ Two steps, as in torchao's prepare/convert:
   target linear (RTN, or GPTQ from calibration windows), the activation quantizer of its input (with the scale
   calibrated on the calibration windows for ``tensor-static``), and the KV quantizer.
 - :meth:`QuantPlan.install` puts it on a model and returns a :class:`QuantState`; ``state.remove()`` (or leaving
-  its ``with`` block) restores the original weight *objects*, removes the hooks and the attention wrapper, so the
-  model is bit-identical to before. ``restore=False`` drops the originals instead (memory of one model only; use
-  it on a deep copy).
+  its ``with`` block) restores the original weights, removes the hooks and the attention wrapper, so the model is
+  bit-identical to before. ``restore=False`` keeps no originals (the weights stay quantized).
+
+Memory: a cell holds one model. The plan keeps no RTN weights (they are computed from the module's weight when
+installed or read, one linear at a time) and keeps GPTQ's results on the host; installing writes the quantized
+values *into* the existing weights, after a :class:`~outlierlab.runtime.journal.WeightJournal` of the target
+linears took their originals to the host (``store="cpu"``) or to disk (``store="disk"``). A weight tied to
+another module (an lm_head sharing the embedding) is replaced by a new Parameter instead, so the tie partner keeps
+its values. Weights that accelerate offloaded are written into its store (:mod:`outlierlab.runtime.offload`).
 
 :func:`quantize_` does both. Targets: the linears that the architecture adapter declares (``linears()``) in every
 decoder layer; GPT-2's ``Conv1D`` weights (stored ``[in, out]``) are quantized per output column, like the
@@ -22,7 +28,7 @@ entry (``quant``, after every mitigation hook) and the KV wrapper another (``qua
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +37,17 @@ from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from ..adapters import get_adapter
 from ..adapters.base import Adapter, LinearSpec
-from ..runtime import ORDER, BatchInfo, Entry, FunctionEntry, installed, registry, run
+from ..runtime import (
+    ORDER,
+    BatchInfo,
+    Entry,
+    FunctionEntry,
+    installed,
+    offload,
+    registry,
+    run,
+)
+from ..runtime.journal import WeightJournal
 from . import kv as kvmod
 from .config import QuantConfig, QuantConfigError, get_quant
 from .quantizers import (
@@ -57,8 +73,9 @@ class Target:
     alias: str | None = None
 
     def weight_view(self) -> torch.Tensor:
-        """The weight as ``[out, in]`` (a view of the module's current weight)."""
-        w = self.module.weight
+        """The weight as ``[out, in]`` (a view of the module's current weight; read from accelerate's store when
+        the module is offloaded)."""
+        w = offload.value(self.module, "weight")
         return w.t() if self.transposed else w
 
     def to_storage(self, w_out_in: torch.Tensor) -> torch.Tensor:
@@ -235,24 +252,54 @@ def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor,
 # -- the plan and the installed state ------------------------------------------------------------------------
 
 
+class PlanWeights(Mapping):
+    """Name -> quantized weight ``[out, in]`` of the plan's targets: GPTQ's results held on the host, RTN
+    computed from the target's current weight when read (nothing held)."""
+
+    def __init__(self, config: QuantConfig, targets: list[Target]) -> None:
+        self.config = config
+        self._targets = {t.name: t for t in targets}
+        self._held: dict[str, torch.Tensor] = {}
+
+    def hold(self, name: str, w: torch.Tensor) -> None:
+        self._held[name] = w.detach().to("cpu")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._held:
+            return self._held[name]
+        c = self.config
+        return quant_weight(self._targets[name].weight_view().detach(), c.w_bits, c.symmetric, c.w_granularity,
+                            c.group_size, c.w_clip)
+
+    def __contains__(self, name) -> bool:
+        return name in self._targets
+
+    def __iter__(self):
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
 @dataclass
 class QuantPlan:
-    """What :meth:`install` puts on a model: quantized weights (``[out, in]``), activation quantizers, the KV
-    quantizer, the quantized embedding matrix."""
+    """What :meth:`install` puts on a model: quantized weights (``[out, in]``, :class:`PlanWeights`), activation
+    quantizers, the KV quantizer, the embedding module to quantize."""
 
     config: QuantConfig
     targets: list[Target]
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: Mapping = field(default_factory=dict)
     acts: dict[str, ActQuantizer] = field(default_factory=dict)
     kv: kvmod.KVQuantizer | None = None
-    embedding: tuple[nn.Module, torch.Tensor] | None = None
+    embedding: nn.Module | None = None
     prefix: int = 0
     info: dict = field(default_factory=dict)
 
-    def install(self, model: nn.Module, restore: bool = True) -> QuantState:
+    def install(self, model: nn.Module, restore: bool = True, store: str = "cpu") -> QuantState:
         """Put the plan on ``model`` (the model it was prepared on), as registry entries. ``restore=False``
-        drops the original weights (the state then cannot give them back)."""
-        state = QuantState(model, self.config, self, restore)
+        keeps no originals (the state then cannot give them back); ``store``: where the originals wait,
+        ``cpu`` (host memory) or ``disk``."""
+        state = QuantState(model, self.config, self, restore, store)
         reg = registry(model)
         try:
             reg.add(state)
@@ -264,6 +311,16 @@ class QuantPlan:
         return state
 
 
+def _shared(model: nn.Module, modules: list[nn.Module]) -> set[int]:
+    """ids of the modules among ``modules`` whose weight object another module also holds (tied weights)."""
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        if w is not None:
+            holders[id(w)] = holders.get(id(w), 0) + 1
+    return {id(m) for m in modules if holders.get(id(m._parameters.get("weight")), 0) > 1}
+
+
 class QuantState(Entry):
     """The fake quantization installed on a model (registry entry ``quant``; the KV wrapper is the entry
     ``quant.kv``); ``remove()`` (idempotent) or the ``with`` block's end undoes it all. ``restore=False`` states
@@ -272,26 +329,44 @@ class QuantState(Entry):
     name = "quant"
     order = ORDER["quant.acts"]
 
-    def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool) -> None:
-        self.model, self.config, self.plan, self.restore = model, config, plan, restore
+    def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool,
+                 store: str = "cpu") -> None:
+        self.model, self.config, self.plan, self.restore, self.store = model, config, plan, restore, store
         self._originals: list[tuple[nn.Module, nn.Parameter]] = []
+        self._journal: WeightJournal | None = None
         self.kv_entry: Entry | None = None
         self.active = True
 
-    def _swap(self, module: nn.Module, data: torch.Tensor) -> None:
-        old = module.weight
-        module.weight = nn.Parameter(data.to(device=old.device, dtype=old.dtype), requires_grad=False)
-        if self.restore:
-            self._originals.append((module, old))
+    def _weights(self) -> list[tuple[nn.Module, Callable[[], torch.Tensor]]]:
+        """(module, storage-layout quantized weight, computed when called) of every weight the plan replaces."""
+        plan, out = self.plan, []
+        for t in plan.targets:
+            if t.name in plan.weights:
+                out.append((t.module, lambda t=t: t.to_storage(plan.weights[t.name])))
+        if plan.embedding is not None:
+            c, emb = self.config, plan.embedding
+            out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric,
+                                                  "channel", c.group_size, c.w_clip)))
+        return out
 
     def attach(self, model: nn.Module, hooks, reg) -> None:
         plan = self.plan
-        for t in plan.targets:
-            if t.name in plan.weights:
-                self._swap(t.module, t.to_storage(plan.weights[t.name]))
-        if plan.embedding is not None:
-            module, w = plan.embedding
-            self._swap(module, w)
+        edits = self._weights()
+        tied = _shared(model, [m for m, _ in edits])
+        if self.restore:
+            self._journal = WeightJournal(model, self.store, modules=[m for m, _ in edits if id(m) not in tied])
+            self._journal.snapshot()
+        with torch.no_grad():
+            for module, quantized in edits:
+                q = quantized()
+                if id(module) in tied:  # a new Parameter: the tie partner keeps its values
+                    old = module.weight
+                    module.weight = nn.Parameter(q.to(device=old.device, dtype=old.dtype), requires_grad=False)
+                    self._originals.append((module, old))
+                elif offload.hook_of(module) is not None and module.weight.device.type == "meta":
+                    offload.write(module, "weight", q)
+                else:
+                    module.weight.data.copy_(q.to(device=module.weight.device, dtype=module.weight.dtype))
         if plan.acts:
             shared = _SharedInput()
             hooks.pre(model, lambda m, a, k: shared.clear(), with_kwargs=True)
@@ -306,6 +381,10 @@ class QuantState(Entry):
         while self._originals:
             module, old = self._originals.pop()
             module.weight = old
+        if self._journal is not None:
+            self._journal.restore()
+            self._journal.close()
+            self._journal = None
 
     def remove(self) -> None:
         reg = registry(self.model)
@@ -353,23 +432,20 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
     plan = QuantPlan(config, targets, prefix=prefix)
     t0 = time.perf_counter()
     if config.quantizes_weights:
-        gptq_names: dict[str, torch.Tensor] = {}
+        plan.weights = PlanWeights(config, targets)
         if config.w_method == "gptq":
             from .gptq import gptq_weights
 
             ids = _calib_ids(calib, config)
-            gptq_names = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
-                                      batch_size, progress)
-        for t in targets:
-            if t.name in gptq_names:
-                plan.weights[t.name] = gptq_names[t.name]
-            else:
-                plan.weights[t.name] = quant_weight(t.weight_view().detach(), config.w_bits, config.symmetric,
-                                                    config.w_granularity, config.group_size, config.w_clip)
+            # gptq swaps weights during its replay: offloaded ones are opened on the host for it (a no-op on a
+            # model in memory)
+            with offload.writable(model):
+                found = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
+                                     batch_size, progress)
+            for name, w in found.items():
+                plan.weights.hold(name, w)
         if config.embeddings:
-            emb = model.get_input_embeddings()
-            plan.embedding = (emb, quant_weight(emb.weight.detach(), config.w_bits, config.symmetric, "channel",
-                                                config.group_size, config.w_clip))
+            plan.embedding = model.get_input_embeddings()
     plan.info["weights_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if config.quantizes_activations:
@@ -387,10 +463,11 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
 
 
 def quantize_(model: nn.Module, config: QuantConfig | str, calib=None, *, restore: bool = True,
-              batch_size: int = 4, progress: bool = False) -> QuantState:
+              batch_size: int = 4, progress: bool = False, store: str = "cpu") -> QuantState:
     """Fake-quantize ``model`` in place; returns the :class:`QuantState` that undoes it (``remove()`` or
-    ``with quantize_(...):``). ``calib`` (Windows or ids) is needed for static scales and GPTQ."""
-    return prepare(model, config, calib, batch_size=batch_size, progress=progress).install(model, restore)
+    ``with quantize_(...):``). ``calib`` (Windows or ids) is needed for static scales and GPTQ; ``store``: where
+    the original weights wait (``cpu`` or ``disk``)."""
+    return prepare(model, config, calib, batch_size=batch_size, progress=progress).install(model, restore, store)
 
 
 def static_scales(state_or_plan) -> dict[str, float]:

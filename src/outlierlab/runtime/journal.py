@@ -3,11 +3,13 @@
 :class:`WeightJournal` keeps the originals of a model's parameters and buffers (their values, the Parameter
 objects themselves, and the config) on the host or on disk while a transform edits the model in place, and
 puts them back bit for bit: ``with WeightJournal(model): mitigate(...); evaluate(...)``. Compare uses it
-instead of a deep copy per method, so the accelerator holds one model whatever the number of methods.
+instead of a deep copy per method, so the accelerator holds one model whatever the number of methods; fake
+quantization uses one on just its target linears (``modules=``).
 
-``store="cpu"`` keeps one host copy of the weights; ``store="disk"`` writes them to a temporary safetensors
-file and reads them back one tensor at a time (host memory stays at one model). Offloaded weights (on the meta
-device, kept by accelerate on the CPU or on disk) are skipped: transforms do not edit them here.
+``store="cpu"`` keeps one host copy of the weights; ``store="disk"`` writes them to temporary safetensors files,
+one tensor at a time, and reads them back one at a time (host memory stays at one tensor). Weights that
+accelerate offloaded (meta tensors whose values live in the hook's store, on the host or on disk) are read from
+that store and written back into it (:mod:`outlierlab.runtime.offload`).
 """
 
 from __future__ import annotations
@@ -21,19 +23,25 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
+from . import offload
+
 
 class WeightJournal:
-    """Snapshot of every parameter and buffer of ``model`` (see the module docstring); ``restore()`` or the
-    end of the ``with`` block puts them back, on every exit path."""
+    """Snapshot of every parameter and buffer of ``model`` (or only the direct ones of ``modules``; see the
+    module docstring); ``restore()`` or the end of the ``with`` block puts them back, on every exit path."""
 
-    def __init__(self, model: nn.Module, store: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, store: str = "cpu", modules=None) -> None:
         if store not in ("cpu", "disk"):
             raise ValueError(f"store must be 'cpu' or 'disk', not {store!r}")
         self.model, self.store = model, store
-        self._slots: list[tuple[nn.Module, str, str, torch.Tensor]] = []  # (module, name, kind, original object)
+        self.modules = None if modules is None else list(modules)
+        self._slots: list[tuple[nn.Module, str, str, torch.Tensor | None, str]] = []  # module, name, kind, obj, key
         self._values: dict[str, torch.Tensor] = {}
+        self._files: dict[str, str] = {}
+        self._held: dict = {}  # key -> (table, key there, tensor) of offloaded tensors kept in host tables
         self._folder: Path | None = None
         self._config = None
+        self._taken = False
 
     def __enter__(self) -> Self:
         self.snapshot()
@@ -43,63 +51,103 @@ class WeightJournal:
         self.restore()
         self.close()
 
+    def _named(self):
+        if self.modules is None:
+            yield from self.model.named_modules()
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for m in self.modules:
+            yield names.get(id(m), f"<{id(m)}>"), m
+
     def _entries(self):
-        for mod_name, module in self.model.named_modules():
+        """(key, module, name, kind, tensor): kind ``param``/``buffer`` for resident tensors, ``offload`` for
+        those accelerate keeps in a store (tensor None: read on demand)."""
+        for mod_name, module in self._named():
+            stored = set(offload.names(module)) if offload.hook_of(module) is not None else set()
+            for name in sorted(stored):
+                yield f"{mod_name}.{name}" if mod_name else name, module, name, "offload", None
             for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
                 for name, t in table.items():
-                    if t is not None and t.device.type != "meta":
+                    if t is not None and t.device.type != "meta" and name not in stored:
                         yield f"{mod_name}.{name}" if mod_name else name, module, name, kind, t
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        self._config = copy.deepcopy(self.model.config)
-        values, seen = {}, {}
+        if self.modules is None:
+            self._config = copy.deepcopy(self.model.config)
+        self._taken = True
+        if self.store == "disk":
+            self._folder = Path(tempfile.mkdtemp(prefix="outlierlab-journal-"))
+        seen: dict[int, str] = {}
         for key, module, name, kind, t in self._entries():
-            self._slots.append((module, name, kind, t))
-            if id(t) in seen:  # tied weights: one copy
+            if t is not None and id(t) in seen:  # tied weights: one copy
+                self._slots.append((module, name, kind, t, seen[id(t)]))
                 continue
-            seen[id(t)] = key
-            values[key] = t.detach().to("cpu", copy=True).contiguous()
-        self._keys = seen
+            if t is not None:
+                seen[id(t)] = key
+            else:  # offloaded: a host store's tensor object is put back like a Parameter (ties in the store)
+                self._held[key] = offload.host_entry(module, name)
+            self._slots.append((module, name, kind, t, key))
+            value = offload.read(module, name) if t is None else t
+            self._keep(key, value.detach().to("cpu", copy=True).contiguous())
+
+    def _keep(self, key: str, value: torch.Tensor) -> None:
         if self.store == "cpu":
-            self._values = values
+            self._values[key] = value
             return
         from safetensors.torch import save_file
 
-        self._folder = Path(tempfile.mkdtemp(prefix="outlierlab-journal-"))
-        save_file(values, str(self._folder / "originals.safetensors"))
+        path = str(self._folder / f"{len(self._files)}.safetensors")
+        save_file({"t": value}, path)
+        self._files[key] = path
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self.store == "cpu":
+            return self._values[key]
+        from safetensors.torch import load_file
+
+        return load_file(self._files[key])["t"]
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put every original Parameter/buffer object back in its place and its values back into it."""
-        if self._config is None:
+        if not self._taken:
             return
-        for module, name, kind, t in self._slots:
+        for module, name, kind, t, _ in self._slots:
+            if t is None:
+                continue
             table = module._parameters if kind == "param" else module._buffers
             if table.get(name) is not t:
                 table[name] = t
-        if self.store == "cpu":
-            self._copy_back(lambda key: self._values[key])
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(self._folder / "originals.safetensors"), framework="pt") as f:
-                self._copy_back(f.get_tensor)
-        for key, value in vars(self._config).items():
-            if getattr(self.model.config, key, None) != value:
-                setattr(self.model.config, key, copy.deepcopy(value))
-
-    def _copy_back(self, read) -> None:
+        for table, key, t in filter(None, self._held.values()):
+            if table.get(key) is not t:
+                table[key] = t
         done = set()
-        for _, _, _, t in self._slots:
-            if id(t) in done:
+        for module, name, kind, t, key in self._slots:
+            if key in done:
                 continue
-            done.add(id(t))
-            t.data.copy_(read(self._keys[id(t)]).to(device=t.device, dtype=t.dtype))
+            done.add(key)
+            value = self._read(key)
+            if t is not None:
+                t.data.copy_(value.to(device=t.device, dtype=t.dtype))
+                continue
+            held = self._held.get(key)
+            if held is not None:  # in place: a tie partner holding the same tensor gets its original too
+                held[2].copy_(value.to(dtype=held[2].dtype))
+            else:
+                offload.write(module, name, value)
+            live = getattr(module, name, None)
+            if live is not None and live.device.type != "meta":  # the module is materialized right now
+                live.data.copy_(value.to(device=live.device, dtype=live.dtype))
+        if self._config is not None:
+            for key, value in vars(self._config).items():
+                if getattr(self.model.config, key, None) != value:
+                    setattr(self.model.config, key, copy.deepcopy(value))
 
     def close(self) -> None:
         """Drop the originals (after the last :meth:`restore`)."""
         self._values = {}
+        self._files = {}
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
