@@ -28,7 +28,8 @@ order is the composition order (``ORDER``), whatever order the methods are given
    model before *any* method (computed first);
 6. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input;
 7. ``quarot`` - rotate plus online Hadamards (down and o_proj inputs) and the per-head K/V rotation before
-   the KV quantizer; exact on anything before it, its hooks after tma's.
+   the KV quantizer; exact on anything before it, its hooks after tma's;
+8. ``spinquant`` - quarot with a learned R1 (trained with every earlier method in place).
 
 ``paper`` expands to tma + gamma + otc. Each method module documents its config; docs/mitigation.md has the
 measurements behind the defaults.
@@ -48,6 +49,7 @@ from . import prefix as _prefix
 from . import quarot as _quarot
 from . import rotate as _rotate
 from . import smoothquant as _smoothquant
+from . import spinquant as _spinquant
 from . import tma as _tma
 from .base import Context, MitigationError, config_to_json
 from .gamma import GammaConfig
@@ -57,6 +59,7 @@ from .prefix import PrefixConfig
 from .quarot import QuaRotConfig
 from .rotate import RotateConfig
 from .smoothquant import SmoothQuantConfig
+from .spinquant import SpinQuantConfig
 from .tma import TMAConfig
 
 
@@ -122,6 +125,7 @@ TABLE: tuple[Method, ...] = (
     Method("otc", OTCConfig, _otc.apply),
     Method("rotate", RotateConfig, _rotate.apply, _rotate.OnlineHadamard),
     Method("quarot", QuaRotConfig, _quarot.apply, _quarot.QuaRotEntry),
+    Method("spinquant", SpinQuantConfig, _spinquant.apply, _quarot.QuaRotEntry),
 )
 _BY_NAME = {m.name: m for m in TABLE}
 _BY_CONFIG = {m.config: m for m in TABLE}
@@ -223,6 +227,7 @@ __all__ = [
     "QuaRotConfig",
     "RotateConfig",
     "SmoothQuantConfig",
+    "SpinQuantConfig",
     "TMAConfig",
     "mitigate",
     "resolve",

@@ -181,7 +181,10 @@ class QuaRotEntry(Entry):
 
 
 def apply(ctx: Context, cfg: QuaRotConfig) -> dict:
-    info = rotate_model(ctx.model, RotateConfig(seed=cfg.seed, kind=cfg.kind))
+    try:
+        info = rotate_model(ctx.model, RotateConfig(seed=cfg.seed, kind=cfg.kind))
+    except MitigationError as exc:
+        raise MitigationError(f"quarot needs the residual-stream rotation: {exc}") from None
     params = fold_online(ctx.model, ctx.adapter, cfg)
     info["online"] = params
     parts = ", ".join(f"{k} ({v['size']})" for k, v in params.items())

@@ -265,15 +265,25 @@ def _center_out(w: torch.Tensor, bias: torch.Tensor | None) -> None:
         bias.copy_((bias.double() - bias.double().mean()).to(bias.dtype))
 
 
+def is_layernorm_model(model: nn.Module) -> bool:
+    """True when the residual stream is read through LayerNorms (mean subtracted), not RMSNorms."""
+    return _is_layernorm(get_adapter(model).final_norm())
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
+def rotate_model(model: nn.Module, cfg: RotateConfig, matrix: torch.Tensor | None = None) -> dict:
+    """Fuse the norm gains and rotate the residual stream by ``Q`` (``matrix``, orthogonal ``[d, d]``, when
+    given; else built from ``cfg``)."""
     check_rotatable(model)
     adapter = get_adapter(model)
     layers = adapter.layers()
     final = adapter.final_norm()
     layernorm = _is_layernorm(final)
     d = model.get_input_embeddings().weight.shape[1]
-    q0, construction = rotation(d, cfg.seed, cfg.kind)
+    if matrix is None:
+        q0, construction = rotation(d, cfg.seed, cfg.kind)
+    else:
+        q0, construction = matrix.detach().double().cpu(), "given"
     q = mean_preserving(q0) if layernorm else q0
     untied = untie_lm_head(model)
     emb = model.get_input_embeddings().weight.data
