@@ -31,11 +31,11 @@ from outlierlab.mitigation import (
 )
 from outlierlab.mitigation.base import down_spec, linear_module, out_spec
 from outlierlab.mitigation.quarot import matrix
-from outlierlab.mitigation.spinquant import _nll, cayley_step, learn_rotation
+from outlierlab.mitigation.spinquant import cayley_step, learn_rotation
 from outlierlab.quantization import QuantConfig, quantize_
 from outlierlab.quantization.kv import KVQuantizer
 from outlierlab.quantization.quantizers import fake_quant, qparams, quant_dynamic
-from outlierlab.runtime import ORDER, FunctionEntry, installed, registry
+from outlierlab.runtime import ORDER, FunctionEntry, installed, next_token_nll, registry
 from outlierlab.testing import TINY_FAMILIES, plant_gain, random_windows, tiny_model
 
 FAMILIES = sorted(TINY_FAMILIES)
@@ -210,7 +210,8 @@ def test_learned_rotation_is_orthogonal_and_lowers_the_quantized_loss():
 
     rotate_model(model, RotateConfig(), torch.eye(64, dtype=torch.float64))  # fuse the gains, as apply does
     with torch.no_grad():
-        fp = float(_nll(model(input_ids=ids).logits, ids))
+        nll, count = next_token_nll(model(input_ids=ids).logits, ids)
+    fp = float(nll) / count
     cfg = SpinQuantConfig(steps=20, lr=0.2, bits=4, samples=8, seq_len=32, batch_size=8)
     r, info = learn_rotation(model, get_adapter(model), ids, cfg)
     assert float((r.T @ r - torch.eye(64, dtype=torch.float64)).abs().max()) < 1e-5

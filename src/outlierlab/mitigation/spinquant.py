@@ -28,7 +28,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..runtime import ORDER, FunctionEntry, call, installed
+from ..runtime import (
+    ORDER,
+    FunctionEntry,
+    NextTokenLoss,
+    call,
+    installed,
+    next_token_nll,
+    run,
+)
 from .base import Context, MitigationError, consumers, norm_module
 from .quarot import QuaRotConfig, fold_online
 from .rotate import (
@@ -92,19 +100,11 @@ def _quantized_in_basis(bits: int, rot: list[torch.Tensor]):
     return hook
 
 
-def _quantized_loss(model, batches: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in batches:
-            out = call(model, ids)
-            total += float(_nll(out.logits, ids)) * (ids.shape[1] - 1) * ids.shape[0]
-            count += (ids.shape[1] - 1) * ids.shape[0]
-    return total / max(count, 1)
-
-
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    ids = ids.to(logits.device)
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+def _quantized_loss(model, ids: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token NLL (nats) of ``ids`` with the training hooks live."""
+    acc = NextTokenLoss()
+    run(model, ids, batch_size, acc)
+    return math.log(acc.perplexity())
 
 
 def cayley_step(r: torch.Tensor, g: torch.Tensor, step: float) -> torch.Tensor:
@@ -140,20 +140,21 @@ def learn_rotation(model: nn.Module, adapter, ids: torch.Tensor, cfg: SpinQuantC
         for p, _ in flags:
             p.requires_grad_(False)
         with installed(model, FunctionEntry("spinquant.train", ORDER["rotation"], declare)):
-            start = _quantized_loss(model, batches)
+            start = _quantized_loss(model, ids, cfg.batch_size)
             for step in range(cfg.steps):
                 leaf = r64.float().requires_grad_(True)
                 rot[0] = leaf
                 with torch.enable_grad():
                     batch = batches[step % len(batches)]
-                    loss = _nll(call(model, batch).logits, batch)
+                    nll, count = next_token_nll(call(model, batch).logits, batch)
+                    loss = nll / count
                     loss.backward()
                 losses.append(float(loss.detach()))
                 lr = cfg.lr * (1.0 - step / cfg.steps)
                 r64 = cayley_step(r64, leaf.grad.detach().double().cpu(), lr)
                 say(f"spinquant: step {step + 1}/{cfg.steps} quantized loss {losses[-1]:.4f}")
             rot[0] = r64.float()
-            end = _quantized_loss(model, batches)
+            end = _quantized_loss(model, ids, cfg.batch_size)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
