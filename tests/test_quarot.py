@@ -243,3 +243,19 @@ def test_compare_combined_method_and_best(tiny_folder, cache, tmp_path):
     best = min(ok, key=lambda c: c.ppl)
     assert doc["best"]["w4a4kv4"] == {"method": best.method, "ppl": best.ppl, "rel_delta_pct": best.rel_delta_pct}
     assert all(v.equal(before[k]) for k, v in lm.model.state_dict().items())
+
+
+# -- the real default model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quarot_and_spinquant_exact_on_smollm2():
+    from outlierlab.models import load_model
+
+    lm = load_model("smollm2-135m")
+    ids = lm.tokenizer("The committee said that the new school would open in the fall, and the board agreed "
+                       "to pay for it out of the general fund.", return_tensors="pt").input_ids
+    ref = logits(lm.model, ids)
+    for cfg in (QuaRotConfig(), SpinQuantConfig(steps=2, samples=1, seq_len=32)):
+        model = copy.deepcopy(lm.model)
+        result = mitigate(model, [cfg], ids.repeat(2, 1))
+        assert rel(logits(model, ids), ref) < 1e-3
+        result.remove()

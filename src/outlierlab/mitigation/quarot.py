@@ -39,7 +39,7 @@ from .base import (
     linear_weight,
     out_spec,
 )
-from .rotate import RotateConfig, rotate_model, rotation
+from .rotate import RotateConfig, rot_in, rotate_model, rotation
 
 #: seed offsets of the online matrices (distinct from R1's and from rotate's online Hadamard)
 _SEEDS = {"down": 7919, "o": 104729, "head": 1299709, "kv": 15485863}
@@ -85,27 +85,21 @@ def _params(size: int, seed: int, kind: str, part: str) -> dict:
 
 
 @torch.no_grad()
-def _fold_in(w: torch.Tensor, m: torch.Tensor) -> None:
-    """Reader of a rotated input: ``W <- W M`` on an [out, in] view."""
-    w.copy_((w.double() @ m.to(w.device)).to(w.dtype))
-
-
-@torch.no_grad()
-def fold_head_rotation(model: nn.Module, adapter, h: torch.Tensor) -> None:
+def fold_head_rotation(adapter, h: torch.Tensor) -> None:
     """Values in the per-head Hadamard basis: ``W_v <- B^T W_v`` (``b_v <- b_v B``), ``W_o <- W_o B``."""
     v, o = linear_spec(adapter, "v"), out_spec(adapter)
+    hd = h.shape[0]
     for i in range(adapter.n_layers):
         wv, bv = linear_weight(adapter, i, v), linear_bias(adapter, i, v)
         wo = linear_weight(adapter, i, o)
-        hd = h.shape[0]
         if wv.shape[0] % hd or wo.shape[1] % hd:
             raise MitigationError(f"quarot: layer {i} v/o sizes ({wv.shape[0]}, {wo.shape[1]}) are not multiples "
                                   f"of the head dimension {hd}")
-        bv_ = torch.block_diag(*[h] * (wv.shape[0] // hd)).to(wv.device)
-        wv.copy_((bv_.T @ wv.double()).to(wv.dtype))
+        blocks = torch.block_diag(*[h] * (wv.shape[0] // hd)).to(wv.device)
+        wv.copy_((blocks.T @ wv.double()).to(wv.dtype))
         if bv is not None:
-            bv.copy_((bv.double() @ bv_.to(bv.device)).to(bv.dtype))
-        _fold_in(wo, torch.block_diag(*[h] * (wo.shape[1] // hd)))
+            bv.copy_((bv.double() @ blocks.to(bv.device)).to(bv.dtype))
+        rot_in(wo, torch.block_diag(*[h] * (wo.shape[1] // hd)))
 
 
 @torch.no_grad()
@@ -117,19 +111,19 @@ def fold_online(model: nn.Module, adapter, cfg: QuaRotConfig) -> dict:
         params["down"] = _params(linear_weight(adapter, 0, spec).shape[1], cfg.seed, cfg.kind, "down")
         h = matrix(params["down"])
         for i in range(adapter.n_layers):
-            _fold_in(linear_weight(adapter, i, spec), h)
+            rot_in(linear_weight(adapter, i, spec), h)
     hd = head_dim(model, adapter)
     folded_v = False
     if cfg.attn_out:
         if linear_spec(adapter, "v") is not None:
             params["head"] = _params(hd, cfg.seed, cfg.kind, "head")
-            fold_head_rotation(model, adapter, matrix(params["head"]))
+            fold_head_rotation(adapter, matrix(params["head"]))
             folded_v = True
         o = out_spec(adapter)
         params["o"] = _params(linear_weight(adapter, 0, o).shape[1], cfg.seed, cfg.kind, "o")
         h = matrix(params["o"])
         for i in range(adapter.n_layers):
-            _fold_in(linear_weight(adapter, i, o), h)
+            rot_in(linear_weight(adapter, i, o), h)
     if cfg.kv:
         params["kv"] = {**_params(hd, cfg.seed, cfg.kind, "kv"), "which": ["k"] if folded_v else ["k", "v"]}
     return params
