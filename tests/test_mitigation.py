@@ -103,7 +103,8 @@ def ma_windows(model, n: int = 4, seq_len: int = 24, token: int = 7) -> torch.Te
 
 # -- registry ----------------------------------------------------------------------------------------------
 def test_registry_and_composition_order():
-    assert set(METHODS) == {"none", "tma", "gamma", "otc", "smoothquant", "rotate", "prefix", "paper"}
+    assert set(METHODS) == {"none", "tma", "gamma", "otc", "smoothquant", "rotate", "prefix", "paper",
+                            "quarot", "spinquant"}
     for cls in METHODS.values():
         cls()  # every config has defaults
     names = [type(c).__name__ for c in resolve(["prefix,rotate", "paper", SmoothQuantConfig()])]

@@ -166,8 +166,22 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def _parts(name: str) -> list[str]:
+    """``"tma+quarot"`` -> ``["tma", "quarot"]``: a ``+``-joined name is those methods applied together."""
+    return [p.strip() for p in name.split("+")]
+
+
+def _unknown(name: str, methods: dict) -> list[str]:
+    return [p for p in _parts(name) if p not in methods]
+
+
 def _method_config(name: str, methods: dict) -> Any:
-    return methods[name]()
+    """The config of a method; a tuple of configs for a combined name (``mitigate`` sorts them into the
+    composition order)."""
+    parts = _parts(name)
+    if len(parts) == 1:
+        return methods[name]()
+    return tuple(methods[p]() for p in parts)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -212,9 +226,10 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
     for m, q in wanted:
         cell = Cell(m, q.name, quant_config=q.to_dict(), quant_summary=q.describe())
         cells[(m, q.name)] = cell
-        if m not in methods:
+        if _unknown(m, methods):
             cell.status = "not available"
-            cell.error = f"method {m!r} is not in outlierlab.mitigation.METHODS (available: {', '.join(methods)})"
+            cell.error = (f"method {', '.join(map(repr, _unknown(m, methods)))} is not in "
+                          f"outlierlab.mitigation.METHODS (available: {', '.join(methods)})")
             continue
         mcfg = _method_config(m, methods)
         cell.method_config = jsonable(mcfg)
@@ -271,6 +286,7 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
         "versions": _versions(),
         "reference": {"method": ref.method, "quant": ref.quant, "ppl": ref.ppl},
         "cells": [_brief(c) for c in requested],
+        "best": _best_json([c.to_json() for c in requested]),
         "timings": {"total_s": time.perf_counter() - t_start},
     }
     if out is not None:
@@ -304,7 +320,8 @@ def _run_method(run: _Shared, m: str, mcfg, items, advance, describe) -> None:
     model = run.lm.model
     t0 = time.perf_counter()
     try:
-        result = mitigate(model, [mcfg], run.calib, run.lm.tokenizer, log=run.log, profile=run.profile)
+        result = mitigate(model, list(mcfg) if isinstance(mcfg, tuple) else [mcfg], run.calib, run.lm.tokenizer,
+                          log=run.log, profile=run.profile)
     except Exception as exc:  # noqa: BLE001 - a broken method must not stop the table
         for cell, _ in items:
             cell.status, cell.error = "error", f"mitigation failed: {_short_error(exc)}"
@@ -330,6 +347,22 @@ def _run_method(run: _Shared, m: str, mcfg, items, advance, describe) -> None:
             advance()
     finally:
         result.remove()
+
+
+def best_per_quant(cells) -> dict:
+    """For every quantization setting, its finished cell of lowest perplexity (cells as dicts, compare.json's)."""
+    best: dict = {}
+    for c in cells:
+        if c.get("status") == "ok" and c.get("ppl") is not None:
+            q = c["quant"]
+            if q not in best or c["ppl"] < best[q]["ppl"]:
+                best[q] = c
+    return best
+
+
+def _best_json(cells: list[dict]) -> dict:
+    """``{quant: {"method", "ppl", "rel_delta_pct"}}``: compare.json's ``best``."""
+    return {q: {k: c.get(k) for k in ("method", "ppl", "rel_delta_pct")} for q, c in best_per_quant(cells).items()}
 
 
 def _brief(cell: Cell) -> dict:
@@ -435,6 +468,10 @@ def render_table(result: CompareResult, console=None):
         table.add_row(*line)
     if console is not None:
         console.print(table)
+        best = result.document.get("best") or {}
+        if best:
+            console.print("best: " + "; ".join(f"{q} {b['method']} ({b['ppl']:.2f})" for q, b in best.items()),
+                          highlight=False)
         missing = sorted({c.method for c in result.cells if c.status == "not available"})
         if missing:
             console.print(f"[yellow]not available[/] (not in outlierlab.mitigation.METHODS): {', '.join(missing)}",

@@ -26,7 +26,10 @@ order is the composition order (``ORDER``), whatever order the methods are given
    up -> down migration does), so its thresholds see the y6 the hooks will see;
 5. ``otc`` - its fine-tuning runs with the tma hooks live, so it learns around them; its teacher is the
    model before *any* method (computed first);
-6. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input.
+6. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input;
+7. ``quarot`` - rotate plus online Hadamards (down and o_proj inputs) and the per-head K/V rotation before
+   the KV quantizer; exact on anything before it, its hooks after tma's;
+8. ``spinquant`` - quarot with a learned R1 (trained with every earlier method in place).
 
 ``paper`` expands to tma + gamma + otc. Each method module documents its config; docs/mitigation.md has the
 measurements behind the defaults.
@@ -43,16 +46,20 @@ from ..runtime import Entry, install, uninstall
 from . import gamma as _gamma
 from . import otc as _otc
 from . import prefix as _prefix
+from . import quarot as _quarot
 from . import rotate as _rotate
 from . import smoothquant as _smoothquant
+from . import spinquant as _spinquant
 from . import tma as _tma
 from .base import Context, MitigationError, config_to_json, weights_writable
 from .gamma import GammaConfig
 from .otc import OTCConfig
 from .paper import PaperConfig
 from .prefix import PrefixConfig
+from .quarot import QuaRotConfig
 from .rotate import RotateConfig
 from .smoothquant import SmoothQuantConfig
+from .spinquant import SpinQuantConfig
 from .tma import TMAConfig
 
 
@@ -120,6 +127,8 @@ TABLE: tuple[Method, ...] = (
     Method("tma", TMAConfig, _tma.apply, _tma.TMAEntry),
     Method("otc", OTCConfig, _otc.apply),
     Method("rotate", RotateConfig, _rotate.apply, _rotate.OnlineHadamard),
+    Method("quarot", QuaRotConfig, _quarot.apply, _quarot.QuaRotEntry),
+    Method("spinquant", SpinQuantConfig, _spinquant.apply, _quarot.QuaRotEntry),
 )
 _BY_NAME = {m.name: m for m in TABLE}
 _BY_CONFIG = {m.config: m for m in TABLE}
@@ -222,8 +231,10 @@ __all__ = [
     "OTCConfig",
     "PaperConfig",
     "PrefixConfig",
+    "QuaRotConfig",
     "RotateConfig",
     "SmoothQuantConfig",
+    "SpinQuantConfig",
     "TMAConfig",
     "mitigate",
     "resolve",

@@ -247,7 +247,7 @@ def _fuse_norm(norm_mod: nn.Module, offset: float, readers: list[torch.Tensor], 
     return None
 
 
-def _rot_in(w: torch.Tensor, q: torch.Tensor) -> None:
+def rot_in(w: torch.Tensor, q: torch.Tensor) -> None:
     """Reader: ``W <- W Q`` on an [out, in] view."""
     w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
 
@@ -265,15 +265,25 @@ def _center_out(w: torch.Tensor, bias: torch.Tensor | None) -> None:
         bias.copy_((bias.double() - bias.double().mean()).to(bias.dtype))
 
 
+def is_layernorm_model(model: nn.Module) -> bool:
+    """True when the residual stream is read through LayerNorms (mean subtracted), not RMSNorms."""
+    return _is_layernorm(get_adapter(model).final_norm())
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
+def rotate_model(model: nn.Module, cfg: RotateConfig, matrix: torch.Tensor | None = None) -> dict:
+    """Fuse the norm gains and rotate the residual stream by ``Q`` (``matrix``, orthogonal ``[d, d]``, when
+    given; else built from ``cfg``)."""
     check_rotatable(model)
     adapter = get_adapter(model)
     layers = adapter.layers()
     final = adapter.final_norm()
     layernorm = _is_layernorm(final)
     d = model.get_input_embeddings().weight.shape[1]
-    q0, construction = rotation(d, cfg.seed, cfg.kind)
+    if matrix is None:
+        q0, construction = rotation(d, cfg.seed, cfg.kind)
+    else:
+        q0, construction = matrix.detach().double().cpu(), "given"
     q = mean_preserving(q0) if layernorm else q0
     untied = untie_lm_head(model)
     emb = model.get_input_embeddings().weight.data
@@ -291,7 +301,7 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
             readers = [linear_weight(adapter, i, s) for s in consumers(adapter, norm)]
             beta = _fuse_norm(mod, norm.gain_offset, readers, layernorm)
             for w in readers:
-                _rot_in(w, q)
+                rot_in(w, q)
             if beta is not None:
                 mod.bias.data.copy_((beta @ q.to(beta.device)).to(mod.bias.dtype))
         for spec in writers:
@@ -300,11 +310,11 @@ def rotate_model(model: nn.Module, cfg: RotateConfig) -> dict:
                 _center_out(w, b)
             _rot_out(w, q, b)
     beta = _fuse_norm(final, adapter.final_norm_offset(), [head], layernorm)
-    _rot_in(head, q)
+    rot_in(head, q)
     if beta is not None:
         final.bias.data.copy_((beta @ q.to(beta.device)).to(final.bias.dtype))
     for e in [emb, *pos_embs]:
-        _rot_in(e, q)
+        rot_in(e, q)
     return {"construction": construction, "hidden_size": d, "untied_lm_head": untied,
             "layernorm_centering": layernorm}
 
@@ -322,7 +332,7 @@ def fold_online_hadamard(model: nn.Module, seed: int, kind: str) -> dict:
     n = linear_weight(adapter, 0, spec).shape[1]
     h = _online_matrix(n, seed, kind)
     for i in range(adapter.n_layers):
-        _rot_in(linear_weight(adapter, i, spec), h)
+        rot_in(linear_weight(adapter, i, spec), h)
     return {"size": n, "seed": seed, "kind": kind}
 
 

@@ -34,7 +34,9 @@ _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class KVQuantizer:
     """Fake-quantizes ``[batch, heads, tokens, head_dim]`` states, one scale (and zero) per head and token; the
     first ``prefix`` tokens stay in full precision. With ``measure`` set it records the error (signal and
-    noise power per layer) and, if ``passthrough``, returns the input unchanged."""
+    noise power per layer) and, if ``passthrough``, returns the input unchanged. ``rotation(x, which)``, set
+    by :class:`KVEntry` from an installed mitigation entry that has ``kv_rotation`` (QuaRot), gives an
+    orthogonal ``[head_dim, head_dim]`` matrix ``R`` or None: the states are quantized as ``Q(x R) R^T``."""
 
     bits: int
     symmetric: bool = False
@@ -42,12 +44,17 @@ class KVQuantizer:
     prefix: int = 0
     measure: dict | None = None
     passthrough: bool = False
+    rotation: Callable | None = field(default=None, repr=False)
     calls: int = field(default=0, repr=False)
 
     def __call__(self, x: torch.Tensor, layer: int | None = None, which: str = "k") -> torch.Tensor:
         self.calls += 1
-        scale, zero = qparams(x, self.bits, self.symmetric, -1, self.clip)
-        xq = fake_quant(x, scale, zero, self.bits)
+        r = self.rotation(x, which) if self.rotation is not None else None
+        xr = x if r is None else x @ r
+        scale, zero = qparams(xr, self.bits, self.symmetric, -1, self.clip)
+        xq = fake_quant(xr, scale, zero, self.bits)
+        if r is not None:
+            xq = xq @ r.T
         p = min(self.prefix, x.shape[-2])
         if p:
             xq[..., :p, :] = x[..., :p, :]
@@ -137,6 +144,8 @@ class KVEntry(Entry):
         self._modules = [adapter.attention(i) for i in chosen]
         for i, m in zip(chosen, self._modules):
             _STATE[m] = (self.quantizer, i)
+        rotations = [e for e in reg.entries if hasattr(e, "kv_rotation")]
+        self.quantizer.rotation = rotations[0].kv_rotation if rotations else None
         name = register(base)
         self._base = base
         model.set_attn_implementation(name)
@@ -151,3 +160,4 @@ class KVEntry(Entry):
             for m in self._modules:
                 _STATE.pop(m, None)
             self._modules, self._base = [], None
+            self.quantizer.rotation = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.compare import best_per_quant
 from ..fmt import change, num, pct, quoted, signed_pct, site
 from . import figures as F
 from .terminal import group_massive
@@ -43,17 +44,6 @@ def summary_lines(out_dir: str | Path) -> list[str]:
     from .html import collect
 
     return [f.line() for f in summarize(collect(out_dir))]
-
-
-def best_per_quant(cells: Iterable[Mapping]) -> dict[str, Mapping]:
-    """For every quantization setting, its finished cell of lowest perplexity."""
-    best: dict[str, Mapping] = {}
-    for c in cells:
-        if c.get("status") == "ok" and c.get("ppl") is not None:
-            q = c["quant"]
-            if q not in best or c["ppl"] < best[q]["ppl"]:
-                best[q] = c
-    return best
 
 
 # -- massive activation ------------------------------------------------------------------------------------------
