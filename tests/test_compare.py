@@ -119,10 +119,10 @@ class ShiftConfig:
 def test_methods_that_land_later_are_picked_up(tiny_folder, tiny_lm, tmp_path, monkeypatch):
     real = mitigation.mitigate
 
-    def fake_mitigate(model, methods, calib=None, tokenizer=None):
+    def fake_mitigate(model, methods, calib=None, tokenizer=None, **kwargs):
         cfgs = [m for m in methods if isinstance(m, ShiftConfig)]
         if not cfgs:
-            return real(model, methods, calib, tokenizer)
+            return real(model, methods, calib, tokenizer, **kwargs)
         from outlierlab.adapters import get_adapter
 
         assert calib is not None and calib.input_ids.shape == (2, 32)
