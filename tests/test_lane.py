@@ -41,7 +41,8 @@ from outlierlab.tracing import ProfileConfig, profile
 FAMILIES = sorted(TINY_FAMILIES)
 MA = {"layer": 1, "k": 5, "j": 13, "d": 7}
 GAIN = {"layer": 0, "norm": "attn.norm", "channel": 21, "gain": 60.0}
-COMPARE_METHODS = ("none", "smoothquant", "rotate", "prefix", "tma", "gamma", "otc", "paper")
+COMPARE_METHODS = ("none", "smoothquant", "rotate", "prefix", "tma", "gamma", "otc", "paper", "quarot",
+                   "tma+quarot")
 MODES = mitigation_modes()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
