@@ -365,11 +365,12 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
                 plan.weights[t.name] = gptq_names[t.name]
             else:
                 plan.weights[t.name] = quant_weight(t.weight_view().detach(), config.w_bits, config.symmetric,
-                                                    config.w_granularity, config.group_size, config.w_clip)
+                                                    config.w_granularity, config.group_size, config.w_clip,
+                                                    config.w_grid)
         if config.embeddings:
             emb = model.get_input_embeddings()
             plan.embedding = (emb, quant_weight(emb.weight.detach(), config.w_bits, config.symmetric, "channel",
-                                                config.group_size, config.w_clip))
+                                                config.group_size, config.w_clip, config.w_grid))
     plan.info["weights_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if config.quantizes_activations:
