@@ -78,7 +78,14 @@ def worker(args) -> None:
     weights = {name: m.weight.detach().float().contiguous() for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in name}
     save_file(weights, args.out, metadata={"seconds": f"{seconds:.1f}", "grid": args.grid,
-                                            "actorder": args.actorder})
+                                            "actorder": args.actorder, "damp": str(args.damp),
+                                            "block": str(args.block), "ids": _digest(ids)})
+
+
+def _digest(ids) -> str:
+    import hashlib
+
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 # -- our side -------------------------------------------------------------------------------------------------
@@ -103,19 +110,31 @@ def _grid_levels(w, grid: str) -> tuple[int, int]:
     return levels, off
 
 
-def _reference_weights(args, grid: str, ids_path: str, model_dir: str, workdir: str) -> tuple[dict, float]:
+def _reference_weights(args, grid: str, ids, model_dir: str, workdir: str) -> tuple[dict, float]:
+    """The reference's weights for ``grid``: from ``workdir`` when a run with the same settings and windows
+    is there (``--ref-cache``), else computed by the worker."""
+    import torch
     from safetensors import safe_open
 
-    out = os.path.join(workdir, f"ref-{grid}.safetensors")
+    out = os.path.join(workdir, f"ref-{grid}-{args.ref_actorder}.safetensors")
+    want = {"grid": grid, "actorder": args.ref_actorder, "damp": str(args.damp), "block": str(args.block),
+            "ids": _digest(ids)}
+    if os.path.exists(out):
+        with safe_open(out, framework="pt") as f:
+            meta = f.metadata() or {}
+            if all(meta.get(k) == v for k, v in want.items()):
+                print(f"  (reference weights reused from {out})", flush=True)
+                return {k: f.get_tensor(k) for k in f.keys()}, float(meta["seconds"])  # noqa: SIM118
+    ids_path = os.path.join(workdir, "calib.pt")
+    torch.save(ids.clone(), ids_path)
     cmd = [args.ref_python, os.path.abspath(__file__), "--worker", "--grid", grid, "--ids", ids_path,
            "--model-dir", model_dir, "--out", out, "--damp", str(args.damp), "--block", str(args.block),
            "--actorder", args.ref_actorder, "--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if not args.verbose else None)
-    wall = time.perf_counter() - t0
+    quiet = None if args.verbose else subprocess.DEVNULL
+    subprocess.run(cmd, check=True, env=env, stdout=quiet, stderr=quiet)
     with safe_open(out, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, wall  # noqa: SIM118 - safe_open has no __iter__
+        return {k: f.get_tensor(k) for k in f.keys()}, float(f.metadata()["seconds"])  # noqa: SIM118
 
 
 def _ppl_with(model, targets, weights: dict, ev) -> float:
@@ -153,9 +172,8 @@ def main(args) -> None:
     fp = perplexity(lm.model, ev)
     rows.append({"side": "fp", "grid": "-", "method": "fp", "ppl": fp, "seconds": 0.0})
     print(f"fp: {fp:.2f}", flush=True)
-    workdir = tempfile.mkdtemp(prefix="gptq-ref-")
-    ids_path = os.path.join(workdir, "calib.pt")
-    torch.save(calib.input_ids.clone(), ids_path)
+    workdir = args.ref_cache or tempfile.mkdtemp(prefix="gptq-ref-")
+    os.makedirs(workdir, exist_ok=True)
     targets = find_targets(lm.model, get_quant("w4a16"))
     for grid in args.grids:
         specs = [("rtn", f"w4a16:w_grid={grid}")] + [
@@ -172,7 +190,7 @@ def main(args) -> None:
                          "seconds": seconds, "levels_row0": levels, "rows_off_grid_l0": off})
             print(f"ours {grid:10s} {method:28s} {ppl:8.2f}  ({seconds:.0f} s)", flush=True)
         if args.ref_python:
-            weights, wall = _reference_weights(args, grid, ids_path, model_dir, workdir)
+            weights, wall = _reference_weights(args, grid, calib.input_ids, model_dir, workdir)
             missing = [t.name for t in targets if t.name not in weights]
             if missing:
                 raise SystemExit(f"the reference wrote no weight for {missing[:3]}...")
@@ -180,7 +198,7 @@ def main(args) -> None:
             levels, off = _grid_levels(weights[targets[0].name], grid)
             rows.append({"side": "llm-compressor", "grid": grid, "method": f"gptq actorder={args.ref_actorder}",
                          "ppl": ppl, "seconds": wall, "levels_row0": levels, "rows_off_grid_l0": off})
-            print(f"ref  {grid:10s} gptq actorder={args.ref_actorder:14s} {ppl:8.2f}  ({wall:.0f} s wall, "
+            print(f"ref  {grid:10s} gptq actorder={args.ref_actorder:14s} {ppl:8.2f}  ({wall:.0f} s, "
                   f"off-grid rows {off})", flush=True)
     result = {"model": lm.info["id"], "calib_windows": list(calib.input_ids.shape), "bits": BITS,
               "granularity": "channel", "damp": args.damp, "block": args.block, "rows": rows,
@@ -216,6 +234,7 @@ def parse(argv=None):
                    help="extra overrides of our GPTQ runs, e.g. gptq_act_order=true ('' = our defaults)")
     p.add_argument("--ref-python", help="python of the reference environment (omit: ours only)")
     p.add_argument("--ref-actorder", default="static", choices=("static", "weight", "none"))
+    p.add_argument("--ref-cache", help="folder that keeps the reference's weights between runs")
     p.add_argument("--actorder", default="static", help=argparse.SUPPRESS)  # the worker's
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--damp", type=float, default=0.01)
