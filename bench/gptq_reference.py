@@ -92,21 +92,21 @@ def _digest(ids) -> str:
 
 
 def _grid_levels(w, grid: str) -> tuple[int, int]:
-    """(most distinct levels in a row, rows off the grid) of a per-channel quantized ``[out, in]`` weight."""
+    """(most distinct levels in a row, rows off the grid) of a per-channel quantized ``[out, in]`` weight: a
+    row is on the grid when it is integers times its step (the smallest gap between its values) within the
+    grid's range, [-Q, Q] or [-2^(b-1), 2^(b-1) - 1]."""
     import torch
 
-    q = 2 ** (BITS - 1) - 1
-    amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    # the row's step: abs-max / Q (restricted: +-Q is reached) or abs-max / (Q+1) when -2^(b-1) is reached
-    levels = max(len(torch.unique(row)) for row in w)
-    off = 0
-    for row, m in zip(w, amax):
-        ok = False
-        for steps in ((q,) if grid == "restricted" else (q, q + 1)):
-            k = row / (m / steps)
-            if torch.allclose(k, k.round(), atol=1e-3):
-                ok = True
-        off += not ok
+    lo, hi = (-(2 ** (BITS - 1) - 1) if grid == "restricted" else -(2 ** (BITS - 1))), 2 ** (BITS - 1) - 1
+    levels, off = 0, 0
+    for row in w.float():
+        values = torch.unique(row)
+        levels = max(levels, len(values))
+        if len(values) < 2:
+            continue
+        k = row / (values[1:] - values[:-1]).min()
+        off += not (torch.allclose(k, k.round(), atol=1e-3) and lo <= int(k.round().min())
+                    and int(k.round().max()) <= hi)
     return levels, off
 
 
@@ -169,14 +169,15 @@ def main(args) -> None:
     calib = as_windows(DataConfig("brown:calib", n_samples=args.calib_samples), lm)
     ev = eval_windows(lm.tokenizer)
     rows: list[dict] = []
-    fp = perplexity(lm.model, ev)
-    rows.append({"side": "fp", "grid": "-", "method": "fp", "ppl": fp, "seconds": 0.0})
-    print(f"fp: {fp:.2f}", flush=True)
+    if not args.skip_fp:
+        fp = perplexity(lm.model, ev)
+        rows.append({"side": "fp", "grid": "-", "method": "fp", "ppl": fp, "seconds": 0.0})
+        print(f"fp: {fp:.2f}", flush=True)
     workdir = args.ref_cache or tempfile.mkdtemp(prefix="gptq-ref-")
     os.makedirs(workdir, exist_ok=True)
     targets = find_targets(lm.model, get_quant("w4a16"))
     for grid in args.grids:
-        specs = [("rtn", f"w4a16:w_grid={grid}")] + [
+        specs = ([] if args.skip_rtn else [("rtn", f"w4a16:w_grid={grid}")]) + [
             (f"gptq {extra or 'default'}", f"w4a16:w_grid={grid}:w_method=gptq" + (f":{extra}" if extra else ""))
             for extra in args.ours]
         for method, spec in specs:
@@ -240,6 +241,8 @@ def parse(argv=None):
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-fp", action="store_true", help="do not measure the fp perplexity")
+    p.add_argument("--skip-rtn", action="store_true", help="do not measure our RTN")
     p.add_argument("--out")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
