@@ -190,9 +190,9 @@ def _move(value, device: torch.device | None, memo: dict | None = None):
 
 
 def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int,
-                        store: torch.device | None):
-    """Run the calibration windows once (stopping at the last layer); return the first layer's inputs and every
-    layer's call arguments, per batch, kept on ``store`` (None: where they are)."""
+                        store: torch.device | None, last: int):
+    """Run the calibration windows once, stopping at layer ``last``; return the first layer's inputs and the
+    call arguments of layers ``0..last``, per batch, kept on ``store`` (None: where they are)."""
     inputs: list[torch.Tensor] = []
     calls: list[list[_Call]] = []
     memo: dict = {}
@@ -210,13 +210,13 @@ def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tens
                                    _move(rest, store, memo), positional))
             if index == 0:
                 inputs.append(_move(hidden.detach(), store))
-            if index == len(layers) - 1:
+            if index == last:
                 raise _Stop
         return pre
 
     def declare(hooks) -> None:
         hooks.pre(model, start, with_kwargs=True)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layers[:last + 1]):
             hooks.pre(layer, make(i), with_kwargs=True)
 
     with installed(model, FunctionEntry("gptq.capture", ORDER["probe"], declare)):
@@ -388,7 +388,7 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
         return result
     last = max(by_layer)
     store = _store_device(model, config, ids)
-    inputs, calls = _record_layer_calls(model, layers, ids, batch_size, store)
+    inputs, calls = _record_layer_calls(model, layers, ids, batch_size, store, last)
     with progress_bar(progress) as bar, torch.inference_mode():
         task = bar.add_task("GPTQ", total=last + 1)
         for index in range(last + 1):
