@@ -57,7 +57,7 @@ class QuantConfig:
     w_method: str = "rtn"
     gptq_damp: float = 0.01
     gptq_block: int = 128
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
     gptq_static_groups: bool = False
     gptq_true_sequential: bool = True
     gptq_offload_inputs: str = "auto"
