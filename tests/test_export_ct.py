@@ -21,7 +21,8 @@ def _reload(folder):
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("quant", ["w4a16", "w4a16:w_method=gptq", "w8a8-token", "w4a8", "w8a8-tensor"])
+@pytest.mark.parametrize("quant", ["w4a16", "w4a16:w_method=gptq", "w4a16:w_grid=full:w_method=gptq",
+                                   "w8a8-token", "w4a8", "w8a8-tensor"])
 def test_export_reloads_with_the_harness_perplexity(quant, tmp_path):
     torch.manual_seed(0)
     model = tiny_model("llama")

@@ -308,3 +308,20 @@ def test_shared_inputs_are_quantized_once(spec, monkeypatch):
         separate = _logits(model, ids)
     assert len(calls) == 7 * model.config.num_hidden_layers
     assert torch.equal(shared, separate)
+
+
+def test_w_grid_reaches_rtn_and_gptq_weights():
+    """``w_grid=full`` is what the plan's RTN weights (and the embeddings) use, and GPTQ's weights are on that
+    grid too: per row, integers in [-8, 7] times abs-max / 7.5."""
+    model = tiny_model("llama")
+    calib = random_windows(model, n=4, seq_len=16, seed=5)
+    plan = prepare(model, "w4a16:w_grid=full:embeddings=true")
+    for t in plan.targets:
+        assert torch.equal(plan.weights[t.name], quant_weight(t.weight_view().detach(), 4, grid="full"))
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(plan.embedding[1], quant_weight(emb.detach(), 4, grid="full"))
+    gptq = prepare(model, "w4a16:w_grid=full:w_method=gptq", calib)
+    for t in gptq.targets:
+        w = gptq.weights[t.name]
+        k = w / (t.weight_view().detach().abs().amax(dim=1, keepdim=True) / 7.5)
+        assert torch.allclose(k, k.round(), atol=1e-4) and k.round().min() >= -8 and k.round().max() <= 7

@@ -1,5 +1,5 @@
-"""Quantizer properties: half-step round trip, idempotence, symmetric range, group handling, clipping, and
-the config / preset parsing."""
+"""Quantizer properties: half-step round trip, idempotence, symmetric range, the restricted and full weight
+grids (exact values), group handling, clipping, and the config / preset parsing."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from outlierlab.quantization.quantizers import (
     qparams,
     quant_dynamic,
     quant_weight,
+    sym_range,
+    sym_scale,
 )
 
 
@@ -142,6 +144,13 @@ def test_presets_and_overrides():
     assert [c.name for c in parse_quant_list("fp, w4a4 ,fp")] == ["fp", "w4a4"]
     hash_a, hash_b = get_quant("w4a8").key(), get_quant("w4a8:a_clip=0.9").key()
     assert hash_a != hash_b
+    full = get_quant("w4a16:w_grid=full:w_method=gptq:gptq_act_order=true:gptq_static_groups=1"
+                     ":gptq_true_sequential=false:gptq_offload_inputs=always")
+    assert (full.w_grid, full.gptq_act_order, full.gptq_static_groups, full.gptq_true_sequential,
+            full.gptq_offload_inputs) == ("full", True, True, False, "always")
+    assert "W4 per-channel sym full-grid GPTQ" in full.describe()
+    assert get_quant("w4a16").w_grid == "restricted" and "full" not in get_quant("w4a16").describe()
+    assert full.key() != get_quant("w4a16:w_method=gptq").key()
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -150,6 +159,9 @@ def test_presets_and_overrides():
     ("w4a8:group_size=x", "bad value"),
     ("w4a8:a_clip=1.5", "a_clip"),
     ("w4a8:w_granularity=row", "w_granularity"),
+    ("w4a16:w_grid=wide", "w_grid"),
+    ("w4a16:w_grid=full:symmetric=false", "symmetric"),
+    ("w4a16:gptq_offload_inputs=yes", "gptq_offload_inputs"),
     ("", "preset name"),
 ])
 def test_bad_specs(spec, words):
@@ -157,3 +169,48 @@ def test_bad_specs(spec, words):
         get_quant(spec)
     with pytest.raises(QuantConfigError):
         QuantConfig(w_bits=1)
+
+
+def test_restricted_and_full_grids_exact():
+    """4 bits, one row with abs-max 7.5: restricted has step 7.5/7 and levels -7..7; full (compressed-tensors)
+    has step 1 (abs-max / 7.5) and levels -8..7, the top value clipped from 7.5 to 7."""
+    assert sym_range(4, "restricted") == (-7, 7) and sym_range(4, "full") == (-8, 7)
+    assert sym_range(8, "full") == (-128, 127) and sym_range(3, "restricted") == (-3, 3)
+    with pytest.raises(ValueError):
+        sym_range(4, "wide")
+    assert float(sym_scale(torch.tensor(7.5), 4, grid="full")) == 1.0
+    assert float(sym_scale(torch.tensor(7.0), 4, grid="restricted")) == 1.0
+    w = torch.tensor([[7.5, -7.5, 3.2, -3.7, 0.49, 6.6, -8.0 * 7.5 / 8, 2.5]])
+    full = quant_weight(w, 4, True, "channel", grid="full")
+    # step 1: round half to even (2.5 -> 2, -3.7 -> -4), +7.5 -> 8 clipped to 7, -7.5 -> -8 (the extra level)
+    assert full.tolist() == [[7.0, -8.0, 3.0, -4.0, 0.0, 7.0, -8.0, 2.0]]
+    step = 7.5 / 7
+    rest = quant_weight(w, 4, True, "channel", grid="restricted")
+    expected = torch.tensor([[7, -7, 3, -3, 0, 6, -7, 2]], dtype=torch.float32) * step
+    assert torch.allclose(rest, expected, atol=1e-6)
+    # the full grid's levels over a dense row: all 16 integers -8..7 times abs-max / 7.5
+    row = torch.linspace(-3.0, 3.0, 601).unsqueeze(0)
+    levels = torch.unique(quant_weight(row, 4, True, "channel", grid="full") / (3.0 / 7.5)).round()
+    assert levels.tolist() == list(range(-8, 8))
+    levels = torch.unique(quant_weight(row, 4, True, "channel", grid="restricted") / (3.0 / 7)).round()
+    assert levels.tolist() == list(range(-7, 8))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_full_grid_every_granularity(granularity):
+    """The full grid per channel / group / tensor: every value is an integer in [-8, 7] times its scale, and
+    the error inside the range is at most half a step (the clipped top at most one step)."""
+    x = _data(3)
+    q = quant_weight(x, 4, True, granularity, group_size=32, grid="full")
+    if granularity == "tensor":
+        amax = x.abs().amax().expand(x.shape[0], 1)
+        scales = (amax / 7.5).expand_as(x)
+    elif granularity == "channel":
+        scales = (x.abs().amax(dim=1, keepdim=True) / 7.5).expand_as(x)
+    else:
+        scales = (x.reshape(16, 3, 32).abs().amax(dim=2, keepdim=True) / 7.5).expand(16, 3, 32).reshape(16, 96)
+    k = q / scales
+    assert torch.allclose(k, k.round(), atol=1e-4)
+    assert k.round().min() >= -8 and k.round().max() == 7  # the +40 outlier: 7.5 steps, clipped to 7
+    assert torch.all((q - x).abs() <= scales * (1 + 1e-5))
+    assert not torch.equal(q, quant_weight(x, 4, True, granularity, group_size=32))

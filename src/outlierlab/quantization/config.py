@@ -14,6 +14,8 @@ from ..errors import OutlierlabError
 W_GRANULARITIES = ("channel", "group", "tensor")
 A_GRANULARITIES = ("tensor-static", "tensor-dynamic", "token")
 W_METHODS = ("rtn", "gptq")
+W_GRIDS = ("restricted", "full")
+GPTQ_OFFLOAD = ("auto", "always", "never")
 
 
 class QuantConfigError(OutlierlabError):
@@ -28,8 +30,10 @@ class QuantConfig:
     activations; the KV cache has its own flag (asymmetric by default, per head and token).
 
     Weights (``w_*``): ``channel`` (one scale per output row), ``group`` (per row and per ``group_size`` input
-    columns) or ``tensor``; ``w_clip`` multiplies the abs-max (or min/max); ``w_method`` ``rtn`` (round to
-    nearest) or ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs).
+    columns) or ``tensor``; ``w_clip`` multiplies the abs-max (or min/max); ``w_grid`` the symmetric integer
+    grid, ``restricted`` ([-Q, Q], scale absmax / Q) or ``full`` ([-2^(b-1), 2^(b-1) - 1], scale
+    absmax / ((2^b - 1) / 2), compressed-tensors' convention); ``w_method`` ``rtn`` (round to nearest) or
+    ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs, see :mod:`.gptq`).
 
     Activations (``a_*``, the input of every quantized linear): ``tensor-static`` (one scale per linear,
     calibrated as ``a_clip x`` the abs-max over the calibration windows, then frozen), ``tensor-dynamic`` (one
@@ -51,10 +55,14 @@ class QuantConfig:
     w_granularity: str = "channel"
     group_size: int = 128
     w_clip: float = 1.0
+    w_grid: str = "restricted"
     w_method: str = "rtn"
     gptq_damp: float = 0.01
     gptq_block: int = 128
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
+    gptq_static_groups: bool = False
+    gptq_true_sequential: bool = True
+    gptq_offload_inputs: str = "auto"
     a_granularity: str = "token"
     a_clip: float = 1.0
     a_calib_samples: int | None = 4
@@ -77,6 +85,14 @@ class QuantConfig:
         if self.a_granularity not in A_GRANULARITIES:
             raise QuantConfigError(f"a_granularity must be one of {', '.join(A_GRANULARITIES)}, "
                                    f"not {self.a_granularity!r}")
+        if self.w_grid not in W_GRIDS:
+            raise QuantConfigError(f"w_grid must be one of {', '.join(W_GRIDS)}, not {self.w_grid!r}")
+        if self.w_grid == "full" and not self.symmetric:
+            raise QuantConfigError("w_grid=full is a symmetric grid; the asymmetric grid already uses all 2^b "
+                                   "levels (drop w_grid or set symmetric=true)")
+        if self.gptq_offload_inputs not in GPTQ_OFFLOAD:
+            raise QuantConfigError(f"gptq_offload_inputs must be one of {', '.join(GPTQ_OFFLOAD)}, "
+                                   f"not {self.gptq_offload_inputs!r}")
         if self.w_method not in W_METHODS:
             raise QuantConfigError(f"w_method must be one of {', '.join(W_METHODS)}, not {self.w_method!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -130,7 +146,8 @@ class QuantConfig:
         if self.quantizes_weights:
             gran = f"per-group {self.group_size}" if self.w_granularity == "group" else f"per-{self.w_granularity}"
             clip = f" clip {self.w_clip:g}" if self.w_clip != 1 else ""
-            w = f"W{self.w_bits} {gran} {sym} {self.w_method.upper()}{clip}"
+            grid = " full-grid" if self.w_grid == "full" else ""
+            w = f"W{self.w_bits} {gran} {sym}{grid} {self.w_method.upper()}{clip}"
         else:
             w = "W fp"
         if self.quantizes_activations:

@@ -112,11 +112,12 @@ def weight_codes(w: torch.Tensor, wq: torch.Tensor, config: QuantConfig) -> tupl
         if in_f % config.group_size:
             raise ExportError(f"input size {in_f} is not a multiple of group_size {config.group_size}")
         n = in_f // config.group_size
-        scale, _ = qparams(w.reshape(out_f, n, config.group_size), config.w_bits, True, -1, config.w_clip)
+        scale, _ = qparams(w.reshape(out_f, n, config.group_size), config.w_bits, True, -1, config.w_clip,
+                           config.w_grid)
         scale = scale.reshape(out_f, n)
         full = scale.repeat_interleave(config.group_size, dim=1)
     else:
-        scale, _ = qparams(w, config.w_bits, True, -1, config.w_clip)
+        scale, _ = qparams(w, config.w_bits, True, -1, config.w_clip, config.w_grid)
         full = scale
     codes = torch.round(wq / full)
     off = float(((codes * full - wq).abs() / full).max()) if wq.numel() else 0.0

@@ -269,7 +269,7 @@ class PlanWeights(Mapping):
             return self._held[name]
         c = self.config
         return quant_weight(self._targets[name].weight_view().detach(), c.w_bits, c.symmetric, c.w_granularity,
-                            c.group_size, c.w_clip)
+                            c.group_size, c.w_clip, c.w_grid)
 
     def __contains__(self, name) -> bool:
         return name in self._targets
@@ -346,7 +346,7 @@ class QuantState(Entry):
         if plan.embedding is not None:
             c, emb = self.config, plan.embedding
             out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric,
-                                                  "channel", c.group_size, c.w_clip)))
+                                                  "channel", c.group_size, c.w_clip, c.w_grid)))
         return out
 
     def attach(self, model: nn.Module, hooks, reg) -> None:

@@ -3,9 +3,13 @@ dequantize, in floating point) at every granularity used by the harness.
 
 Conventions (documented in docs/quantization.md):
 
-- **Symmetric**, ``b`` bits: the grid is ``{-Q, ..., Q}`` with ``Q = 2^(b-1) - 1`` (the restricted, symmetric
-  range: ``-2^(b-1)`` is never used, so ``+x`` and ``-x`` always quantize to opposite values);
+- **Symmetric**, ``b`` bits, ``restricted`` grid (the default): ``{-Q, ..., Q}`` with ``Q = 2^(b-1) - 1``
+  (``-2^(b-1)`` is never used, so ``+x`` and ``-x`` always quantize to opposite values);
   ``scale = clip * absmax / Q``; ``x_hat = clamp(round(x / scale), -Q, Q) * scale``.
+- **Symmetric**, ``full`` grid (compressed-tensors' INT convention): ``{-2^(b-1), ..., 2^(b-1) - 1}``;
+  ``scale = clip * absmax / ((2^b - 1) / 2)`` (absmax / 7.5 at 4 bits), so ``-absmax`` lands on ``-2^(b-1)`` and
+  ``+absmax`` (7.5 steps) is clipped to ``2^(b-1) - 1``: one more level and a finer step than ``restricted``,
+  at the cost of clipping the positive end by half a step.
 - **Asymmetric**, ``b`` bits: the grid is ``{0, ..., 2^b - 1}``; the range ``[min(clip * xmin, 0),
   max(clip * xmax, 0)]`` (it always contains 0, so zero is exact); ``scale = (hi - lo) / (2^b - 1)``,
   ``zero = round(-lo / scale)``; ``x_hat = (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``.
@@ -24,10 +28,28 @@ import torch
 
 EPS = 1e-8
 
+#: the symmetric integer grids (see the module docstring)
+GRIDS = ("restricted", "full")
+
 
 def qmax_sym(bits: int) -> int:
     """Largest integer of the symmetric grid of ``bits`` bits (127 for 8 bits, 7 for 4 bits)."""
     return 2 ** (bits - 1) - 1
+
+
+def sym_range(bits: int, grid: str = "restricted") -> tuple[int, int]:
+    """``(lowest, highest)`` integer of the symmetric ``grid``: ``(-7, 7)`` or ``(-8, 7)`` at 4 bits."""
+    if grid == "restricted":
+        return -qmax_sym(bits), qmax_sym(bits)
+    if grid == "full":
+        return -(2 ** (bits - 1)), qmax_sym(bits)
+    raise ValueError(f"grid must be one of {', '.join(GRIDS)}, not {grid!r}")
+
+
+def sym_steps(bits: int, grid: str = "restricted") -> float:
+    """How many steps the abs-max spans on ``grid``: ``Q`` (restricted) or ``(2^b - 1) / 2`` (full)."""
+    sym_range(bits, grid)
+    return float(qmax_sym(bits)) if grid == "restricted" else (2 ** bits - 1) / 2
 
 
 def qmax_asym(bits: int) -> int:
@@ -43,10 +65,10 @@ def _check_bits(bits: int) -> None:
 # -- parameters ----------------------------------------------------------------------------------------------
 
 
-def sym_scale(absmax: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """Scale of the symmetric grid from an abs-max (any shape)."""
+def sym_scale(absmax: torch.Tensor, bits: int, clip: float = 1.0, grid: str = "restricted") -> torch.Tensor:
+    """Scale of the symmetric ``grid`` from an abs-max (any shape)."""
     _check_bits(bits)
-    return (absmax.float() * clip).clamp(min=EPS) / qmax_sym(bits)
+    return (absmax.float() * clip).clamp(min=EPS) / sym_steps(bits, grid)
 
 
 def asym_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, clip: float = 1.0
@@ -61,36 +83,38 @@ def asym_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, clip: float =
 
 
 def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = None,
-            clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            clip: float = 1.0, grid: str = "restricted") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(scale, zero)`` of ``x`` reduced over ``dims`` (kept as size-1 dims; ``None``: the whole tensor).
-    ``zero`` is None for the symmetric grid."""
+    ``zero`` is None for the symmetric grid (``grid``: ``restricted`` or ``full``)."""
     if dims is None:
         dims = tuple(range(x.dim()))
     elif isinstance(dims, int):
         dims = (dims,)
     if symmetric:
-        return sym_scale(x.abs().amax(dim=dims, keepdim=True), bits, clip), None
+        return sym_scale(x.abs().amax(dim=dims, keepdim=True), bits, clip, grid), None
     return asym_params(x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True), bits, clip)
 
 
 # -- fake quantization ---------------------------------------------------------------------------------------
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Quantize ``x`` on the grid given by ``scale`` (and ``zero``: asymmetric) and dequantize it."""
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+               grid: str = "restricted") -> torch.Tensor:
+    """Quantize ``x`` on the grid given by ``scale`` (and ``zero``: asymmetric; else the symmetric ``grid``)
+    and dequantize it."""
     out = x.float() / scale  # a fresh tensor: the steps below work in place on it
     out.round_()
     if zero is None:
-        q = qmax_sym(bits)
-        out.clamp_(-q, q)
+        out.clamp_(*sym_range(bits, grid))
     else:
         out.add_(zero).clamp_(0, qmax_asym(bits)).sub_(zero)
     return out.mul_(scale).to(x.dtype)
 
 
-def _quant_dynamic_eager(x: torch.Tensor, bits: int, symmetric: bool, dims, clip: float) -> torch.Tensor:
-    scale, zero = qparams(x, bits, symmetric, dims, clip)
-    return fake_quant(x, scale, zero, bits)
+def _quant_dynamic_eager(x: torch.Tensor, bits: int, symmetric: bool, dims, clip: float,
+                         grid: str = "restricted") -> torch.Tensor:
+    scale, zero = qparams(x, bits, symmetric, dims, clip, grid)
+    return fake_quant(x, scale, zero, bits, grid)
 
 
 _COMPILED: dict[str, object] = {}
@@ -108,7 +132,7 @@ def compile_enabled(device: torch.device) -> bool:
 
 
 def quant_dynamic(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = -1,
-                  clip: float = 1.0) -> torch.Tensor:
+                  clip: float = 1.0, grid: str = "restricted") -> torch.Tensor:
     """Fake-quantize with parameters computed from ``x`` itself, one set per slice reduced over ``dims``
     (``-1``: per row / per token; ``None``: per tensor).
 
@@ -122,25 +146,26 @@ def quant_dynamic(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequ
         if fn is None:
             fn = _COMPILED["dynamic"] = torch.compile(_quant_dynamic_eager, dynamic=True)
         try:
-            return fn(x, bits, symmetric, dims, clip)
+            return fn(x, bits, symmetric, dims, clip, grid)
         except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend...: stay correct, go eager
             _COMPILED["failed"] = repr(exc)
-    return _quant_dynamic_eager(x, bits, symmetric, dims, clip)
+    return _quant_dynamic_eager(x, bits, symmetric, dims, clip, grid)
 
 
 def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "channel",
-                 group_size: int = 128, clip: float = 1.0) -> torch.Tensor:
-    """Fake-quantize a weight stored ``[out_features, in_features]``.
+                 group_size: int = 128, clip: float = 1.0, grid: str = "restricted") -> torch.Tensor:
+    """Fake-quantize (round to nearest) a weight stored ``[out_features, in_features]``.
 
     ``channel``: one scale per output row; ``group``: one per row and per run of ``group_size`` consecutive
     input columns (a last, shorter group when ``in_features`` is not a multiple); ``tensor``: one scale.
+    ``grid``: the symmetric grid (``restricted`` or ``full``).
     """
     if w.dim() != 2:
         raise ValueError(f"quant_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
     if granularity == "tensor":
-        return quant_dynamic(w, bits, symmetric, None, clip)
+        return quant_dynamic(w, bits, symmetric, None, clip, grid)
     if granularity == "channel":
-        return quant_dynamic(w, bits, symmetric, -1, clip)
+        return quant_dynamic(w, bits, symmetric, -1, clip, grid)
     if granularity != "group":
         raise ValueError(f"unknown weight granularity {granularity!r}")
     if group_size <= 0:
@@ -150,8 +175,8 @@ def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity
     parts = []
     if full:
         g = w[:, :full].reshape(out_f, full // group_size, group_size)
-        parts.append(quant_dynamic(g, bits, symmetric, -1, clip).reshape(out_f, full))
+        parts.append(quant_dynamic(g, bits, symmetric, -1, clip, grid).reshape(out_f, full))
     if full < in_f:
-        parts.append(quant_dynamic(w[:, full:], bits, symmetric, -1, clip))
+        parts.append(quant_dynamic(w[:, full:], bits, symmetric, -1, clip, grid))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
