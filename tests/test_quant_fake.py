@@ -318,8 +318,9 @@ def test_w_grid_reaches_rtn_and_gptq_weights():
     plan = prepare(model, "w4a16:w_grid=full:embeddings=true")
     for t in plan.targets:
         assert torch.equal(plan.weights[t.name], quant_weight(t.weight_view().detach(), 4, grid="full"))
-    emb = model.get_input_embeddings().weight
-    assert torch.equal(plan.embedding[1], quant_weight(emb.detach(), 4, grid="full"))
+    emb = model.get_input_embeddings().weight.detach().clone()
+    with plan.install(model):  # the plan quantizes the embedding when installed
+        assert torch.equal(model.get_input_embeddings().weight, quant_weight(emb, 4, grid="full"))
     gptq = prepare(model, "w4a16:w_grid=full:w_method=gptq", calib)
     for t in gptq.targets:
         w = gptq.weights[t.name]
