@@ -2,6 +2,8 @@
 accelerator memory, for one model on one device.
 
     python bench/pipeline_time.py --model synthetic:llama-7b --device cuda --dtype bfloat16 --quick
+    python bench/pipeline_time.py --model synthetic:llama-13b --device cuda --dtype bfloat16 --quick \
+        --memory-fraction-gib 15 --max-memory 0=12GiB,cpu=100GiB
 
 Prints one line per stage and a summary line (JSON with ``--json``).
 """
@@ -24,6 +26,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the --quick configuration of outlierlab run")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the timings here")
+    ap.add_argument("--max-memory", default=None, help="accelerate placement budget, e.g. 0=12GiB,cpu=100GiB")
+    ap.add_argument("--memory-fraction-gib", type=float, default=None,
+                    help="cap this process's GPU allocations (torch.cuda.set_per_process_memory_fraction)")
     args = ap.parse_args()
 
     from dataclasses import replace
@@ -33,10 +38,13 @@ def main() -> None:
     from outlierlab.pipeline import RunConfig, quick_config, run
 
     cfg = quick_config() if args.quick else RunConfig()
-    cfg = replace(cfg, model=args.model, device=args.device, dtype=args.dtype)
+    cfg = replace(cfg, model=args.model, device=args.device, dtype=args.dtype, max_memory=args.max_memory)
     out = args.out or tempfile.mkdtemp(prefix="outlierlab-bench-")
     cuda = args.device.startswith("cuda")
     if cuda:
+        if args.memory_fraction_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_fraction_gib * 2**30 / total)
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = run(cfg, out, console=Console(quiet=True), progress=False)
@@ -46,7 +54,8 @@ def main() -> None:
         print(f"{stage:10s} {seconds:8.1f} s")
     line = {"model": args.model, "device": args.device, "dtype": args.dtype, "quick": args.quick,
             "total_s": round(total, 1), "stages_s": {k: round(v, 1) for k, v in result["stages"].items()},
-            "peak_gpu_gib": None if peak is None else round(peak, 2), "failed_cells": len(result["failed_cells"])}
+            "peak_gpu_gib": None if peak is None else round(peak, 2), "max_memory": args.max_memory,
+            "memory_fraction_gib": args.memory_fraction_gib, "failed_cells": len(result["failed_cells"])}
     print(json.dumps(line))
     if args.json:
         with open(args.json, "w") as f:
