@@ -322,8 +322,6 @@ def mitigation_modes() -> dict:
         SmoothQuantConfig,
         TMAConfig,
     )
-    from .mitigation.quarot import QuaRotConfig
-    from .mitigation.spinquant import SpinQuantConfig
 
     return {
         "none": NoneConfig(),
@@ -345,7 +343,5 @@ def mitigation_modes() -> dict:
         "otc.steps": OTCConfig(steps=5),
         "rotate": RotateConfig(),
         "rotate.online": RotateConfig(online_hadamard=True),
-        "quarot": QuaRotConfig(),
-        "spinquant": SpinQuantConfig(steps=2, samples=2, seq_len=32),
         "paper": PaperConfig(),
     }

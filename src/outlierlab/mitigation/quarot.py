@@ -153,7 +153,11 @@ class QuaRotEntry(Entry):
 
     def _hook(self, part: str):
         def hook(module, args):
-            return (args[0] @ self._matrix(part, args[0]), *args[1:])
+            x = args[0]
+            if x.dtype in (torch.float32, torch.float64):
+                return (x @ self._matrix(part, x), *args[1:])
+            # in 16-bit the Hadamard's entries (1/sqrt(n)) round: rotate in float32, then round the result once
+            return ((x.float() @ self._matrix(part, x.float())).to(x.dtype), *args[1:])
 
         return hook
 
