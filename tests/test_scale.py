@@ -229,6 +229,8 @@ _PEAK = textwrap.dedent("""
     tok = synthetic.tokenizer_for({spec!r})  # the data first: the corpus is not the model's memory
     eval_windows(tok, config.eval, max_positions=4096)
     make_windows(tok, config.calib, max_positions=4096)
+    # the same compare on a tiny model first: lazy imports and compiled kernels are the library's, not the model's
+    compare(load_model({spec!r}.split(":")[0] + ":" + {spec!r}.split(":")[1] + ":layers=1"), config)
     base = rss("VmRSS")
     lm = load_model({spec!r})
     size = sum(p.numel() * p.element_size() for p in lm.model.parameters())

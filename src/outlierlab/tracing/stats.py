@@ -145,7 +145,8 @@ _WORK: dict[tuple, torch.Tensor] = {}
 
 def _workspace(shape: tuple, device: torch.device) -> torch.Tensor:
     """An fp32 scratch buffer of ``shape``, shared by the eager updates of one thread (they never overlap)."""
-    key = (shape, str(device), threading.get_ident())
+    # a buffer made under inference mode cannot be written outside it (and the reverse costs nothing to keep apart)
+    key = (shape, str(device), threading.get_ident(), torch.is_inference_mode_enabled())
     buf = _WORK.get(key)
     if buf is None:
         if len(_WORK) > 8:
