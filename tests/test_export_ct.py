@@ -111,8 +111,8 @@ def test_default_model_export_reloads_within_half_a_percent(quant, tmp_path):
     from outlierlab.evaluation import EvalConfig, eval_windows
 
     lm = load_model("smollm2-135m")
-    calib = as_windows(DataConfig(n_samples=4), lm)
-    ev = eval_windows(lm.tokenizer, EvalConfig(n_samples=2))
+    calib = as_windows(DataConfig(), lm)  # the protocol: 16 calibration windows, 8 evaluation windows
+    ev = eval_windows(lm.tokenizer, EvalConfig())
     mitigate(lm.model, ["smoothquant"], calib)
     folder = export_compressed(lm.model, lm.tokenizer, quant, tmp_path / "ck", calib=calib)
     with quantize_(lm.model, quant, calib):
