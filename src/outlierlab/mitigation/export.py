@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelNotFound
-from ..paths import atomic_write_json
+from ..paths import atomic_folder, atomic_write_json
 from .base import MitigationError
 
 MANIFEST = "outlierlab.json"
@@ -71,23 +69,11 @@ def save(model, tokenizer, result, out_dir: str | os.PathLike, overwrite: bool =
             raise FileExistsError(f"{out_dir} exists")
         if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
             raise MitigationError(f"{out_dir} exists and is not an outlierlab export; refusing to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, manifest(result))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelNotFound, OutlierlabError, UnsupportedArchitecture
-from ..paths import cache_dir, file_sha256
+from ..paths import atomic_folder, cache_dir, file_sha256
 from ..runtime.forward import input_device
 from . import synthetic
 
@@ -124,17 +124,10 @@ def gguf_cache_folder(gguf_path: str, sha256: str | None = None) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf_path}\nsha256 {sha256}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import OutlierlabError
-from ..paths import atomic_write_json
+from ..paths import atomic_folder, atomic_write_json
 from .config import QuantConfig, get_quant
 from .quantizers import qparams
 
@@ -181,11 +179,9 @@ def _write(model, tokenizer, state: dict, qconfig, out_dir, manifest: dict) -> P
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise ExportError(f"{out_dir} exists and is not an outlierlab export; refusing to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         # tied weights (lm_head = embeddings) are stored once, under the name transformers expects
         tied = getattr(model, "_tied_weights_keys", None) or {}
         for key in (tied if isinstance(tied, dict) else {k: None for k in tied}):
@@ -203,10 +199,4 @@ def _write(model, tokenizer, state: dict, qconfig, out_dir, manifest: dict) -> P
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
