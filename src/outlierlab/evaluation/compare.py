@@ -89,6 +89,10 @@ class Cell:
     def to_json(self) -> dict:
         return jsonable(self)
 
+    def measured_elsewhere(self, ppl: float) -> None:
+        """The cell's perplexity, measured by the caller with this protocol (no evaluation here)."""
+        self.ppl, self.status, self.note = float(ppl), "ok", "measured by the caller"
+
 
 @dataclass
 class CompareResult:
@@ -248,7 +252,7 @@ def compare(lm, config: CompareConfig | None = None, out_dir: str | Path | None 
             except (OSError, ValueError):
                 pass
         if (m, q.name) in (known or {}):
-            cell.ppl, cell.status, cell.note = float(known[(m, q.name)]), "ok", "measured by the caller"
+            cell.measured_elsewhere(known[(m, q.name)])
             if path is not None:
                 atomic_write_json(path, cell.to_json())
             continue
@@ -337,7 +341,7 @@ def _run_method(run: _Shared, m: str, mcfg, items, advance, describe) -> None:
             cell.mitigation = applied
             cell.timings["mitigation_s"] = t_mit
             if q.name in measured:
-                cell.ppl, cell.status, cell.note = float(measured[q.name]), "ok", "measured by the caller"
+                cell.measured_elsewhere(measured[q.name])
             else:
                 _run_cell(model, cell, q, run.calib, run.ev, run.sqnr_ids, run.config)
             if cell.status == "ok" and run.cells_dir is not None:
