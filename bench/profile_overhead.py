@@ -46,8 +46,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", choices=["auto", "graphs", "fused", "never"], default="auto",
-                    help="torch.compile the full-tensor reductions (auto: on CUDA only)")
+    ap.add_argument("--compile", choices=["auto", "triton", "graphs", "fused", "never"], default="auto",
+                    help="how the statistics update runs (StatsConfig.compile; auto: Triton on CUDA)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma-separated batch sizes measured one after the other on the same model "
+                         "(overrides --batch-size)")
     args = ap.parse_args()
 
     from outlierlab.models.loader import load_model, resolve_device, resolve_dtype
@@ -70,35 +73,47 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def bare() -> float:
+    def timed(fn) -> tuple[float, float]:
+        """(seconds, peak GPU memory in GiB above what was allocated before; 0 on a CPU)."""
         sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         t = time.perf_counter()
-        run(model, ids, args.batch_size)
+        fn()
         sync()
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
+        return elapsed, peak
 
-    config = ProfileConfig(stats=StatsConfig(compile=args.compile), batch_size=args.batch_size, weights=False)
-
-    def traced() -> float:
-        sync()
-        t = time.perf_counter()
-        profile(model, ids, config)
-        sync()
-        return time.perf_counter() - t
-
-    bare(), traced()  # warm-up (allocator, kernels, sample-index cache)
-    t_bare, t_prof = [], []
-    for _ in range(args.repeats):
-        t_bare.append(bare())
-        t_prof.append(traced())
-    mb, mp = statistics.median(t_bare), statistics.median(t_prof)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"{args.dtype} | device {device} ({where}) | torch {torch.__version__} | compile {args.compile}")
-    print(f"bare forward   median {mb:8.3f} s  runs {[round(t, 3) for t in t_bare]}")
-    print(f"profile        median {mp:8.3f} s  runs {[round(t, 3) for t in t_prof]}")
-    print(f"overhead ratio (profile / bare) = {mp / mb:.3f}")
+    print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, {args.dtype} | device {device} "
+          f"({where}) | torch {torch.__version__} | compile {args.compile}")
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    for batch in sizes:
+        config = ProfileConfig(stats=StatsConfig(compile=args.compile), batch_size=batch, weights=False)
+
+        def bare(batch=batch):
+            return timed(lambda: run(model, ids, batch))
+
+        def traced(config=config):
+            return timed(lambda: profile(model, ids, config))
+
+        bare(), traced()  # warm-up (allocator, kernels, sample-index cache)
+        t_bare, t_prof = [], []
+        for _ in range(args.repeats):
+            t_bare.append(bare())
+            t_prof.append(traced())
+        mb = statistics.median(t for t, _ in t_bare)
+        mp = statistics.median(t for t, _ in t_prof)
+        print(f"batch {batch}: bare forward median {mb:8.3f} s  runs {[round(t, 3) for t, _ in t_bare]}")
+        print(f"batch {batch}: profile      median {mp:8.3f} s  runs {[round(t, 3) for t, _ in t_prof]}")
+        print(f"batch {batch}: overhead ratio (profile / bare) = {mp / mb:.3f}")
+        if device.type == "cuda":
+            mem_b, mem_p = max(m for _, m in t_bare), max(m for _, m in t_prof)
+            print(f"batch {batch}: peak GPU memory above the model: bare {mem_b:.3f} GiB, profile {mem_p:.3f} GiB "
+                  f"(tracing adds {mem_p - mem_b:+.3f} GiB for {args.n_samples} x {args.seq_len} tokens)")
 
 
 if __name__ == "__main__":

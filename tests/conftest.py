@@ -51,6 +51,13 @@ def tiny_folder(tmp_path):
 
 
 # -- the device lane (tests/test_lane.py) ---------------------------------------------------------------
+def pytest_configure(config):
+    # On the CPU the Triton statistics kernels run under Triton's interpreter (tests/test_stats_triton.py),
+    # which must be chosen before triton is first imported; the CUDA lane compiles them.
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="device of the lane tests (tests/test_lane.py): cpu (CI) or cuda (make test-gpu)")

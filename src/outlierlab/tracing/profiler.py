@@ -17,7 +17,7 @@ from ..runtime import ORDER, BatchInfo, Entry, input_device, installed, run, win
 from .distributed import rank_world, shard
 from .hooks import attach_positions
 from .result import PositionResult, Profile
-from .stats import PositionStats, StatsConfig, median_error
+from .stats import PositionStats, StatsConfig, median_error, to_host
 from .weights import weight_stats
 
 
@@ -75,6 +75,7 @@ class Tracer(Entry):
             self.stats[key].all_reduce_(group)
 
     def results(self) -> dict[tuple[int, str], dict]:
+        to_host(list(self.stats.values()))  # one copy per dtype, then finalize on the host
         out = {}
         for (layer, name), st in sorted(self.stats.items()):
             res = st.finalize()

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
+
 EMPTY = -1.0  # marks an unused top-k slot (|x| is never negative)
 
 
@@ -43,10 +45,12 @@ class StatsConfig:
     log2_max: int = 24
     seed: int = 0
     merge_every: int = 16
-    #: how an update runs: "never" (eager), "fused" (torch.compile), "graphs" (torch.compile + CUDA graphs,
-    #: CUDA only), "auto" (fused on CUDA, eager elsewhere). Compiling pays off on GPUs, where ~40 small
-    #: eager ops per position per forward make tracing launch-bound (H200, 7B bf16, 16 x 2048 tokens:
-    #: eager 2.83x, fused 1.99x, graphs 2.18x the bare forward; see bench/RESULTS.md).
+    #: how an update runs: "triton" (two hand-written Triton kernels, see tracing/kernels.py; on a CPU tensor
+    #: Triton's interpreter runs them, for tests), "never" (eager torch ops), "fused" (torch.compile),
+    #: "graphs" (torch.compile + CUDA graphs, CUDA only), "auto" (triton on CUDA where Triton is installed,
+    #: else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
+    #: tracing launch-bound, and the compiled graph still costs ~0.7 ms of host time per update
+    #: (bench/RESULTS.md).
     compile: str = "auto"
 
     @property
@@ -158,11 +162,19 @@ def _workspace(shape: tuple, device: torch.device) -> torch.Tensor:
 _COMPILED: dict[str, object] = {}
 
 
+def resolve_mode(device: torch.device, mode: str) -> str:
+    """The update path that ``mode`` (:attr:`StatsConfig.compile`) means on ``device``."""
+    if mode == "auto":
+        if device.type != "cuda":
+            return "never"
+        return "triton" if kernels.available() else "fused"
+    return mode
+
+
 def update_fn(device: torch.device, mode: str):
     """The update math, compiled as ``mode`` asks (see :attr:`StatsConfig.compile`)."""
-    if mode == "auto":
-        mode = "fused" if device.type == "cuda" else "never"
-    if mode == "never":
+    mode = resolve_mode(device, mode)
+    if mode in ("never", "triton"):
         return _update_math
     if mode == "graphs" and device.type != "cuda":
         mode = "fused"
@@ -189,6 +201,27 @@ def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) 
     value_err = 2.0 ** (0.5 / config.bins_per_octave) - 1.0
     rank_err = math.sqrt(math.log(2.0 / (1.0 - confidence)) / (2.0 * max(samples, 1.0)))
     return value_err, rank_err
+
+
+def to_host(stats: list[PositionStats]) -> None:
+    """Move the state of many positions (pending candidates included) to the CPU with one copy per dtype.
+
+    Finalizing hundreds of positions on a GPU otherwise pays ~10 device-to-host copies (each a
+    synchronization) and ~20 small kernels per position; after this it is host work on small tensors."""
+    live = [st for st in stats if st.channels is not None]
+    per = [st._tensors() for st in live]
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensors in per:
+        for t in tensors:
+            if t.device.type != "cpu":
+                groups.setdefault(t.dtype, []).append(t)
+    moved: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group]).cpu()
+        for t, h in zip(group, flat.split([t.numel() for t in group])):
+            moved[id(t)] = h.view(t.shape)
+    for st, tensors in zip(live, per):
+        st._set_tensors([moved.get(id(t), t) for t in tensors])
 
 
 class PositionStats:
@@ -218,6 +251,7 @@ class PositionStats:
         self.top_token = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self.top_channel = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
         self._floor = EMPTY  # smallest |x| in the running top-k once it is full (host path only)
 
     # named views into the packed states
@@ -269,21 +303,30 @@ class PositionStats:
         k_rows = min(c.channel_median_rows, rows)
         k = min(c.median_samples, rows * channels)
         kk = min(c.top_k * batch, rows)
-        fn = update_fn(x.device, c.compile)
-        host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
-        eager = (self._floor, _workspace(tuple(x.shape), x.device)) if host else ()
-        self.max_state, self.sum_state, vals, signed, r, ch = fn(
-            x, self.max_state, self.sum_state, _fixed_sample(rows, k_rows, c.seed, x.device),
-            _fixed_sample(rows * channels, k, c.seed + 1, x.device), batch, seq_len, k_rows, kk, min(kk, kk * channels),
-            float(c.log2_min), float(c.log2_max), c.n_bins, *eager)
-        if uses_graphs(x.device, c.compile):
-            # outputs of a CUDA-graph replay are overwritten by the next replay: keep our own copies
-            self.max_state, self.sum_state = self.max_state.clone(), self.sum_state.clone()
-            vals, signed, r, ch = vals.clone(), signed.clone(), r.clone(), ch.clone()
+        rows_idx = _fixed_sample(rows, k_rows, c.seed, x.device)
+        elem_idx = _fixed_sample(rows * channels, k, c.seed + 1, x.device)
         self.rows += rows
         self.n_updates += 1
         self.samples += k
         self.tok_windows += batch
+        mode = resolve_mode(x.device, c.compile)
+        if mode == "triton" and kernels.fits(batch, seq_len, channels, c.top_k):
+            self._pending_keys.append(kernels.update(
+                x, batch, seq_len, window0, self.max_state, self.sum_state, rows_idx, elem_idx, c.top_k,
+                c.log2_min, c.log2_max, c.bins_per_octave))
+            if len(self._pending_keys) >= c.merge_every:
+                self._flush()
+            return
+        fn = update_fn(x.device, "fused" if mode == "triton" else mode)
+        host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
+        eager = (self._floor, _workspace(tuple(x.shape), x.device)) if host else ()
+        self.max_state, self.sum_state, vals, signed, r, ch = fn(
+            x, self.max_state, self.sum_state, rows_idx, elem_idx, batch, seq_len, k_rows, kk,
+            min(c.top_k * batch, kk * channels), float(c.log2_min), float(c.log2_max), c.n_bins, *eager)
+        if uses_graphs(x.device, c.compile):
+            # outputs of a CUDA-graph replay are overwritten by the next replay: keep our own copies
+            self.max_state, self.sum_state = self.max_state.clone(), self.sum_state.clone()
+            vals, signed, r, ch = vals.clone(), signed.clone(), r.clone(), ch.clone()
         self._pending.append((vals, signed, r + window0 * seq_len, ch))
         if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
             # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
@@ -292,6 +335,11 @@ class PositionStats:
             self._flush()
 
     def _flush(self) -> None:
+        if self._pending_keys:
+            keys, tokw = (torch.stack(t) for t in zip(*self._pending_keys))
+            self._pending_keys.clear()
+            absv, val, win, token, ch = kernels.decode_keys(keys, tokw, self.channels, self.seq_len)
+            self._merge_top(absv.flatten(), val.flatten(), win.flatten(), token.flatten(), ch.flatten())
         if not self._pending:
             return
         vals, signed, grow, ch = (torch.cat(t) for t in zip(*self._pending))
@@ -373,6 +421,23 @@ class PositionStats:
         return self
 
     # -- results ---------------------------------------------------------------------------------------
+    _STATE = ("max_state", "sum_state", "top_abs", "top_val", "top_window", "top_token", "top_channel")
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [getattr(self, name) for name in self._STATE]
+        for p in self._pending:
+            out += p
+        for p in self._pending_keys:
+            out += p
+        return out
+
+    def _set_tensors(self, tensors: list[torch.Tensor]) -> None:
+        it = iter(tensors)
+        for name in self._STATE:
+            setattr(self, name, next(it))
+        self._pending = [tuple(next(it) for _ in p) for p in self._pending]
+        self._pending_keys = [(next(it), next(it)) for _ in self._pending_keys]
+
     def finalize(self) -> dict[str, torch.Tensor | float]:
         """Copy the results to the host (one synchronisation per position, at the end)."""
         if self.channels is None:

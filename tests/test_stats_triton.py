@@ -1,0 +1,103 @@
+"""The Triton statistics kernels (tracing/kernels.py) compute what the CPU path computes.
+
+On a CPU machine they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton is
+imported); the CUDA lane compiles them for the GPU. Shapes are small: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from outlierlab.tracing import kernels
+from outlierlab.tracing.stats import PositionStats, StatsConfig
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+
+
+def _planted(batch_windows: int, seq_len: int, channels: int, dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_windows, seq_len, channels, generator=gen)
+    x[1, 0, 5] = 900.0  # massive, window 1
+    x[3 % batch_windows, 0, 5] = -950.0  # the same key in another window, larger (when there is one)
+    x[0, 3, 11] = 300.0
+    x[:, 2, 7] = 120.0  # the same value in every window: ties across windows
+    x[:, :, 3] *= 40.0  # a channel-wise outlier
+    return x.to(dtype)
+
+
+@pytest.fixture
+def device(request) -> str:
+    """cpu (Triton's interpreter) here; cuda in the lane (`--device cuda`): the compiled kernels."""
+    return request.config.getoption("--device")
+
+
+def _run(mode: str, x: torch.Tensor, batch: int, **cfg) -> dict:
+    st = PositionStats(StatsConfig(compile=mode, merge_every=2, **cfg))
+    for b in range(0, len(x), batch):
+        st.update(x[b:b + batch], b)
+    return st.finalize()
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for key, want in a.items():
+        got = b[key]
+        if isinstance(want, torch.Tensor):
+            # sums are accumulated in another order (per-program partials): float32 rounding, nothing more
+            torch.testing.assert_close(got.cpu().to(want.dtype), want, rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert got == pytest.approx(want, rel=1e-6), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "seq_len", "channels", "top_k"),
+                         [(2, 24, 40, 8),    # KT = top_k tokens: candidates above the token floor
+                          (3, 12, 20, 16),   # fewer tokens than top_k: no floor, the one-max-at-a-time path
+                          (1, 33, 130, 4)])  # batch 1, channels over one block, odd sizes
+def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
+    x = _planted(6, seq_len, channels, dtype)
+    _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))
+
+
+def test_strided_input_and_planted_top_entries(device):
+    """A slice of a wider tensor (as q of a fused qkv output) is read in place, and the planted entries are the
+    top entries with their signed values, windows, tokens and channels."""
+    wide = _planted(4, 16, 96, torch.float32)
+    x = wide[..., 32:64]  # channels 32..63 of the wide tensor
+    x[2, 9, 4] = -500.0
+    assert not x.is_contiguous()
+    a, b = _run("never", x.contiguous(), 2, top_k=4), _run("triton", wide.to(device)[..., 32:64], 2, top_k=4)
+    _assert_same(a, b)
+    assert b["top_value"][0].item() == -500.0
+    assert (b["top_window"][0].item(), b["top_token"][0].item(), b["top_channel"][0].item()) == (2, 9, 4)
+
+
+def test_shapes_the_keys_cannot_hold_take_another_path():
+    assert kernels.fits(256, 2048, 11008, 32)
+    assert not kernels.fits(257, 16, 8, 4)  # the window index has 8 bits
+    assert not kernels.fits(1, 2048, 1 << 20, 32)  # 32 token slots x 2^20 channels > 22 bits
+
+
+def test_finalize_after_moving_many_positions_to_the_host(device):
+    """to_host moves every position's state and pending candidates in one copy per dtype; the results are
+    those of finalizing each position where it lives."""
+    from outlierlab.tracing.stats import to_host
+
+    xs = [_planted(4, 16, 24 + 8 * i, torch.float32, seed=i) for i in range(3)]
+
+    def fed():
+        out = []
+        for x in xs:
+            st = PositionStats(StatsConfig(compile="triton", top_k=4, merge_every=100))
+            st.update(x[:2].to(device), 0)
+            st.update(x[2:].to(device), 2)
+            out.append(st)
+        return out
+
+    direct = [st.finalize() for st in fed()]
+    moved = fed()
+    assert all(st._pending_keys for st in moved)  # candidates still pending when moved
+    to_host(moved)
+    assert all(t.device.type == "cpu" for st in moved for t in st._tensors())
+    for a, st in zip(direct, moved):
+        _assert_same(a, st.finalize())
