@@ -53,28 +53,28 @@ def _kernels():
 
     from . import triton_src
 
-    # shapes other than the channel count vary between models and batches: not specialized, fewer compiles
-    runtime = ["B", "S", "KR", "n_elem", "n_main", "KT", "use_floor"]
-    return tuple(triton.jit(fn, do_not_specialize=[a for a in runtime if a in fn.__code__.co_varnames])
-                 for fn in (triton_src.stats_pass, triton_src.candidates))
+    # the window offset changes every update: not specialized (no recompiles for multiples of 16 or 1)
+    return (triton.jit(triton_src.stats_pass),
+            triton.jit(triton_src.candidates, do_not_specialize=["window0"]))
 
 
 BLOCK_M = 16  # channels per median program
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _scratch(shape: tuple, device: torch.device, slot: int) -> torch.Tensor:
-    """A float32 buffer reused by every update on ``device`` (updates run in stream order, each consumes its
-    scratch before the next one writes it)."""
-    key = (shape, str(device), slot)
+def _scratch(shape: tuple, device: torch.device, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer reused by every update on ``device`` (updates run in stream order, each consumes its scratch
+    before the next one writes it)."""
+    key = (shape, device, slot)
     buf = _SCRATCH.get(key)
     if buf is None:
         if len(_SCRATCH) > 16:
             _SCRATCH.clear()
-        buf = _SCRATCH[key] = torch.empty(shape, device=device, dtype=torch.float32)
+        buf = _SCRATCH[key] = torch.empty(shape, device=device, dtype=dtype)
     return buf
 
 
+@functools.cache
 def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     bp = _next_pow2(batch)
     rows = batch * seq_len
@@ -108,17 +108,21 @@ def update(x: torch.Tensor, batch: int, seq_len: int, window0: int, max_state: t
     dev = x.device
     tokmax = _scratch((seq_len,), dev, 0)
     part = _scratch((2, n_main, channels), dev, 1)
+    stride_r, stride_c = x.stride()
     stats_pass[(1 + n_main + n_med,)](
-        x, x.stride(0), x.stride(1), max_state, sum_state, part, tokmax, rows_idx, elem_idx,
-        batch, seq_len, channels, kr, elem_idx.numel(), n_main, 2.0 ** log2_min, 2.0 ** log2_max * 0.999,
-        float(log2_min), float(bins_per_octave), (log2_max - log2_min) * bins_per_octave,
+        x, max_state, sum_state, part, tokmax, rows_idx, elem_idx,
+        stride_r=stride_r, stride_c=stride_c, B=batch, S=seq_len, C=channels, KR=kr, n_elem=elem_idx.numel(),
+        n_main=n_main, lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999, log2_min=float(log2_min),
+        bins_per_octave=float(bins_per_octave), n_bins=(log2_max - log2_min) * bins_per_octave,
         BP=g["BP"], BT=g["BT"], BLOCK_C=g["BLOCK_C"], KRP=_next_pow2(kr), BLOCK_M=BLOCK_M, NE=1024, num_warps=8)
     tok_val, tok_idx = tokmax.topk(g["KT"], sorted=False)
     n_cand = -(-channels // g["BLOCK_CB"])
-    keys = torch.empty(n_cand * g["TOP"], device=dev, dtype=torch.int64)
+    keys = torch.empty(n_cand * g["TOP"], device=dev, dtype=torch.int64) if n_cand == 1 else _scratch(
+        (n_cand * g["TOP"],), dev, 2, torch.int64)
     tokw = torch.empty(g["KT"], device=dev, dtype=torch.int64)
-    candidates[(n_cand,)](x, x.stride(0), x.stride(1), tok_idx, tok_val, keys, tokw, max_state, sum_state, part,
-                          batch, seq_len, channels, g["KT"], int(g["KT"] == top_k), n_main, window0,
+    candidates[(n_cand,)](x, tok_idx, tok_val, keys, tokw, max_state, sum_state, part, window0,
+                          stride_r=stride_r, stride_c=stride_c, B=batch, S=seq_len, C=channels, KT=g["KT"],
+                          use_floor=int(g["KT"] == top_k), n_main=n_main,
                           KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32)
     if n_cand > 1:
         keys = keys.topk(g["TOP"], sorted=False).values

@@ -1,5 +1,8 @@
 """The Triton source of the statistics kernels (imported only where Triton is installed; see kernels.py).
 
+Only pointers and the window offset are runtime arguments: shapes, strides and the histogram's constants are
+compile-time (a model has a handful of shapes), which keeps Triton's per-launch argument handling short.
+
 State layout (see :class:`~outlierlab.tracing.stats.PositionStats`): ``max_state`` = [chan_absmax (C) |
 tok_absmax (S)] in float32, ``sum_state`` = [chan_abssum (C) | tok_absmax_sum (S) | chan_median_sum (C) |
 hist] in float64. ``part`` is a float32 scratch [2, n_main, C] of per-program channel max and sum.
@@ -13,8 +16,10 @@ _MAXF = tl.constexpr((1 << FLAT_BITS) - 1)
 _WIN_BITS = tl.constexpr(WIN_BITS)
 
 
-def stats_pass(x_ptr, stride_r, stride_c, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr,
-               B, S, C, KR, n_elem, n_main, lo, hi, log2_min, bins_per_octave, n_bins,
+def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr,
+               stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+               KR: tl.constexpr, n_elem: tl.constexpr, n_main: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr,
+               log2_min: tl.constexpr, bins_per_octave: tl.constexpr, n_bins: tl.constexpr,
                BP: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr, KRP: tl.constexpr,
                BLOCK_M: tl.constexpr, NE: tl.constexpr):
     """Program 0: the histogram; 1..n_main: BT tokens of every window; the rest: channel medians."""
@@ -81,8 +86,9 @@ def stats_pass(x_ptr, stride_r, stride_c, max_ptr, sum_ptr, part_ptr, tokmax_ptr
         tl.store(med_ptr, tl.load(med_ptr, mask=c_ok, other=0.0) + med.to(tl.float64), mask=c_ok)
 
 
-def candidates(x_ptr, stride_r, stride_c, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr,
-               B, S, C, KT, use_floor, n_main, window0,
+def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr, window0,
+               stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+               KT: tl.constexpr, use_floor: tl.constexpr, n_main: tl.constexpr,
                KTP: tl.constexpr, BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr):
     """One block of channels: fold the programs' channel max/sum into the state, then write the block's best
     TOP candidate keys among the KT selected tokens (and, program 0, ``tokw`` = window0 * S + token per slot)."""
@@ -108,8 +114,10 @@ def candidates(x_ptr, stride_r, stride_c, tok_idx_ptr, tok_val_ptr, keys_ptr, to
         tl.store(tokw_ptr + j, tok + window0.to(tl.int64) * S, mask=j_ok)
     # with KT = top_k tokens, each one's max is a distinct key >= the smallest of them: no key below that
     # floor can be among the top_k
-    floor = tl.min(tl.load(tok_val_ptr + j, mask=j_ok, other=float("inf")), axis=0)
-    floor = tl.where(use_floor != 0, floor, 0.0)
+    if use_floor:
+        floor = tl.min(tl.load(tok_val_ptr + j, mask=j_ok, other=float("inf")), axis=0)
+    else:
+        floor = 0.0
     m = j_ok[:, None] & c_ok[None, :]
     col = c[None, :].to(tl.int64) * stride_c
     best = tl.full([KTP, BLOCK_C], -1.0, tl.float32)
