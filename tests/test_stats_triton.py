@@ -101,3 +101,55 @@ def test_finalize_after_moving_many_positions_to_the_host(device):
     assert all(t.device.type == "cpu" for st in moved for t in st._tensors())
     for a, st in zip(direct, moved):
         _assert_same(a, st.finalize())
+
+
+def test_indirect_launch_reads_the_addresses_from_its_argument_buffer(device):
+    """What a CUDA graph replays: the kernels take the tensor's and the states' addresses and the window offset
+    from a device buffer, and a last kernel appends the candidates to the position's rings; the result equals
+    the direct launch's."""
+    from outlierlab.tracing import kernels as K
+
+    x = _planted(4, 16, 40, torch.bfloat16).to(device)
+    cfg = StatsConfig(top_k=4)
+    consts = (cfg.top_k, cfg.log2_min, cfg.log2_max, cfg.bins_per_octave)
+    rows, channels = 2 * 16, 40
+    rows_idx = torch.arange(0, rows, 2, device=device)
+    elem_idx = torch.arange(0, rows * channels, 7, device=device)
+    n_bins = cfg.n_bins
+
+    def state():
+        return (torch.zeros(channels + 16, device=device),
+                torch.zeros(2 * channels + 16 + n_bins, device=device, dtype=torch.float64))
+
+    direct = state()
+    for w in (0, 2):
+        xb = x[w:w + 2].reshape(rows, channels)
+        keys_d, tokw_d = K.update(xb, 2, 16, w, *direct, rows_idx, elem_idx, *consts)
+    bufs = K._buffers(2, 16, channels, cfg.top_k, torch.device(device), fresh=False)
+    ring = K.new_ring(4, 16, cfg.top_k, torch.device(device))
+    indirect = state()
+    _, _, stash = K._kernels()
+    args = torch.zeros(8, dtype=torch.int64, device=device)
+    like = torch.zeros(rows, channels, dtype=x.dtype, device=device)
+    for w in (0, 2):
+        xb = x[w:w + 2].reshape(rows, channels)
+        args.copy_(torch.tensor([xb.data_ptr(), w, indirect[0].data_ptr(), indirect[1].data_ptr(),
+                                 ring[0].data_ptr(), ring[1].data_ptr(), ring[2].data_ptr(), 0]))
+        keys = K._issue(like, 2, 16, 0, like, like, rows_idx, elem_idx, *consts, bufs, args=args)
+        stash[(1,)](args, keys, bufs["tokw"], TOP=ring[0].shape[1], KT=ring[1].shape[1],
+                    KTP=K._next_pow2(ring[1].shape[1]), R=4)
+    torch.testing.assert_close(indirect[0], direct[0])
+    torch.testing.assert_close(indirect[1], direct[1], rtol=1e-6, atol=1e-6)
+    assert int(ring[2]) == 2  # two rows appended
+    assert sorted(ring[0][1].tolist()) == sorted(keys_d.tolist())
+    assert ring[1][1].tolist() == tokw_d.tolist()
+
+
+def test_cuda_graph_path_equals_cpu_path(device):
+    if device == "cpu":
+        pytest.skip("CUDA graphs: the lane (--device cuda) runs this")
+    x = _planted(6, 24, 40, torch.bfloat16)
+    for batch in (2, 4):  # 4: a last, smaller batch takes a second captured layout
+        a = _run("never", x, batch, top_k=8)
+        b = _run("graphs", x.to(device), batch, top_k=8)
+        _assert_same(a, b)

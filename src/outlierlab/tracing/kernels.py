@@ -47,7 +47,7 @@ def _next_pow2(n: int) -> int:
 
 @functools.cache
 def _kernels():
-    """(stats_pass, candidates) as Triton kernels: compiled on CUDA, or run by Triton's interpreter when
+    """(stats_pass, candidates, stash) as Triton kernels: compiled on CUDA, or run by Triton's interpreter when
     ``TRITON_INTERPRET=1`` was set before Triton was first imported (CPU tensors; the tests do this)."""
     import triton
 
@@ -55,7 +55,8 @@ def _kernels():
 
     # the window offset changes every update: not specialized (no recompiles for multiples of 16 or 1)
     return (triton.jit(triton_src.stats_pass),
-            triton.jit(triton_src.candidates, do_not_specialize=["window0"]))
+            triton.jit(triton_src.candidates, do_not_specialize=["window0"]),
+            triton.jit(triton_src.stash))
 
 
 BLOCK_M = 16  # channels per median program
@@ -65,7 +66,8 @@ _SCRATCH: dict[tuple, torch.Tensor] = {}
 def _scratch(shape: tuple, device: torch.device, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A buffer reused by every update on ``device`` (updates run in stream order, each consumes its scratch
     before the next one writes it)."""
-    key = (shape, device, slot)
+    # a buffer made under inference mode cannot be written by torch ops outside it (topk's out=)
+    key = (shape, device, slot, torch.is_inference_mode_enabled())
     buf = _SCRATCH.get(key)
     if buf is None:
         if len(_SCRATCH) > 16:
@@ -85,7 +87,67 @@ def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     ktp = _next_pow2(kt)
     top = _next_pow2(top_k)
     block_cb = max(_next_pow2(-(-top // ktp)), min(_next_pow2(channels), max(1, 2048 // ktp)))
-    return {"BP": bp, "BT": bt, "BLOCK_C": block_c, "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb}
+    return {"BP": bp, "BT": bt, "BLOCK_C": block_c, "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb,
+            "n_main": -(-seq_len // bt), "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb)}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}[dtype]
+
+
+def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx, top_k, log2_min, log2_max,
+           bins_per_octave, bufs: dict, args: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch one update (stats_pass, topk, candidates, topk) writing into ``bufs``; returns the update's best
+    keys. With ``args`` (device int64: x address, window0, max_state and sum_state addresses), the kernels
+    read those from it: the launch sequence of a CUDA graph, replayed for any tensor of the same layout."""
+    stats_pass, candidates, _ = _kernels()
+    channels = x.shape[1]
+    g = _geometry(batch, seq_len, channels, top_k)
+    stride_r, stride_c = x.stride()
+    indirect = args is not None
+    args = args if indirect else bufs["tokmax"]  # an unused pointer when direct
+    common = {"INDIRECT": indirect, "XDT": _tl_dtype(x.dtype), "stride_r": stride_r, "stride_c": stride_c,
+              "B": batch, "S": seq_len, "C": channels, "n_main": g["n_main"]}
+    stats_pass[(1 + g["n_main"] + g["n_med"],)](
+        x, max_state, sum_state, bufs["part"], bufs["tokmax"], rows_idx, elem_idx, args, **common,
+        KR=rows_idx.numel(), n_elem=elem_idx.numel(), lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999,
+        log2_min=float(log2_min), bins_per_octave=float(bins_per_octave),
+        n_bins=(log2_max - log2_min) * bins_per_octave,
+        BP=g["BP"], BT=g["BT"], BLOCK_C=g["BLOCK_C"], KRP=_next_pow2(rows_idx.numel()), BLOCK_M=BLOCK_M, NE=1024,
+        num_warps=8)
+    torch.topk(bufs["tokmax"], g["KT"], sorted=False, out=(bufs["tok_val"], bufs["tok_idx"]))
+    candidates[(g["n_cand"],)](x, bufs["tok_idx"], bufs["tok_val"], bufs["keys"], bufs["tokw"], max_state, sum_state,
+                               bufs["part"], window0, args, **common, KT=g["KT"], use_floor=int(g["KT"] == top_k),
+                               KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32)
+    if g["n_cand"] == 1:
+        return bufs["keys"]
+    torch.topk(bufs["keys"], g["TOP"], sorted=False, out=(bufs["top"], bufs["top_idx"]))
+    return bufs["top"]
+
+
+def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.device, fresh: bool) -> dict:
+    """The update's buffers: the scratch ones shared (stream order), the outputs fresh unless ``fresh`` is
+    False (a graph owns all of them)."""
+    g = _geometry(batch, seq_len, channels, top_k)
+    i64 = {"device": device, "dtype": torch.int64}
+    if fresh:
+        bufs = {"tokmax": _scratch((seq_len,), device, 0), "part": _scratch((2, g["n_main"], channels), device, 1),
+                "tok_val": _scratch((g["KT"],), device, 3), "tok_idx": _scratch((g["KT"],), device, 4, torch.int64),
+                "top_idx": _scratch((g["TOP"],), device, 5, torch.int64)}
+        bufs["keys"] = (torch.empty(g["n_cand"] * g["TOP"], **i64) if g["n_cand"] == 1
+                        else _scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64))
+        bufs["top"] = torch.empty(g["TOP"], **i64)
+    else:
+        f32 = {"device": device, "dtype": torch.float32}
+        bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_main"], channels, **f32),
+                "tok_val": torch.empty(g["KT"], **f32), "tok_idx": torch.empty(g["KT"], **i64),
+                "keys": torch.empty(g["n_cand"] * g["TOP"], **i64), "top": torch.empty(g["TOP"], **i64),
+                "top_idx": torch.empty(g["TOP"], **i64)}
+    bufs["tokw"] = torch.empty(g["KT"], **i64)
+    return bufs
 
 
 def update(x: torch.Tensor, batch: int, seq_len: int, window0: int, max_state: torch.Tensor,
@@ -97,36 +159,130 @@ def update(x: torch.Tensor, batch: int, seq_len: int, window0: int, max_state: t
     channels = x.shape[1]
     if not fits(batch, seq_len, channels, top_k):
         raise ValueError(f"batch {batch}, {channels} channels: too large for the candidate keys (see fits)")
-    g = _geometry(batch, seq_len, channels, top_k)
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton statistics kernels run on CUDA tensors, or on CPU tensors under Triton's "
                            "interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-    stats_pass, candidates = _kernels()
-    kr = rows_idx.numel()
-    n_main = -(-seq_len // g["BT"])
-    n_med = -(-channels // BLOCK_M)
-    dev = x.device
-    tokmax = _scratch((seq_len,), dev, 0)
-    part = _scratch((2, n_main, channels), dev, 1)
-    stride_r, stride_c = x.stride()
-    stats_pass[(1 + n_main + n_med,)](
-        x, max_state, sum_state, part, tokmax, rows_idx, elem_idx,
-        stride_r=stride_r, stride_c=stride_c, B=batch, S=seq_len, C=channels, KR=kr, n_elem=elem_idx.numel(),
-        n_main=n_main, lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999, log2_min=float(log2_min),
-        bins_per_octave=float(bins_per_octave), n_bins=(log2_max - log2_min) * bins_per_octave,
-        BP=g["BP"], BT=g["BT"], BLOCK_C=g["BLOCK_C"], KRP=_next_pow2(kr), BLOCK_M=BLOCK_M, NE=1024, num_warps=8)
-    tok_val, tok_idx = tokmax.topk(g["KT"], sorted=False)
-    n_cand = -(-channels // g["BLOCK_CB"])
-    keys = torch.empty(n_cand * g["TOP"], device=dev, dtype=torch.int64) if n_cand == 1 else _scratch(
-        (n_cand * g["TOP"],), dev, 2, torch.int64)
-    tokw = torch.empty(g["KT"], device=dev, dtype=torch.int64)
-    candidates[(n_cand,)](x, tok_idx, tok_val, keys, tokw, max_state, sum_state, part, window0,
-                          stride_r=stride_r, stride_c=stride_c, B=batch, S=seq_len, C=channels, KT=g["KT"],
-                          use_floor=int(g["KT"] == top_k), n_main=n_main,
-                          KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32)
-    if n_cand > 1:
-        keys = keys.topk(g["TOP"], sorted=False).values
-    return keys, tokw
+    bufs = _buffers(batch, seq_len, channels, top_k, x.device, fresh=True)
+    keys = _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx, top_k, log2_min, log2_max,
+                  bins_per_octave, bufs)
+    return keys, bufs["tokw"]
+
+
+class _Staging:
+    """Pinned host rows from which the per-update arguments of graph replays are copied to the device.
+
+    A row is written by the host and read by an asynchronous copy: a half of the ring is reused only after an
+    event recorded when the host last left it has completed (the host cannot overwrite a pending row)."""
+
+    ROWS = 4096
+
+    def __init__(self, device: torch.device):
+        self.rows = torch.zeros(self.ROWS, 8, dtype=torch.int64).pin_memory()
+        self.np = self.rows.numpy()
+        self.cursor = 0
+        self.events: list = [None, None]
+        self.device = device
+
+    def next(self) -> int:
+        i = self.cursor
+        half = self.ROWS // 2
+        if i % half == 0:
+            h = i // half
+            if self.events[h] is not None:
+                self.events[h].synchronize()
+            self.events[1 - h] = torch.cuda.Event()
+            self.events[1 - h].record(torch.cuda.current_stream(self.device))
+        self.cursor = (i + 1) % self.ROWS
+        return i
+
+
+_STAGING: dict[torch.device, _Staging] = {}
+
+
+class GraphedUpdate:
+    """:func:`update` captured once as a CUDA graph for one layout (dtype, shape, strides, constants) and
+    replayed for any tensor and any position of that layout: the kernels read the tensor's and the states'
+    addresses from a device buffer copied from pinned memory, and a last kernel appends the candidates to the
+    position's own rings. A replay costs the host two operations, where the launches cost it ~10."""
+
+    def __init__(self, x: torch.Tensor, batch: int, seq_len: int, rows_idx: torch.Tensor, elem_idx: torch.Tensor,
+                 top_k: int, log2_min: int, log2_max: int, bins_per_octave: int, ring: int):
+        dev = x.device
+        self.consts = (batch, seq_len, top_k, log2_min, log2_max, bins_per_octave)
+        self.rows_idx, self.elem_idx = rows_idx, elem_idx  # kept alive: the graph reads their addresses
+        self.ring = ring
+        self.bufs = _buffers(batch, seq_len, x.shape[1], top_k, dev, fresh=False)
+        self.args = torch.zeros(8, dtype=torch.int64, device=dev)
+        self.staging = _STAGING.setdefault(dev, _Staging(dev))
+        g = _geometry(batch, seq_len, x.shape[1], top_k)
+        self.kt, self.top = g["KT"], g["TOP"]
+        # a stand-in of the same layout for the warm-up launch (compiles the kernels) and the capture
+        self.like = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=dev).zero_()
+        state = self.new_state(x.shape[1])
+        self._write_args(self.like, 0, *state)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._launch()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._launch()
+
+    def new_state(self, channels: int) -> tuple[torch.Tensor, ...]:
+        """(max_state, sum_state, ring_keys, ring_tokw, counter) stand-ins for the warm-up."""
+        dev = self.args.device
+        _, seq_len, _, log2_min, log2_max, bpo = self.consts
+        n_bins = (log2_max - log2_min) * bpo
+        return (torch.zeros(channels + seq_len, device=dev), torch.zeros(
+            2 * channels + seq_len + n_bins, device=dev, dtype=torch.float64),
+            torch.zeros(self.ring, self.top, device=dev, dtype=torch.int64),
+            torch.zeros(self.ring, self.kt, device=dev, dtype=torch.int64),
+            torch.zeros(1, device=dev, dtype=torch.int64))
+
+    def _launch(self) -> None:
+        _, _, stash = _kernels()
+        keys = _issue(self.like, *self.consts[:2], 0, self.like, self.like, self.rows_idx, self.elem_idx,
+                      *self.consts[2:], self.bufs, args=self.args)
+        stash[(1,)](self.args, keys, self.bufs["tokw"], TOP=self.top, KT=self.kt, KTP=_next_pow2(self.kt),
+                    R=self.ring)
+
+    def _write_args(self, x, window0, max_state, sum_state, ring_keys, ring_tokw, counter) -> None:
+        i = self.staging.next()
+        self.staging.np[i, :7] = (x.data_ptr(), window0, max_state.data_ptr(), sum_state.data_ptr(),
+                                  ring_keys.data_ptr(), ring_tokw.data_ptr(), counter.data_ptr())
+        self.args.copy_(self.staging.rows[i], non_blocking=True)
+
+    def replay(self, x, window0, max_state, sum_state, ring_keys, ring_tokw, counter) -> None:
+        if torch.cuda.current_device() != x.device.index:  # a model placed on several GPUs
+            with torch.cuda.device(x.device):
+                return self.replay(x, window0, max_state, sum_state, ring_keys, ring_tokw, counter)
+        self._write_args(x, window0, max_state, sum_state, ring_keys, ring_tokw, counter)
+        self.graph.replay()
+
+
+_GRAPHS: dict[tuple, GraphedUpdate] = {}
+
+
+def new_ring(rows: int, seq_len: int, top_k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A position's rings for the graph path: (keys [rows, TOP], token slots [rows, KT], counter [1])."""
+    g = _geometry(1, seq_len, 1, top_k)
+    i64 = {"device": device, "dtype": torch.int64}
+    return torch.zeros(rows, g["TOP"], **i64), torch.zeros(rows, g["KT"], **i64), torch.zeros(1, **i64)
+
+
+def graphed(x: torch.Tensor, batch: int, seq_len: int, rows_idx, elem_idx, top_k: int, log2_min: int,
+            log2_max: int, bins_per_octave: int, ring: int) -> GraphedUpdate:
+    """The captured update for ``x``'s layout (captured at its first use in the process)."""
+    key = (x.device, x.dtype, tuple(x.shape), x.stride(), batch, seq_len, rows_idx.data_ptr(), elem_idx.data_ptr(),
+           top_k, log2_min, log2_max, bins_per_octave, ring, torch.is_inference_mode_enabled())
+    g = _GRAPHS.get(key)
+    if g is None:
+        with torch.cuda.device(x.device):
+            g = _GRAPHS[key] = GraphedUpdate(x, batch, seq_len, rows_idx, elem_idx, top_k, log2_min, log2_max,
+                                             bins_per_octave, ring)
+    return g
 
 
 def decode_keys(keys: torch.Tensor, tokw: torch.Tensor, channels: int, seq_len: int):

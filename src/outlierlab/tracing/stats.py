@@ -46,9 +46,9 @@ class StatsConfig:
     seed: int = 0
     merge_every: int = 16
     #: how an update runs: "triton" (two hand-written Triton kernels, see tracing/kernels.py; on a CPU tensor
-    #: Triton's interpreter runs them, for tests), "never" (eager torch ops), "fused" (torch.compile),
-    #: "graphs" (torch.compile + CUDA graphs, CUDA only), "auto" (triton on CUDA where Triton is installed,
-    #: else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
+    #: Triton's interpreter runs them, for tests), "graphs" (the same kernels captured once per tensor layout
+    #: as a CUDA graph and replayed, CUDA only), "never" (eager torch ops), "fused" (torch.compile), "auto"
+    #: (triton on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
     #: tracing launch-bound, and the compiled graph still costs ~0.7 ms of host time per update
     #: (bench/RESULTS.md).
     compile: str = "auto"
@@ -174,22 +174,15 @@ def resolve_mode(device: torch.device, mode: str) -> str:
 def update_fn(device: torch.device, mode: str):
     """The update math, compiled as ``mode`` asks (see :attr:`StatsConfig.compile`)."""
     mode = resolve_mode(device, mode)
-    if mode in ("never", "triton"):
+    if mode in ("never", "triton", "graphs"):
         return _update_math
-    if mode == "graphs" and device.type != "cuda":
-        mode = "fused"
-    fn = _COMPILED.get(mode)
+    fn = _COMPILED.get("fused")
     if fn is None:
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
-        fn = _COMPILED[mode] = torch.compile(_update_math, dynamic=False, **options)
+        fn = _COMPILED["fused"] = torch.compile(_update_math, dynamic=False)
     return fn
-
-
-def uses_graphs(device: torch.device, mode: str) -> bool:
-    return device.type == "cuda" and mode == "graphs"
 
 
 def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -252,6 +245,8 @@ class PositionStats:
         self.top_channel = torch.zeros(c.top_k, device=device, dtype=torch.long)
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
+        self._ring: tuple[torch.Tensor, ...] | None = None  # the graph path's device rings (keys, slots, counter)
+        self._ring_n = 0  # rows of the rings written since the last flush
         self._floor = EMPTY  # smallest |x| in the running top-k once it is full (host path only)
 
     # named views into the packed states
@@ -310,23 +305,28 @@ class PositionStats:
         self.samples += k
         self.tok_windows += batch
         mode = resolve_mode(x.device, c.compile)
-        if mode == "triton" and kernels.fits(batch, seq_len, channels, c.top_k):
-            self._pending_keys.append(kernels.update(
-                x, batch, seq_len, window0, self.max_state, self.sum_state, rows_idx, elem_idx, c.top_k,
-                c.log2_min, c.log2_max, c.bins_per_octave))
+        if mode in ("triton", "graphs") and kernels.fits(batch, seq_len, channels, c.top_k):
+            args = (batch, seq_len, rows_idx, elem_idx, c.top_k, c.log2_min, c.log2_max, c.bins_per_octave)
+            if mode == "graphs" and x.device.type == "cuda":
+                if self._ring is None:
+                    self._ring = kernels.new_ring(c.merge_every, seq_len, c.top_k, x.device)
+                kernels.graphed(x, *args, ring=c.merge_every).replay(
+                    x, window0, self.max_state, self.sum_state, *self._ring)
+                self._ring_n += 1
+                if self._ring_n >= c.merge_every:
+                    self._flush()
+                return
+            self._pending_keys.append(kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state,
+                                                     *args[2:]))
             if len(self._pending_keys) >= c.merge_every:
                 self._flush()
             return
-        fn = update_fn(x.device, "fused" if mode == "triton" else mode)
+        fn = update_fn(x.device, "fused" if mode in ("triton", "graphs") else mode)
         host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
         eager = (self._floor, _workspace(tuple(x.shape), x.device)) if host else ()
         self.max_state, self.sum_state, vals, signed, r, ch = fn(
             x, self.max_state, self.sum_state, rows_idx, elem_idx, batch, seq_len, k_rows, kk,
             min(c.top_k * batch, kk * channels), float(c.log2_min), float(c.log2_max), c.n_bins, *eager)
-        if uses_graphs(x.device, c.compile):
-            # outputs of a CUDA-graph replay are overwritten by the next replay: keep our own copies
-            self.max_state, self.sum_state = self.max_state.clone(), self.sum_state.clone()
-            vals, signed, r, ch = vals.clone(), signed.clone(), r.clone(), ch.clone()
         self._pending.append((vals, signed, r + window0 * seq_len, ch))
         if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
             # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
@@ -334,7 +334,17 @@ class PositionStats:
         if len(self._pending) >= c.merge_every:
             self._flush()
 
+    def _drain_ring(self) -> None:
+        """The graph path's candidates, appended to the pending ones (views of the rings: read them before the
+        next replay, which the stream order of the flush guarantees)."""
+        if self._ring_n:
+            keys, slots, counter = self._ring
+            self._pending_keys += [(keys[i], slots[i]) for i in range(self._ring_n)]
+            self._ring_n = 0
+            counter.zero_()
+
     def _flush(self) -> None:
+        self._drain_ring()
         if self._pending_keys:
             keys, tokw = (torch.stack(t) for t in zip(*self._pending_keys))
             self._pending_keys.clear()
@@ -424,6 +434,7 @@ class PositionStats:
     _STATE = ("max_state", "sum_state", "top_abs", "top_val", "top_window", "top_token", "top_channel")
 
     def _tensors(self) -> list[torch.Tensor]:
+        self._drain_ring()
         out = [getattr(self, name) for name in self._STATE]
         for p in self._pending:
             out += p

@@ -16,13 +16,18 @@ _MAXF = tl.constexpr((1 << FLAT_BITS) - 1)
 _WIN_BITS = tl.constexpr(WIN_BITS)
 
 
-def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr,
-               stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr, args_ptr,
+               INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
                KR: tl.constexpr, n_elem: tl.constexpr, n_main: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr,
                log2_min: tl.constexpr, bins_per_octave: tl.constexpr, n_bins: tl.constexpr,
                BP: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr, KRP: tl.constexpr,
                BLOCK_M: tl.constexpr, NE: tl.constexpr):
-    """Program 0: the histogram; 1..n_main: BT tokens of every window; the rest: channel medians."""
+    """Program 0: the histogram; 1..n_main: BT tokens of every window; the rest: channel medians. With
+    INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
+    if INDIRECT:
+        x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
+        max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
+        sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
     pid = tl.program_id(0)
     if pid == 0:
         # log2 histogram of the sampled elements (as torch.histc over the clamped log2 |x|)
@@ -86,12 +91,17 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
         tl.store(med_ptr, tl.load(med_ptr, mask=c_ok, other=0.0) + med.to(tl.float64), mask=c_ok)
 
 
-def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr, window0,
-               stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr, window0, args_ptr,
+               INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
                KT: tl.constexpr, use_floor: tl.constexpr, n_main: tl.constexpr,
                KTP: tl.constexpr, BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr):
     """One block of channels: fold the programs' channel max/sum into the state, then write the block's best
     TOP candidate keys among the KT selected tokens (and, program 0, ``tokw`` = window0 * S + token per slot)."""
+    if INDIRECT:
+        x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
+        window0 = tl.load(args_ptr + 1)
+        max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
+        sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
     pid = tl.program_id(0)
     cl = tl.arange(0, BLOCK_C)
     c = pid * BLOCK_C + cl
@@ -148,3 +158,19 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum
             best_key = tl.max(tl.max(key, axis=1), axis=0)
             tl.store(out + i, best_key)
             key = tl.where(key == best_key, 0, key)
+
+
+def stash(args_ptr, keys_ptr, tokw_ptr, TOP: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr, R: tl.constexpr):
+    """Copy an update's keys and token slots into row ``counter % R`` of the position's rings (addresses in
+    ``args``: 4 keys ring, 5 token-slot ring, 6 counter) and advance the counter."""
+    ring_keys = tl.load(args_ptr + 4).to(tl.pointer_type(tl.int64))
+    ring_tokw = tl.load(args_ptr + 5).to(tl.pointer_type(tl.int64))
+    counter = tl.load(args_ptr + 6).to(tl.pointer_type(tl.int64))
+    n = tl.load(counter)
+    slot = n % R
+    t = tl.arange(0, TOP)
+    tl.store(ring_keys + slot * TOP + t, tl.load(keys_ptr + t))
+    j = tl.arange(0, KTP)
+    tl.store(ring_tokw + slot * KT + j, tl.load(tokw_ptr + j, mask=j < KT), mask=j < KT)
+    tl.debug_barrier()
+    tl.store(counter, n + 1)
