@@ -48,7 +48,7 @@ class StatsConfig:
     #: how an update runs: "triton" (two hand-written Triton kernels, see tracing/kernels.py; on a CPU tensor
     #: Triton's interpreter runs them, for tests), "graphs" (the same kernels captured once per tensor layout
     #: as a CUDA graph and replayed, CUDA only), "never" (eager torch ops), "fused" (torch.compile), "auto"
-    #: (triton on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
+    #: (graphs on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
     #: tracing launch-bound, and the compiled graph still costs ~0.7 ms of host time per update
     #: (bench/RESULTS.md).
     compile: str = "auto"
@@ -167,7 +167,7 @@ def resolve_mode(device: torch.device, mode: str) -> str:
     if mode == "auto":
         if device.type != "cuda":
             return "never"
-        return "triton" if kernels.available() else "fused"
+        return "graphs" if kernels.available() else "fused"
     return mode
 
 
@@ -341,7 +341,8 @@ class PositionStats:
             keys, slots, counter = self._ring
             self._pending_keys += [(keys[i], slots[i]) for i in range(self._ring_n)]
             self._ring_n = 0
-            counter.zero_()
+            with torch.inference_mode(counter.is_inference()):  # the rings may be made inside a forward's mode
+                counter.zero_()
 
     def _flush(self) -> None:
         self._drain_ring()
