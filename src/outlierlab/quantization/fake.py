@@ -437,9 +437,9 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
             from .gptq import gptq_weights
 
             ids = _calib_ids(calib, config)
-            # gptq swaps weights during its replay: offloaded ones are opened on the host for it (a no-op on a
-            # model in memory)
-            with offload.writable(model):
+            # gptq swaps weights during its replay: offloaded ones are opened on the host for it, and it runs
+            # them there (its Hessians and weights then share a device; a no-op on a model in memory)
+            with offload.writable(model, stream=False):
                 found = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
                                      batch_size, progress)
             for name, w in found.items():
