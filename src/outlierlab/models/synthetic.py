@@ -165,13 +165,25 @@ def random_init(model, seed: int, draw_on: str | torch.device) -> None:
 
 def draw_normal(t: torch.Tensor, std: float, key: str, device: torch.device) -> None:
     """Fill ``t`` with N(0, std) drawn in float32 on ``device``, :data:`_CHUNK` elements per generator seeded
-    from ``key`` and the chunk's index."""
-    flat = t.view(-1)
+    from ``key`` and the chunk's index (so the values do not depend on the order: the CPU draws chunks on all
+    its threads, one generator being serial)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat = t.detach().view(-1)  # grad mode is per thread: a detached view is written the same in every one
     base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 2
-    for i, start in enumerate(range(0, flat.numel(), _CHUNK)):
-        n = min(_CHUNK, flat.numel() - start)
+    starts = range(0, flat.numel(), _CHUNK)
+
+    def fill(i: int) -> None:
+        n = min(_CHUNK, flat.numel() - starts[i])
         gen = torch.Generator(device=device).manual_seed(base + i)
-        flat[start:start + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
+        flat[starts[i]:starts[i] + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
+
+    if device.type != "cpu" or len(starts) == 1:
+        for i in range(len(starts)):
+            fill(i)
+        return
+    with ThreadPoolExecutor(max_workers=min(len(starts), torch.get_num_threads())) as pool:
+        list(pool.map(fill, range(len(starts))))
 
 
 def _delimiter(tokenizer) -> int:
