@@ -354,9 +354,9 @@ def _offloaded(layer: nn.Module) -> bool:
     return any(has_offloaded_params(m) for m in layer.modules())
 
 
-def _quantize_group(group, acc: HessianAccumulator, config, result: dict, swapped: list, host: bool) -> None:
-    """GPTQ every linear of ``group`` with its Hessian; keep the result (on the host: ``host``) and swap it
-    into the module."""
+def _quantize_group(group, acc: HessianAccumulator, config, keep, swapped: list, host: bool) -> None:
+    """GPTQ every linear of ``group`` with its Hessian; hand the result (on the host: ``host``) to ``keep`` and
+    swap it into the module."""
     for t in group:
         weight = t.weight_view()
         with torch.inference_mode(False):  # plain tensors, usable with autograd later
@@ -366,15 +366,17 @@ def _quantize_group(group, acc: HessianAccumulator, config, result: dict, swappe
         q = q.to(t.module.weight.dtype)
         swapped.append((t.module, t.module.weight.data))
         t.module.weight.data = t.to_storage(q)
-        result[t.name] = q.cpu() if host else q
+        keep(t.name, q.cpu() if host else q)
 
 
 def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, batch_size: int = 4,
-                 progress: bool = False) -> dict[str, torch.Tensor]:
+                 progress: bool = False, keep=None) -> dict[str, torch.Tensor]:
     """GPTQ-quantized weights ``[out, in]`` of ``targets`` (decoder-layer linears), keyed by target name.
 
     Layer by layer, sublayer by sublayer with ``config.gptq_true_sequential`` (see the module docstring); the
     model is unchanged on return (weights are swapped in during a layer's turn and restored after it).
+    ``keep(name, weight)``: called with each result as soon as it is computed, instead of collecting them (the
+    caller can store them away: then nothing beyond one layer is held here, and the dict returned is empty).
     """
     from ..progress import progress_bar
 
@@ -386,6 +388,7 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
     result: dict[str, torch.Tensor] = {}
     if not by_layer:
         return result
+    keep = keep or result.__setitem__
     last = max(by_layer)
     store = _store_device(model, config, ids)
     inputs, calls = _record_layer_calls(model, layers, ids, batch_size, store, last)
@@ -402,10 +405,10 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
                     if groups and config.gptq_true_sequential:
                         for group in groups:
                             acc, = _hessians(model, replay, [group], stop=True)
-                            _quantize_group(group, acc, config, result, swapped, host)
+                            _quantize_group(group, acc, config, keep, swapped, host)
                     elif groups:
                         for group, acc in zip(groups, _hessians(model, replay, groups, stop=False)):
-                            _quantize_group(group, acc, config, result, swapped, host)
+                            _quantize_group(group, acc, config, keep, swapped, host)
                     if index < last:
                         replay.propagate()
                 finally:
