@@ -10,7 +10,7 @@ tokenizer.
 Weights (see :func:`random_init`): every matrix N(0, initializer_range), drawn in float32 on the device the
 model runs on (``cpu`` or ``cuda``: the two draw different numbers, hence :func:`identity` names the device
 type), chunk by chunk, each chunk seeded from (seed, parameter name, chunk), so the values do not depend on where
-the model is placed or offloaded; norm gains, biases, buffers and ties by transformers' own init. No other
+the model is placed or offloaded; biases 0, norm gains by transformers' own init of those modules. No other
 initialization runs: the model is allocated uninitialized first (initializing a 13B model element by element on
 the CPU took minutes).
 
@@ -128,7 +128,11 @@ def build(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None,
     """The synthetic model of ``spec`` on ``device`` in ``dtype``, outliers planted; its random numbers drawn
     on ``draw_on`` (default ``device``; an offloaded GPU run builds on the CPU and draws on the GPU)."""
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
 
     tokenizer = tokenizer or tokenizer_for(spec)
     cfg = config(spec, len(tokenizer))
@@ -144,23 +148,30 @@ def build(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None,
 
 @torch.no_grad()
 def random_init(model, seed: int, draw_on: str | torch.device) -> None:
-    """Every matrix (parameter of 2+ dims) N(0, initializer_range), see the module docstring; the rest (norm
-    gains, biases, buffers, tied weights) by the model's own ``init_weights``, which skips what is drawn here."""
+    """Every matrix (parameter of 2+ dims) N(0, initializer_range), see the module docstring; the other
+    parameters of a matrix's module (biases) 0, and the modules without a matrix (norm gains: 1, or 0 where the
+    gain is 1 + w) by the model's own ``_init_weights``, one module at a time (never a pass over the matrices:
+    on a CPU that pass is what took minutes). Buffers (rotary frequencies) were computed at construction."""
     from torch import nn
 
     cfg = model.config
     std = getattr(cfg, "initializer_range", None) or getattr(cfg, "init_std", None) or 0.02
     model.tie_weights()
-    drawn = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
-    for name, p in drawn:
-        draw_normal(p, std, f"{seed}:{name}", torch.device(draw_on))
-        p._is_hf_initialized = True
-    model.init_weights()
-    for _, p in drawn:
-        del p._is_hf_initialized
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            draw_normal(p, std, f"{seed}:{name}", torch.device(draw_on))
     for m in model.modules():
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            m.weight[m.padding_idx] = 0.0
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        if any(p.dim() >= 2 for p in own):
+            for p in own:
+                if p.dim() < 2:
+                    p.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx] = 0.0
+        else:
+            model._init_weights(m)
 
 
 def draw_normal(t: torch.Tensor, std: float, key: str, device: torch.device) -> None:
