@@ -5,15 +5,19 @@ accelerator memory, for one model on one device.
     python bench/pipeline_time.py --model synthetic:llama-13b --device cuda --dtype bfloat16 --quick \
         --memory-fraction-gib 15 --max-memory 0=12GiB,cpu=100GiB
 
-Prints one line per stage and a summary line (JSON with ``--json``).
+Prints a line as each stage starts (elapsed time, the stages done so far: what a run killed by a time limit
+leaves), one line per stage and a summary line at the end (JSON with ``--json``). The time before the first
+stage is the model's build / load and the data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,14 +51,23 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(args.memory_fraction_gib * 2**30 / total)
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = run(cfg, out, console=Console(quiet=True), progress=False)
+
+    def started(stage: str, state: str) -> None:
+        done = json.loads(Path(out, "stages.json").read_text()) if Path(out, "stages.json").is_file() else {}
+        mem = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+        print(f"[{time.perf_counter() - t0:7.1f} s] {stage} starts; done: "
+              f"{ {k: v['seconds'] for k, v in done.items()} }{mem}", flush=True)
+
+    result = run(cfg, out, console=Console(quiet=True), progress=False, on_stage=started)
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     for stage, seconds in result["stages"].items():
         print(f"{stage:10s} {seconds:8.1f} s")
     line = {"model": args.model, "device": args.device, "dtype": args.dtype, "quick": args.quick,
             "total_s": round(total, 1), "stages_s": {k: round(v, 1) for k, v in result["stages"].items()},
-            "peak_gpu_gib": None if peak is None else round(peak, 2), "max_memory": args.max_memory,
+            "peak_gpu_gib": None if peak is None else round(peak, 2),
+            "peak_host_rss_gib": round(host_peak, 2), "max_memory": args.max_memory,
             "memory_fraction_gib": args.memory_fraction_gib, "failed_cells": len(result["failed_cells"])}
     print(json.dumps(line))
     if args.json:

@@ -124,6 +124,26 @@ def test_fake_quantization_on_an_offloaded_model_equals_in_memory(spec, store, t
     assert torch.equal(_logits(off, ids), ref_logits)
 
 
+def test_gptq_results_wait_on_disk_one_tensor_at_a_time():
+    """``prepare(store="disk")``: GPTQ hands each result over as it is computed; the plan keeps file paths, not
+    tensors, and gives the same weights as the host store."""
+    from outlierlab.quantization import prepare
+
+    model = _planted("llama")
+    ids = random_windows(model, 2, 16)
+    host = prepare(model, "w4a8:w_method=gptq", ids)
+    disk = prepare(model, "w4a8:w_method=gptq", ids, store="disk")
+    assert disk.weights._held and all(isinstance(v, str) for v in disk.weights._held.values())
+    assert host.weights._held.keys() == disk.weights._held.keys()
+    assert all(torch.equal(disk.weights[k], host.weights[k]) for k in host.weights._held)
+    folder = disk.weights._folder
+    del disk
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
 def test_in_place_quantization_keeps_the_objects_and_holds_no_weights():
     """The plan holds no RTN weights; installing writes into the existing Parameters; the originals wait on disk
     and come back bit for bit."""
@@ -271,9 +291,61 @@ def test_compare_peak_memory_is_about_one_model():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="gptq.py's gptq_weights returns every quantized linear at once (1x the linears beside "
-                          "the model) although it calibrates layer by layer; not yet streamed into the plan",
-                   strict=False)
+@pytest.mark.xfail(reason="measured 1.53x on this 4-layer model (peak 1.863 GB, base 0.877 GB, model 0.646 GB): "
+                          "the results no longer stay in memory, but the down projection's GPTQ working set "
+                          "(its 4096 x 4096 float32 Hessian, 67 MB, about 4 times) and one layer's replay are "
+                          "0.3-0.5x of so small a model", strict=False)
 def test_compare_peak_memory_with_gptq_is_about_one_model():
+    """GPTQ layer by layer with its results streamed into the plan's disk store (``journal="disk"``): the peak
+    stays near one model."""
     # 4 layers: GPTQ on the 16-layer model takes over 8 min on the 2-core CPU (there its peak passed 1.95x)
     assert _peak(("none",), ("w4a8:w_method=gptq",), PEAK_SPEC.replace("layers=16", "layers=4"))["ratio"] < 1.3
+
+
+# -- the device lane: offloaded weights streamed to the execution device (make test-gpu runs it on cuda) ---------
+
+
+@pytest.mark.slow
+def test_offloaded_weights_stream_to_the_lane_device(lane_device, tmp_path):
+    """Every weight in a host store (``accelerate.cpu_offload``), executed on the lane device: every mitigation
+    mode and explain run there (edits on the host, forwards on the device, no device mix-up) and give what the
+    model in memory on that device gives; the stores are restored bit for bit. On the CPU the numbers are
+    bit-identical; on a GPU the host-side weight edits round like the CPU (float32: 1e-4 relative, as the lane)."""
+    from accelerate import cpu_offload
+
+    from outlierlab.analysis.explain import ExplainConfig, explain
+
+    device = torch.device(lane_device)
+    ref_model = _planted("llama").to(device)
+    off = cpu_offload(_planted("llama"), execution_device=device)
+    ids = random_windows(ref_model, 2, 16).to(device)
+    ids[:, 0] = 1
+    tol = {} if device.type == "cpu" else {"rtol": 1e-4, "atol": 1e-4}
+    before, ref_logits = _weights(off), _logits(off, ids)
+    torch.testing.assert_close(ref_logits, _logits(ref_model, ids), **(tol or {"rtol": 0, "atol": 0}))
+    n_applied = 0
+    for name, cfg in mitigation_modes().items():
+        with WeightJournal(ref_model), WeightJournal(off, "cpu"):
+            try:
+                a = mitigate(ref_model, [cfg], ids)
+            except MitigationError:
+                continue
+            b = mitigate(off, [cfg], ids)
+            scale = float(_logits(ref_model, ids).abs().max())
+            torch.testing.assert_close(_logits(off, ids), _logits(ref_model, ids), msg=name,
+                                       **({"rtol": 0, "atol": 0} if not tol else
+                                          {"rtol": tol["rtol"], "atol": tol["atol"] * scale}))
+            a.remove()
+            b.remove()
+            n_applied += 1
+        after = _weights(off)
+        assert all(torch.equal(after[k], before[k]) for k in before), name
+    assert n_applied >= 15
+    cfg = ExplainConfig(max_ablations=3)
+    a, b = explain(ref_model, ids, cfg).to_json(), explain(off, ids, cfg).to_json()
+    assert a["massive_activations"] and a["otcs"]
+    key = ("token_index", "channel", "first_detected")
+    assert [[m.get(k) for k in key] for m in b["massive_activations"]] == [
+        [m.get(k) for k in key] for m in a["massive_activations"]]
+    assert [(o["layer"], o["role"], o["col"]) for o in b["otcs"]] == [(o["layer"], o["role"], o["col"])
+                                                                   for o in a["otcs"]]

@@ -51,3 +51,29 @@ def test_planted_outliers_are_found_and_offload_changes_nothing(family):
     prof2 = profile(off.model, windows, ProfileConfig(batch_size=2), tokenizer=off.tokenizer)
     assert prof2.massive_activations == prof.massive_activations
     assert prof2.channel_outliers == prof.channel_outliers
+
+
+def test_random_draws_do_not_depend_on_threads_or_placement(monkeypatch):
+    """Every chunk has its own seeded generator: the CPU's threaded draw equals a serial one, chunk by chunk, and
+    a model built twice (as in memory and before offloading) has the same weights; nothing is left uninitialized."""
+    import torch
+
+    from outlierlab.testing import tiny_config
+
+    monkeypatch.setattr(synthetic, "_CHUNK", 1000)
+    t = torch.empty(2, 1250)
+    synthetic.draw_normal(t, 0.02, "0:w", torch.device("cpu"))
+    base = int.from_bytes(__import__("hashlib").sha256(b"0:w").digest()[:8], "little") >> 2
+    serial = torch.cat([torch.randn(n, generator=torch.Generator().manual_seed(base + i)) * 0.02
+                        for i, n in enumerate((1000, 1000, 500))])
+    assert torch.equal(t.view(-1), serial)
+    from transformers import AutoModelForCausalLM
+
+    models = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_config(tiny_config("gemma2", vocab_size=300))
+        for p in model.parameters():
+            p.data.fill_(float("nan"))  # what an uninitialized allocation may hold
+        synthetic.random_init(model, 0, "cpu")
+        models.append(model.state_dict())
+    assert all(torch.isfinite(v).all() and torch.equal(v, models[1][k]) for k, v in models[0].items())

@@ -60,8 +60,8 @@ class CompareConfig:
     batch_size: int = 4
     sqnr: bool = False
     sqnr_samples: int = 4
-    #: where the original weights wait while a method's cells run and while a cell quantizes them: "cpu" (one
-    #: host copy) or "disk"
+    #: where the original weights wait while a method's cells run and while a cell quantizes them, and where
+    #: GPTQ's results wait until installed: "cpu" (one host copy) or "disk"
     journal: str = "cpu"
 
 
@@ -383,7 +383,7 @@ def _run_cell(work, cell: Cell, q: QuantConfig, calib, ev, sqnr_ids, config: Com
 
     try:
         t0 = time.perf_counter()
-        plan = prepare(work, q, calib, batch_size=config.batch_size)
+        plan = prepare(work, q, calib, batch_size=config.batch_size, store=config.journal)
         cell.timings["quantize_s"] = time.perf_counter() - t0
         if config.sqnr and not q.is_fp:
             t1 = time.perf_counter()

@@ -220,12 +220,12 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | tor
 
 
 def _load_synthetic(spec: str, dev: torch.device, dt: torch.dtype, max_memory) -> LoadedModel:
-    """A synthetic model (:mod:`.synthetic`), built on ``dev`` or, with ``max_memory``, on the CPU and then
-    dispatched by accelerate within that budget."""
+    """A synthetic model (:mod:`.synthetic`), built on ``dev`` or, with ``max_memory``, on the CPU (its random
+    numbers drawn on ``dev`` all the same: the same weights) and then dispatched by accelerate within that budget."""
     from accelerate import dispatch_model, infer_auto_device_map
 
-    build_on = torch.device("cpu") if max_memory is not None else dev
-    hf_model, tokenizer = synthetic.build(spec, build_on, dt)
+    build_on, identity = torch.device("cpu") if max_memory is not None else dev, synthetic.identity(spec, dev)
+    hf_model, tokenizer = synthetic.build(spec, build_on, dt, draw_on=dev)
     if max_memory is not None:
         budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
         no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
@@ -234,7 +234,7 @@ def _load_synthetic(spec: str, dev: torch.device, dt: torch.dtype, max_memory) -
             device_map = {name: device_map[""] for name, _ in hf_model.named_children()}
         hf_model = dispatch_model(hf_model, device_map, offload_dir=_offload_folder())
         dev = input_device(hf_model)
-    source = ModelSource("synthetic", spec, None, synthetic.identity(spec))
+    source = ModelSource("synthetic", spec, None, identity)
     return LoadedModel(hf_model, tokenizer, source, dev, dt, _info(hf_model, source, dt, dev))
 
 

@@ -7,6 +7,13 @@ config fields (``layers=4`` is short for the layer count), the seed (``seed=1``)
 (``tokenizer=FOLDER``; default: the default model's, SmolLM2 from its package). The vocabulary follows the
 tokenizer.
 
+Weights (see :func:`random_init`): every matrix N(0, initializer_range), drawn in float32 on the device the
+model runs on (``cpu`` or ``cuda``: the two draw different numbers, hence :func:`identity` names the device
+type), chunk by chunk, each chunk seeded from (seed, parameter name, chunk), so the values do not depend on where
+the model is placed or offloaded; biases 0, norm gains by transformers' own init of those modules. No other
+initialization runs: the model is allocated uninitialized first (initializing a 13B model element by element on
+the CPU took minutes).
+
 Planted, with known ground truth (see :func:`plant`): a massive activation made by one down-projection weight
 at layer 1 on the delimiter token ``"."``, a large norm gain at layer 0, and an outlier-triggering column of
 W_q at layer 2. Random weights alone show no massive activations.
@@ -36,6 +43,10 @@ PLANTED = {
     "otc": {"layer": 2, "col": 40, "scale": 50.0},
 }
 _SHORT = {"layers": "num_hidden_layers"}
+#: bumped whenever the weights a spec builds change, so that caches keyed by :func:`identity` miss
+WEIGHTS_VERSION = 2
+#: elements per independently seeded draw
+_CHUNK = 1 << 24
 
 
 def is_synthetic(model: str) -> bool:
@@ -91,9 +102,10 @@ def config(spec: str, vocab_size: int):
     return tiny_config(family, **{**shape, **overrides})
 
 
-def identity(spec: str) -> str:
-    """A stable identity of the weights a spec builds (for caches), without hashing the weights."""
-    return "synthetic-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
+def identity(spec: str, device: str | torch.device = "cpu") -> str:
+    """A stable identity of the weights a spec builds on ``device``'s type (for caches), without hashing them."""
+    key = f"v{WEIGHTS_VERSION}:{torch.device(device).type}:{spec}"
+    return "synthetic-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def tokenizer_for(spec: str):
@@ -111,19 +123,78 @@ def tokenizer_for(spec: str):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def build(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None):
-    """The synthetic model of ``spec`` on ``device`` in ``dtype`` (initialized there), outliers planted."""
+def build(spec: str, device: torch.device, dtype: torch.dtype, tokenizer=None,
+          draw_on: torch.device | None = None):
+    """The synthetic model of ``spec`` on ``device`` in ``dtype``, outliers planted; its random numbers drawn
+    on ``draw_on`` (default ``device``; an offloaded GPU run builds on the CPU and draws on the GPU)."""
     from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
 
     tokenizer = tokenizer or tokenizer_for(spec)
     cfg = config(spec, len(tokenizer))
     _, _, _, seed = parse(spec)
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device), no_init_weights():  # allocated only: random_init writes every value once
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    random_init(model, seed, draw_on or device)
     model.eval()
     plant(model, _delimiter(tokenizer))
     return model, tokenizer
+
+
+@torch.no_grad()
+def random_init(model, seed: int, draw_on: str | torch.device) -> None:
+    """Every matrix (parameter of 2+ dims) N(0, initializer_range), see the module docstring; the other
+    parameters of a matrix's module (biases) 0, and the modules without a matrix (norm gains: 1, or 0 where the
+    gain is 1 + w) by the model's own ``_init_weights``, one module at a time (never a pass over the matrices:
+    on a CPU that pass is what took minutes). Buffers (rotary frequencies) were computed at construction."""
+    from torch import nn
+
+    cfg = model.config
+    std = getattr(cfg, "initializer_range", None) or getattr(cfg, "init_std", None) or 0.02
+    model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            draw_normal(p, std, f"{seed}:{name}", torch.device(draw_on))
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        if any(p.dim() >= 2 for p in own):
+            for p in own:
+                if p.dim() < 2:
+                    p.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx] = 0.0
+        else:
+            model._init_weights(m)
+
+
+def draw_normal(t: torch.Tensor, std: float, key: str, device: torch.device) -> None:
+    """Fill ``t`` with N(0, std) drawn in float32 on ``device``, :data:`_CHUNK` elements per generator seeded
+    from ``key`` and the chunk's index (so the values do not depend on the order: the CPU draws chunks on all
+    its threads, one generator being serial)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat = t.detach().view(-1)  # grad mode is per thread: a detached view is written the same in every one
+    base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 2
+    starts = range(0, flat.numel(), _CHUNK)
+
+    def fill(i: int) -> None:
+        n = min(_CHUNK, flat.numel() - starts[i])
+        gen = torch.Generator(device=device).manual_seed(base + i)
+        flat[starts[i]:starts[i] + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
+
+    if device.type != "cpu" or len(starts) == 1:
+        for i in range(len(starts)):
+            fill(i)
+        return
+    with ThreadPoolExecutor(max_workers=min(len(starts), torch.get_num_threads())) as pool:
+        list(pool.map(fill, range(len(starts))))
 
 
 def _delimiter(tokenizer) -> int:

@@ -27,6 +27,9 @@ entry (``quant``, after every mitigation hook) and the KV wrapper another (``qua
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -253,20 +256,42 @@ def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor,
 
 
 class PlanWeights(Mapping):
-    """Name -> quantized weight ``[out, in]`` of the plan's targets: GPTQ's results held on the host, RTN
-    computed from the target's current weight when read (nothing held)."""
+    """Name -> quantized weight ``[out, in]`` of the plan's targets: GPTQ's results held on the host
+    (``store="cpu"``) or in temporary files, one per tensor, read back one at a time (``"disk"``); RTN computed
+    from the target's current weight when read (nothing held)."""
 
-    def __init__(self, config: QuantConfig, targets: list[Target]) -> None:
-        self.config = config
+    def __init__(self, config: QuantConfig, targets: list[Target], store: str = "cpu") -> None:
+        if store not in ("cpu", "disk"):
+            raise ValueError(f"store must be 'cpu' or 'disk', not {store!r}")
+        self.config, self.store = config, store
         self._targets = {t.name: t for t in targets}
-        self._held: dict[str, torch.Tensor] = {}
+        self._held: dict[str, torch.Tensor | str] = {}
+        self._folder: str | None = None
 
     def hold(self, name: str, w: torch.Tensor) -> None:
-        self._held[name] = w.detach().to("cpu")
+        w = w.detach().to("cpu")
+        if self.store == "cpu":
+            self._held[name] = w
+            return
+        import weakref
+
+        from safetensors.torch import save_file
+
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="outlierlab-plan-")
+            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+        path = os.path.join(self._folder, f"{len(self._held)}.safetensors")
+        save_file({"w": w.contiguous()}, path)
+        self._held[name] = path
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._held:
-            return self._held[name]
+            held = self._held[name]
+            if isinstance(held, str):
+                from safetensors.torch import load_file
+
+                return load_file(held)["w"]
+            return held
         c = self.config
         return quant_weight(self._targets[name].weight_view().detach(), c.w_bits, c.symmetric, c.w_granularity,
                             c.group_size, c.w_clip, c.w_grid)
@@ -422,8 +447,9 @@ def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_size: int = 4,
-            progress: bool = False) -> QuantPlan:
-    """Compute what fake quantization installs (see module docstring); the model is left as it was."""
+            progress: bool = False, store: str = "cpu") -> QuantPlan:
+    """Compute what fake quantization installs (see module docstring); the model is left as it was. ``store``:
+    where GPTQ's results wait until installed, ``cpu`` (host memory, 1x the target linears) or ``disk``."""
     config = get_quant(config)
     adapter = get_adapter(model)
     prefix = registry(model).fp_prefix
@@ -432,18 +458,16 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
     plan = QuantPlan(config, targets, prefix=prefix)
     t0 = time.perf_counter()
     if config.quantizes_weights:
-        plan.weights = PlanWeights(config, targets)
+        plan.weights = PlanWeights(config, targets, store)
         if config.w_method == "gptq":
             from .gptq import gptq_weights
 
             ids = _calib_ids(calib, config)
-            # gptq swaps weights during its replay: offloaded ones are opened on the host for it (a no-op on a
-            # model in memory)
-            with offload.writable(model):
-                found = gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
-                                     batch_size, progress)
-            for name, w in found.items():
-                plan.weights.hold(name, w)
+            # gptq swaps weights during its replay: offloaded ones are opened on the host for it, and it runs
+            # them there (its Hessians and weights then share a device; a no-op on a model in memory)
+            with offload.writable(model, stream=False):
+                gptq_weights(model, adapter, [t for t in targets if t.layer is not None], ids, config,
+                             batch_size, progress, keep=plan.weights.hold)
         if config.embeddings:
             plan.embedding = model.get_input_embeddings()
     plan.info["weights_s"] = time.perf_counter() - t0

@@ -58,7 +58,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool =
     ``grid``: the symmetric grid (``restricted`` or ``full``).
     """
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float().clone()  # the caller's H is left as it is (one Hessian serves q, k and v)
     n_in = W.shape[1]
     if H.shape != (n_in, n_in):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight inputs {n_in}")
@@ -88,6 +88,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool =
         W = W[:, perm]
         H = H[perm][:, perm]
     Hinv = _inverse_factor(H, damp)
+    del H
 
     Q = torch.zeros_like(W)
     current = fixed
@@ -123,12 +124,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool =
 
 def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, damping x10 up to 5 times if needed."""
-    n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(n, device=H.device, dtype=H.dtype)
     for attempt in range(6):
         try:
-            L = torch.linalg.cholesky(H + eye * (damp * (10 ** attempt)) * mean_diag)
+            # the damping added on the diagonal in place: one n x n temporary, not three (n = 28672 on a 70B
+            # shape: 3.3 GB each); the same float32 values as H + I * (damp * 10^attempt) * mean_diag
+            A = H.clone()
+            A.diagonal().add_(torch.tensor(damp * (10 ** attempt), dtype=H.dtype, device=H.device) * mean_diag)
+            L = torch.linalg.cholesky(A)
+            del A
             return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
@@ -354,27 +358,29 @@ def _offloaded(layer: nn.Module) -> bool:
     return any(has_offloaded_params(m) for m in layer.modules())
 
 
-def _quantize_group(group, acc: HessianAccumulator, config, result: dict, swapped: list, host: bool) -> None:
-    """GPTQ every linear of ``group`` with its Hessian; keep the result (on the host: ``host``) and swap it
-    into the module."""
+def _quantize_group(group, acc: HessianAccumulator, config, keep, swapped: list, host: bool) -> None:
+    """GPTQ every linear of ``group`` with its Hessian; hand the result (on the host: ``host``) to ``keep`` and
+    swap it into the module."""
     for t in group:
         weight = t.weight_view()
         with torch.inference_mode(False):  # plain tensors, usable with autograd later
-            q = gptq_quantize(weight, acc.H.clone(), config.w_bits, config.symmetric, config.w_granularity,
+            q = gptq_quantize(weight, acc.H, config.w_bits, config.symmetric, config.w_granularity,
                               config.group_size, config.w_clip, config.gptq_damp, config.gptq_block,
                               config.gptq_act_order, config.gptq_static_groups, config.w_grid)
         q = q.to(t.module.weight.dtype)
         swapped.append((t.module, t.module.weight.data))
         t.module.weight.data = t.to_storage(q)
-        result[t.name] = q.cpu() if host else q
+        keep(t.name, q.cpu() if host else q)
 
 
 def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, batch_size: int = 4,
-                 progress: bool = False) -> dict[str, torch.Tensor]:
+                 progress: bool = False, keep=None) -> dict[str, torch.Tensor]:
     """GPTQ-quantized weights ``[out, in]`` of ``targets`` (decoder-layer linears), keyed by target name.
 
     Layer by layer, sublayer by sublayer with ``config.gptq_true_sequential`` (see the module docstring); the
     model is unchanged on return (weights are swapped in during a layer's turn and restored after it).
+    ``keep(name, weight)``: called with each result as soon as it is computed, instead of collecting them (the
+    caller can store them away: then nothing beyond one layer is held here, and the dict returned is empty).
     """
     from ..progress import progress_bar
 
@@ -386,6 +392,7 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
     result: dict[str, torch.Tensor] = {}
     if not by_layer:
         return result
+    keep = keep or result.__setitem__
     last = max(by_layer)
     store = _store_device(model, config, ids)
     inputs, calls = _record_layer_calls(model, layers, ids, batch_size, store, last)
@@ -402,10 +409,10 @@ def gptq_weights(model: nn.Module, adapter, targets, ids: torch.Tensor, config, 
                     if groups and config.gptq_true_sequential:
                         for group in groups:
                             acc, = _hessians(model, replay, [group], stop=True)
-                            _quantize_group(group, acc, config, result, swapped, host)
+                            _quantize_group(group, acc, config, keep, swapped, host)
                     elif groups:
                         for group, acc in zip(groups, _hessians(model, replay, groups, stop=False)):
-                            _quantize_group(group, acc, config, result, swapped, host)
+                            _quantize_group(group, acc, config, keep, swapped, host)
                     if index < last:
                         replay.propagate()
                 finally:

@@ -8,10 +8,12 @@ and drops them after. An edit of such a weight must land in that store, or the n
   written in place; disk stores get a ``.dat`` file in the offload folder (a weight read from the checkpoint's own
   safetensors file is redirected to a new ``.dat`` file: input model files are never written).
 - :func:`writable`: inside the block every offloaded tensor under a module is a real tensor on the host, which
-  methods read, edit in place or replace like any weight; forwards run those modules on the host meanwhile (so
-  calibration inside the block sees the edits). At the end each tensor is written back to its store and the
-  module is offloaded again. Tensors of a host store are used as they are (no copy: edits land in the store);
-  those of a disk store are read into host memory for the duration of the block.
+  methods read, edit in place or replace like any weight. Forwards meanwhile run each module on its execution
+  device with a copy of its current host tensors made for the call (``stream=True``, the default: calibration
+  inside the block sees the edits, at the speed of the accelerator; the copy is differentiable, so fine-tuning
+  reaches the host tensors), or run the module on the host (``stream=False``). At the end each tensor is written
+  back to its store and the module is offloaded again. Tensors of a host store are used as they are (no copy:
+  edits land in the store); those of a disk store are read into host memory for the duration of the block.
 
 A model that is not offloaded passes through all of these unchanged.
 """
@@ -135,34 +137,76 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def writable(root: nn.Module, write_back: bool = True) -> Iterator[nn.Module]:
+def writable(root: nn.Module, write_back: bool = True, stream: bool = True) -> Iterator[nn.Module]:
     """Offloaded tensors under ``root`` as real host tensors inside the block (see the module docstring).
     ``write_back=False``: for readers whose edits are undone inside the block (explain's ablations); the
-    stores are left as they were."""
+    stores are left as they were. ``stream=False``: forwards run the opened modules on the host."""
     mods = [m for m in root.modules() if hook_of(m) is not None]
-    opened: list[tuple[nn.Module, object, list[str]]] = []
+    opened: list[tuple[nn.Module, object, list[str], object]] = []
     try:
         for m in mods:
             hook, keys = m._hf_hook, names(m)
-            opened.append((m, hook.execution_device, keys))
+            opened.append((m, hook.execution_device, keys, m.__dict__.get("forward")))
             for name in keys:
                 value = read(m, name)
                 _set(m, name, value if value.device.type == "cpu" else value.to("cpu"))
-            hook.offload, hook.execution_device = False, torch.device("cpu")
+            hook.offload = False
+            if stream:
+                m.forward = _streamed(m, keys, torch.device(_device_name(hook.execution_device)), m.forward)
+            else:
+                hook.execution_device = torch.device("cpu")
         yield root
     finally:
         from accelerate.utils import set_module_tensor_to_device
 
         with torch.no_grad():
-            for m, device, keys in reversed(opened):
+            for m, device, keys, forward in reversed(opened):
                 hook = m._hf_hook
                 hook.offload, hook.execution_device = True, device
+                if stream:
+                    if forward is None:
+                        m.__dict__.pop("forward", None)
+                    else:
+                        m.forward = forward
                 for name in keys:
                     t = _tensor(m, name)
                     if t is not None and t.device.type != "meta":
                         if write_back:
                             write(m, name, t)
                         set_module_tensor_to_device(m, name, "meta")
+
+
+def _device_name(device) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def _streamed(module: nn.Module, keys: list[str], device: torch.device, forward):
+    """``forward`` with the module's tensors ``keys`` replaced, for the call, by copies on ``device`` made from
+    their current host values (always a copy, also on the host, so the CPU lane runs this path too)."""
+
+    def call(*args, **kwargs):
+        held = [(owner, leaf, t) for owner, leaf, t in (_slot(module, k) for k in keys) if t is not None]
+        try:
+            for owner, leaf, t in held:
+                _place(owner, leaf, t.to(device, copy=True))
+            return forward(*args, **kwargs)
+        finally:
+            for owner, leaf, t in held:
+                _place(owner, leaf, t)
+
+    return call
+
+
+def _slot(module: nn.Module, name: str) -> tuple[nn.Module, str, torch.Tensor | None]:
+    owner, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner) if owner else module
+    return owner, leaf, getattr(owner, leaf, None)
+
+
+def _place(owner: nn.Module, leaf: str, t: torch.Tensor) -> None:
+    """Put ``t`` in the parameter or buffer slot ``leaf`` without the checks of ``setattr`` (a copy made for one
+    forward is a plain, possibly non-leaf, tensor)."""
+    (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = t
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
