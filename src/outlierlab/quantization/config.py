@@ -33,8 +33,9 @@ class QuantConfig:
     columns) or ``tensor``; ``w_clip`` multiplies the abs-max (or min/max); ``w_grid`` the symmetric integer
     grid, ``restricted`` ([-Q, Q], scale absmax / Q) or ``full`` ([-2^(b-1), 2^(b-1) - 1], scale
     absmax / ((2^b - 1) / 2), compressed-tensors' convention); ``w_clip_search``: each row's (group's) clip
-    ratio, at most ``w_clip``, searched to minimise its rounding error (:mod:`.quantizers`); ``w_method`` ``rtn`` (round to nearest) or
-    ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs, see :mod:`.gptq`).
+    ratio, at most ``w_clip``, searched to minimise its rounding error (:mod:`.quantizers`); ``w_method``
+    ``rtn`` (round to nearest) or ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs,
+    see :mod:`.gptq`).
 
     Activations (``a_*``, the input of every quantized linear): ``tensor-static`` (one scale per linear,
     calibrated as ``a_clip x`` the abs-max over the calibration windows, then frozen), ``tensor-dynamic`` (one
