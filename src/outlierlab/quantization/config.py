@@ -32,12 +32,16 @@ class QuantConfig:
     Weights (``w_*``): ``channel`` (one scale per output row), ``group`` (per row and per ``group_size`` input
     columns) or ``tensor``; ``w_clip`` multiplies the abs-max (or min/max); ``w_grid`` the symmetric integer
     grid, ``restricted`` ([-Q, Q], scale absmax / Q) or ``full`` ([-2^(b-1), 2^(b-1) - 1], scale
-    absmax / ((2^b - 1) / 2), compressed-tensors' convention); ``w_method`` ``rtn`` (round to nearest) or
-    ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs, see :mod:`.gptq`).
+    absmax / ((2^b - 1) / 2), compressed-tensors' convention); ``w_clip_search``: each row's (group's) clip
+    ratio, at most ``w_clip``, searched to minimise its rounding error (:mod:`.quantizers`); ``w_method``
+    ``rtn`` (round to nearest) or ``gptq`` (error-compensating, from calibration inputs; ``gptq_*`` knobs,
+    see :mod:`.gptq`).
 
     Activations (``a_*``, the input of every quantized linear): ``tensor-static`` (one scale per linear,
     calibrated as ``a_clip x`` the abs-max over the calibration windows, then frozen), ``tensor-dynamic`` (one
-    scale per sequence, computed at run time) or ``token`` (one scale per token, at run time).
+    scale per sequence, computed at run time) or ``token`` (one scale per token, at run time). ``a_clip_search``
+    (dynamic granularities): each linear input's clip ratio, at most ``a_clip``, chosen on the calibration windows
+    to minimise the output error of the linears that read it (:func:`.fake.search_act_clips`).
 
     Which modules: every linear of every decoder block (``roles``/``layers`` restrict it); ``lm_head`` (weight
     and input) and ``embeddings`` (weight, per row) stay in full precision unless set.
@@ -55,6 +59,7 @@ class QuantConfig:
     w_granularity: str = "channel"
     group_size: int = 128
     w_clip: float = 1.0
+    w_clip_search: bool = False
     w_grid: str = "restricted"
     w_method: str = "rtn"
     gptq_damp: float = 0.01
@@ -65,6 +70,7 @@ class QuantConfig:
     gptq_offload_inputs: str = "auto"
     a_granularity: str = "token"
     a_clip: float = 1.0
+    a_clip_search: bool = False
     a_calib_samples: int | None = 4
     kv_symmetric: bool = False
     kv_clip: float = 1.0
@@ -90,6 +96,9 @@ class QuantConfig:
         if self.w_grid == "full" and not self.symmetric:
             raise QuantConfigError("w_grid=full is a symmetric grid; the asymmetric grid already uses all 2^b "
                                    "levels (drop w_grid or set symmetric=true)")
+        if self.a_clip_search and self.a_granularity == "tensor-static":
+            raise QuantConfigError("a_clip_search is for the dynamic activation granularities (token, "
+                                   "tensor-dynamic); tensor-static scales come from a_clip x the abs-max")
         if self.gptq_offload_inputs not in GPTQ_OFFLOAD:
             raise QuantConfigError(f"gptq_offload_inputs must be one of {', '.join(GPTQ_OFFLOAD)}, "
                                    f"not {self.gptq_offload_inputs!r}")
@@ -136,8 +145,9 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """True when calibration windows are used (static activation scales or GPTQ)."""
-        return (self.quantizes_activations and self.a_granularity == "tensor-static") or (
+        """True when calibration windows are used (static activation scales, the activation clip search or
+        GPTQ)."""
+        return (self.quantizes_activations and (self.a_granularity == "tensor-static" or self.a_clip_search)) or (
             self.quantizes_weights and self.w_method == "gptq")
 
     def describe(self) -> str:
@@ -146,6 +156,7 @@ class QuantConfig:
         if self.quantizes_weights:
             gran = f"per-group {self.group_size}" if self.w_granularity == "group" else f"per-{self.w_granularity}"
             clip = f" clip {self.w_clip:g}" if self.w_clip != 1 else ""
+            clip += " clip-search" if self.w_clip_search else ""
             grid = " full-grid" if self.w_grid == "full" else ""
             w = f"W{self.w_bits} {gran} {sym}{grid} {self.w_method.upper()}{clip}"
         else:
@@ -154,6 +165,7 @@ class QuantConfig:
             gran = {"tensor-static": "per-tensor static", "tensor-dynamic": "per-tensor dynamic",
                     "token": "per-token"}[self.a_granularity]
             clip = f" clip {self.a_clip:g}" if self.a_clip != 1 else ""
+            clip += " clip-search" if self.a_clip_search else ""
             a = f"A{self.a_bits} {gran} {sym}{clip}"
         else:
             a = "A fp"

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import OutlierlabError
 from ..paths import atomic_folder, atomic_write_json
 from .config import QuantConfig, get_quant
-from .quantizers import qparams
+from .quantizers import weight_qparams
 
 MANIFEST = "outlierlab.json"
 #: a weight is on its grid when every entry is within this fraction of a step of codes x scale
@@ -110,12 +110,12 @@ def weight_codes(w: torch.Tensor, wq: torch.Tensor, config: QuantConfig) -> tupl
         if in_f % config.group_size:
             raise ExportError(f"input size {in_f} is not a multiple of group_size {config.group_size}")
         n = in_f // config.group_size
-        scale, _ = qparams(w.reshape(out_f, n, config.group_size), config.w_bits, True, -1, config.w_clip,
-                           config.w_grid)
+        scale, _ = weight_qparams(w.reshape(out_f, n, config.group_size), config.w_bits, True, -1,
+                                  config.w_clip, config.w_grid, config.w_clip_search)
         scale = scale.reshape(out_f, n)
         full = scale.repeat_interleave(config.group_size, dim=1)
     else:
-        scale, _ = qparams(w, config.w_bits, True, -1, config.w_clip, config.w_grid)
+        scale, _ = weight_qparams(w, config.w_bits, True, -1, config.w_clip, config.w_grid, config.w_clip_search)
         full = scale
     codes = torch.round(wq / full)
     off = float(((codes * full - wq).abs() / full).max()) if wq.numel() else 0.0

@@ -252,6 +252,66 @@ def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor,
     return out
 
 
+#: candidate ratios of the activation clip search, times ``a_clip``
+A_SEARCH_RATIOS = tuple(1 - 0.05 * i for i in range(9))
+
+
+class _ClipObserver:
+    """For one linear input, the output error of each candidate clip ratio: ``sum ||(x - Q_r(x)) W^T||^2`` over
+    the calibration tokens (prefix tokens excluded), ``W`` the weights of the linears reading it stacked (read
+    at each call, so that no copy outlives the hook); the sums stay on the device."""
+
+    def __init__(self, group: list[Target], config: QuantConfig, prefix: int, shape: BatchInfo) -> None:
+        self.group, self.prefix, self.shape = group, prefix, shape
+        self.bits, self.symmetric = config.a_bits, config.symmetric
+        self.dims = -1 if config.a_granularity == "token" else (1, 2)
+        self.ratios = [config.a_clip * r for r in A_SEARCH_RATIOS]
+        self.err: torch.Tensor | None = None
+
+    def __call__(self, module, args) -> None:
+        if not args:
+            return
+        x3 = self.shape.as_3d(args[0].detach()).float()[:, self.prefix:]
+        if x3.numel() == 0:
+            return
+        w = torch.cat([t.weight_view().detach().to(x3.device, torch.float32) for t in self.group])
+        gram = w.t() @ w if w.shape[0] > w.shape[1] else None  # the cheaper of e G e^T and ||e W^T||^2
+        errs = []
+        for r in self.ratios:
+            e = (x3 - quant_dynamic(x3, self.bits, self.symmetric, self.dims, r)).flatten(0, 1)
+            errs.append(((e @ gram) * e).sum() if gram is not None else (e @ w.t()).pow(2).sum())
+        errs = torch.stack(errs).double()
+        self.err = errs if self.err is None else self.err + errs
+
+    def best(self) -> float:
+        return self.ratios[int(torch.argmin(self.err))]
+
+
+def search_act_clips(model: nn.Module, targets: list[Target], ids: torch.Tensor, config: QuantConfig,
+                     prefix: int, batch_size: int = 4, progress: bool = False) -> dict[str, float]:
+    """Name -> clip ratio of each target's (dynamic) activation quantizer: among ``a_clip x`` the
+    :data:`A_SEARCH_RATIOS`, the one of least output error of the linears reading that input (one ratio per
+    layer and input position, so q/k/v and gate/up share it), on ``ids``, observed on the model as it is."""
+    groups: dict[object, list[Target]] = {}
+    for t in targets:
+        groups.setdefault((t.layer, t.input_position) if t.layer is not None else t.name, []).append(t)
+    shape = registry(model).batch
+    observers = {key: _ClipObserver(group, config, prefix, shape) for key, group in groups.items()}
+
+    def declare(hooks) -> None:
+        for key, group in groups.items():
+            hooks.pre(group[0].module, observers[key])
+
+    with installed(model, FunctionEntry("quant.clip_search", ORDER["probe"], declare)):
+        run(model, ids, batch_size, progress=progress, description="searching activation clips")
+    out = {}
+    for key, group in groups.items():
+        if observers[key].err is None:
+            raise QuantConfigError(f"{group[0].name} saw no input during the activation clip search")
+        out.update({t.name: observers[key].best() for t in group})
+    return out
+
+
 # -- the plan and the installed state ------------------------------------------------------------------------
 
 
@@ -294,7 +354,7 @@ class PlanWeights(Mapping):
             return held
         c = self.config
         return quant_weight(self._targets[name].weight_view().detach(), c.w_bits, c.symmetric, c.w_granularity,
-                            c.group_size, c.w_clip, c.w_grid)
+                            c.group_size, c.w_clip, c.w_grid, c.w_clip_search)
 
     def __contains__(self, name) -> bool:
         return name in self._targets
@@ -371,7 +431,8 @@ class QuantState(Entry):
         if plan.embedding is not None:
             c, emb = self.config, plan.embedding
             out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric,
-                                                  "channel", c.group_size, c.w_clip, c.w_grid)))
+                                                  "channel", c.group_size, c.w_clip, c.w_grid,
+                                                  c.w_clip_search)))
         return out
 
     def attach(self, model: nn.Module, hooks, reg) -> None:
@@ -477,8 +538,14 @@ def prepare(model: nn.Module, config: QuantConfig | str, calib=None, *, batch_si
             ids = _calib_ids(calib, config)[: config.a_calib_samples]
             plan.acts = calibrate_static(model, targets, ids, config, prefix, batch_size, progress)
         else:
+            clips = {}
+            if config.a_clip_search:
+                ids = _calib_ids(calib, config)[: config.a_calib_samples]
+                clips = search_act_clips(model, targets, ids, config, prefix, batch_size, progress)
+                plan.info["a_clips"] = {"min": min(clips.values()), "max": max(clips.values()),
+                                        "mean": sum(clips.values()) / len(clips)}
             plan.acts = {t.name: ActQuantizer(config.a_bits, config.symmetric, config.a_granularity,
-                                              config.a_clip, prefix) for t in targets}
+                                              clips.get(t.name, config.a_clip), prefix) for t in targets}
     plan.info["activations_s"] = time.perf_counter() - t1
     if config.quantizes_kv:
         plan.kv = kvmod.KVQuantizer(config.kv_bits, config.kv_symmetric, config.kv_clip, prefix)

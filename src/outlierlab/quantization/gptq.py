@@ -44,18 +44,19 @@ from torch import nn
 from ..errors import OutlierlabError
 from ..runtime import ORDER, FunctionEntry, input_device, installed, registry, run
 from ..tracing.hooks import _first_tensor
-from .quantizers import fake_quant, qparams
+from .quantizers import fake_quant, weight_qparams
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool = True,
                   granularity: str = "channel", group_size: int = 128, clip: float = 1.0, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, static_groups: bool = False,
-                  grid: str = "restricted") -> torch.Tensor:
+                  grid: str = "restricted", clip_search: bool = False) -> torch.Tensor:
     """Quantize ``W [out, in]`` with the GPTQ procedure given the input Hessian ``H [in, in]``.
 
     Returns the dequantized weight (float32, same shape). ``granularity``: ``channel``, ``group`` or ``tensor``;
-    ``grid``: the symmetric grid (``restricted`` or ``full``).
+    ``grid``: the symmetric grid (``restricted`` or ``full``); ``clip_search``: each scale's clip ratio searched
+    (:func:`.quantizers.searched_qparams`) on the weights it is computed from.
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()  # the caller's H is left as it is (one Hessian serves q, k and v)
@@ -67,7 +68,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, symmetric: bool =
     W[:, dead] = 0.0
 
     def params(w, dims=-1):
-        return qparams(w, bits, symmetric, dims, clip, grid)
+        return weight_qparams(w, bits, symmetric, dims, clip, grid, clip_search)
 
     # scales that do not depend on the order of the columns
     if granularity == "tensor":
@@ -366,7 +367,8 @@ def _quantize_group(group, acc: HessianAccumulator, config, keep, swapped: list,
         with torch.inference_mode(False):  # plain tensors, usable with autograd later
             q = gptq_quantize(weight, acc.H, config.w_bits, config.symmetric, config.w_granularity,
                               config.group_size, config.w_clip, config.gptq_damp, config.gptq_block,
-                              config.gptq_act_order, config.gptq_static_groups, config.w_grid)
+                              config.gptq_act_order, config.gptq_static_groups, config.w_grid,
+                              config.w_clip_search)
         q = q.to(t.module.weight.dtype)
         swapped.append((t.module, t.module.weight.data))
         t.module.weight.data = t.to_storage(q)

@@ -15,6 +15,9 @@ Conventions (documented in docs/quantization.md):
   ``zero = round(-lo / scale)``; ``x_hat = (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``.
 - Every value inside the quantization range comes back within half a step (``scale / 2``); values outside
   it (clipped) saturate at the range ends. Quantizing twice with the same scale is the identity.
+- **Clip search** (``search=True``, weights): per slice, the ratio ``clip x (1 - i / 100)``, ``i = 0..79``, whose
+  rounded slice has the smallest ``sum |x - x_hat|^2.4`` (the search of the GPTQ reference code, which QuaRot
+  uses for its weights); the ratio 1 is a candidate, so the error is never above the unsearched one.
 - Rounding is round-half-to-even (``torch.round``). Scales never go below ``EPS`` (an all-zero slice stays 0).
 - The arithmetic runs in float32 whatever the input dtype and returns the input dtype.
 """
@@ -95,6 +98,41 @@ def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[i
     return asym_params(x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True), bits, clip)
 
 
+#: the weight clip search (module docstring): ratios ``1 - i * SEARCH_STEP`` for ``i < SEARCH_STEPS``, error norm
+SEARCH_STEPS, SEARCH_STEP, SEARCH_NORM = 80, 0.01, 2.4
+
+
+def searched_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
+                     dims: Sequence[int] | int | None = -1, clip: float = 1.0, grid: str = "restricted"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero)`` like :func:`qparams`, with each slice's clip ratio searched (module docstring)."""
+    if dims is None:
+        dims = tuple(range(x.dim()))
+    elif isinstance(dims, int):
+        dims = (dims,)
+    xf = x.float()
+    best = best_err = None
+    for i in range(SEARCH_STEPS):
+        scale, zero = qparams(xf, bits, symmetric, dims, clip * (1 - i * SEARCH_STEP), grid)
+        err = (fake_quant(xf, scale, zero, bits, grid) - xf).abs_().pow_(SEARCH_NORM).sum(dim=dims, keepdim=True)
+        if best is None:
+            best, best_err = [scale, zero], err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[0] = torch.where(better, scale, best[0])
+        if zero is not None:
+            best[1] = torch.where(better, zero, best[1])
+    return best[0], best[1]
+
+
+def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = -1,
+                   clip: float = 1.0, grid: str = "restricted", search: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight quantizer's ``(scale, zero)`` per slice: min-max times ``clip``, or searched (``search``)."""
+    return (searched_qparams if search else qparams)(w, bits, symmetric, dims, clip, grid)
+
+
 # -- fake quantization ---------------------------------------------------------------------------------------
 
 
@@ -152,20 +190,29 @@ def quant_dynamic(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequ
     return _quant_dynamic_eager(x, bits, symmetric, dims, clip, grid)
 
 
+def _quant_slices(x: torch.Tensor, bits: int, symmetric: bool, dims, clip: float, grid: str,
+                  search: bool) -> torch.Tensor:
+    if not search:
+        return quant_dynamic(x, bits, symmetric, dims, clip, grid)
+    scale, zero = searched_qparams(x, bits, symmetric, dims, clip, grid)
+    return fake_quant(x, scale, zero, bits, grid)
+
+
 def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "channel",
-                 group_size: int = 128, clip: float = 1.0, grid: str = "restricted") -> torch.Tensor:
+                 group_size: int = 128, clip: float = 1.0, grid: str = "restricted",
+                 search: bool = False) -> torch.Tensor:
     """Fake-quantize (round to nearest) a weight stored ``[out_features, in_features]``.
 
     ``channel``: one scale per output row; ``group``: one per row and per run of ``group_size`` consecutive
     input columns (a last, shorter group when ``in_features`` is not a multiple); ``tensor``: one scale.
-    ``grid``: the symmetric grid (``restricted`` or ``full``).
+    ``grid``: the symmetric grid (``restricted`` or ``full``); ``search``: each slice's clip ratio searched.
     """
     if w.dim() != 2:
         raise ValueError(f"quant_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
     if granularity == "tensor":
-        return quant_dynamic(w, bits, symmetric, None, clip, grid)
+        return _quant_slices(w, bits, symmetric, None, clip, grid, search)
     if granularity == "channel":
-        return quant_dynamic(w, bits, symmetric, -1, clip, grid)
+        return _quant_slices(w, bits, symmetric, -1, clip, grid, search)
     if granularity != "group":
         raise ValueError(f"unknown weight granularity {granularity!r}")
     if group_size <= 0:
@@ -175,8 +222,8 @@ def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity
     parts = []
     if full:
         g = w[:, :full].reshape(out_f, full // group_size, group_size)
-        parts.append(quant_dynamic(g, bits, symmetric, -1, clip, grid).reshape(out_f, full))
+        parts.append(_quant_slices(g, bits, symmetric, -1, clip, grid, search).reshape(out_f, full))
     if full < in_f:
-        parts.append(quant_dynamic(w[:, full:], bits, symmetric, -1, clip, grid))
+        parts.append(_quant_slices(w[:, full:], bits, symmetric, -1, clip, grid, search))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
