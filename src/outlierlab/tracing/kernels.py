@@ -63,9 +63,9 @@ BLOCK_M = 16  # channels per median program
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _scratch(shape: tuple, device: torch.device, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A buffer reused by every update on ``device`` (updates run in stream order, each consumes its scratch
-    before the next one writes it)."""
+def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer reused by every update on ``device`` that asks for the same ``slot`` (updates run in stream
+    order, each consumes its scratch before the next one writes it; the CPU path's slot names its thread)."""
     # a buffer made under inference mode cannot be written by torch ops outside it (topk's out=)
     key = (shape, device, slot, torch.is_inference_mode_enabled())
     buf = _SCRATCH.get(key)
@@ -134,11 +134,11 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
     g = _geometry(batch, seq_len, channels, top_k)
     i64 = {"device": device, "dtype": torch.int64}
     if fresh:
-        bufs = {"tokmax": _scratch((seq_len,), device, 0), "part": _scratch((2, g["n_main"], channels), device, 1),
-                "tok_val": _scratch((g["KT"],), device, 3), "tok_idx": _scratch((g["KT"],), device, 4, torch.int64),
-                "top_idx": _scratch((g["TOP"],), device, 5, torch.int64)}
+        bufs = {"tokmax": scratch((seq_len,), device, 0), "part": scratch((2, g["n_main"], channels), device, 1),
+                "tok_val": scratch((g["KT"],), device, 3), "tok_idx": scratch((g["KT"],), device, 4, torch.int64),
+                "top_idx": scratch((g["TOP"],), device, 5, torch.int64)}
         bufs["keys"] = (torch.empty(g["n_cand"] * g["TOP"], **i64) if g["n_cand"] == 1
-                        else _scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64))
+                        else scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64))
         bufs["top"] = torch.empty(g["TOP"], **i64)
     else:
         f32 = {"device": device, "dtype": torch.float32}

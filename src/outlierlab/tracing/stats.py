@@ -48,9 +48,9 @@ class StatsConfig:
     #: how an update runs: "triton" (two hand-written Triton kernels, see tracing/kernels.py; on a CPU tensor
     #: Triton's interpreter runs them, for tests), "graphs" (the same kernels captured once per tensor layout
     #: as a CUDA graph and replayed, CUDA only), "never" (eager torch ops), "fused" (torch.compile), "auto"
-    #: (graphs on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40 small eager ops per position per forward make
-    #: tracing launch-bound, and the compiled graph still costs ~0.7 ms of host time per update
-    #: (bench/RESULTS.md).
+    #: (graphs on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40
+    #: small eager ops per position per forward make tracing launch-bound, and the compiled graph still
+    #: costs ~0.7 ms of host time per update (bench/RESULTS.md).
     compile: str = "auto"
 
     @property
@@ -142,21 +142,6 @@ def _update_math(x, max_state, sum_state, rows_idx, elem_idx, batch: int, seq_le
     new_max = torch.maximum(max_state, torch.cat([chan_max, tok.amax(0)]))
     new_sum = sum_state + torch.cat([chan_sum, tok.sum(0), med, hist]).double()
     return new_max, new_sum, vals, x[rows, cols].float(), rows, cols
-
-
-_WORK: dict[tuple, torch.Tensor] = {}
-
-
-def _workspace(shape: tuple, device: torch.device) -> torch.Tensor:
-    """An fp32 scratch buffer of ``shape``, shared by the eager updates of one thread (they never overlap)."""
-    # a buffer made under inference mode cannot be written outside it (and the reverse costs nothing to keep apart)
-    key = (shape, str(device), threading.get_ident(), torch.is_inference_mode_enabled())
-    buf = _WORK.get(key)
-    if buf is None:
-        if len(_WORK) > 8:
-            _WORK.clear()
-        buf = _WORK[key] = torch.empty(shape, device=device, dtype=torch.float32)
-    return buf
 
 
 _COMPILED: dict[str, object] = {}
@@ -323,7 +308,8 @@ class PositionStats:
             return
         fn = update_fn(x.device, "fused" if mode in ("triton", "graphs") else mode)
         host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
-        eager = (self._floor, _workspace(tuple(x.shape), x.device)) if host else ()
+        # |x| into a buffer shared by the eager updates of one thread (they never overlap)
+        eager = (self._floor, kernels.scratch(tuple(x.shape), x.device, ("abs", threading.get_ident()))) if host else ()
         self.max_state, self.sum_state, vals, signed, r, ch = fn(
             x, self.max_state, self.sum_state, rows_idx, elem_idx, batch, seq_len, k_rows, kk,
             min(c.top_k * batch, kk * channels), float(c.log2_min), float(c.log2_max), c.n_bins, *eager)
