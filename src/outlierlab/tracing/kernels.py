@@ -139,7 +139,8 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
                 "top_idx": scratch((g["TOP"],), device, 5, torch.int64)}
         bufs["keys"] = (torch.empty(g["n_cand"] * g["TOP"], **i64) if g["n_cand"] == 1
                         else scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64))
-        bufs["top"] = torch.empty(g["TOP"], **i64)
+        if g["n_cand"] > 1:  # the update's own output (with one candidate program, `keys` is)
+            bufs["top"] = torch.empty(g["TOP"], **i64)
     else:
         f32 = {"device": device, "dtype": torch.float32}
         bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_main"], channels, **f32),
