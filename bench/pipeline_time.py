@@ -7,19 +7,56 @@ accelerator memory, for one model on one device.
 
 Prints a line as each stage starts (elapsed time, the stages done so far: what a run killed by a time limit
 leaves), one line per stage and a summary line at the end (JSON with ``--json``). The time before the first
-stage is the model's build / load and the data.
+stage is the model's build / load and the data. ``--stacks FILE`` samples the main thread's Python stack every
+0.2 s and keeps FILE updated with the most frequent stacks (innermost last), so a run stopped by a time limit
+still says where its time went.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import collections
 import resource
+import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
+
+
+def sample_stacks(path: str, every: float = 0.2, write_every: float = 5.0) -> None:
+    """Start a daemon thread that counts the main thread's stacks and rewrites ``path`` with the top ones."""
+    main_id = threading.main_thread().ident
+    counts: collections.Counter = collections.Counter()  # whole stacks
+    inclusive: collections.Counter = collections.Counter()  # outlierlab functions anywhere on the stack
+
+    def sample() -> None:
+        frame = sys._current_frames().get(main_id)
+        stack = traceback.extract_stack(frame) if frame is not None else []
+        keep = [f for f in stack if any(k in f.filename for k in ("outlierlab", "/torch/", "accelerate",
+                                                                  "transformers", "safetensors"))]
+        counts[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(keep[-10:]))] += 1
+        inclusive.update({f"{Path(f.filename).name}:{f.name}" for f in stack if "outlierlab" in f.filename})
+
+    def loop() -> None:
+        last = time.monotonic()
+        while True:
+            time.sleep(every)
+            sample()
+            if time.monotonic() - last > write_every:
+                last = time.monotonic()
+                total = sum(counts.values())
+                lines = [f"{total} samples every {every} s", "-- outlierlab functions, inclusive:"]
+                lines += [f"{n:6d} {100 * n / total:5.1f}%  {s}" for s, n in inclusive.most_common(60)]
+                lines += ["-- stacks (innermost first):"]
+                lines += [f"{n:6d} {100 * n / total:5.1f}%  {s}" for s, n in counts.most_common(40)]
+                Path(path).write_text("\n".join(lines) + "\n")
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def main() -> None:
@@ -33,7 +70,10 @@ def main() -> None:
     ap.add_argument("--max-memory", default=None, help="accelerate placement budget, e.g. 0=12GiB,cpu=100GiB")
     ap.add_argument("--memory-fraction-gib", type=float, default=None,
                     help="cap this process's GPU allocations (torch.cuda.set_per_process_memory_fraction)")
+    ap.add_argument("--stacks", default=None, help="sample the main thread's stacks into this file")
     args = ap.parse_args()
+    if args.stacks:
+        sample_stacks(args.stacks)
 
     from dataclasses import replace
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,17 +86,27 @@ def text_chunks(text: str, limit: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def tokenize_text(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens, tokenized chunk by chunk and concatenated."""
-    chunks = text_chunks(text)
-    if not chunks:
-        return []
-    # verbose=False: pieces are longer than the model's context on purpose; no "too long" warning
-    enc = tokenizer(chunks, add_special_tokens=False, verbose=False)
-    ids: list[int] = []
-    for part in enc["input_ids"]:
-        ids.extend(int(i) for i in part)
-    return ids
+#: per tokenizer object, the token streams of the texts it tokenized (a run cuts calibration and evaluation
+#: windows of the same corpus several times; the corpus is tokenized once)
+_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids (int64) of ``text`` without special tokens, tokenized chunk by chunk and concatenated;
+    remembered per tokenizer object and text."""
+    try:
+        memo = _STREAMS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        memo = {}
+    key = (len(tokenizer), hashlib.sha256(text.encode()).hexdigest())
+    if key not in memo:
+        chunks = text_chunks(text)
+        # verbose=False: pieces are longer than the model's context on purpose; no "too long" warning
+        parts = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"] if chunks else []
+        if len(memo) >= 4:  # a few texts per tokenizer (calibration and evaluation splits)
+            memo.pop(next(iter(memo)))
+        memo[key] = torch.tensor([i for part in parts for i in part], dtype=torch.long)
+    return memo[key]
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -163,7 +175,7 @@ def make_windows(tokenizer, config: DataConfig, text: str | None = None, max_pos
     else:
         picked = list(range(config.n_samples))
     starts = tuple(i * body for i in picked)
-    data = torch.tensor([stream[s : s + body] for s in starts], dtype=torch.long)
+    data = torch.stack([stream[s : s + body] for s in starts])
     if use_bos:
         data = torch.cat([torch.full((len(starts), 1), int(bos_id), dtype=torch.long), data], dim=1)
     return Windows(
