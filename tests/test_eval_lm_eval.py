@@ -117,3 +117,30 @@ def test_cli_lm_eval(tmp_path, tiny_folder, cache):
     assert doc["quant"]["name"] == "w8a8-token" and 0 <= doc["results"]["outlierlab_cli"]["acc,none"] <= 1
     bad = CliRunner().invoke(app, args[:2] + ["nope"] + args[3:])
     assert bad.exit_code == 2 and "unknown lm_eval task" in bad.output
+
+
+def test_an_offloaded_model_is_scored_in_place_and_given_back(loaded):
+    """A model accelerate offloaded is not deep-copied: mitigated and quantized in place, it scores as the
+    in-memory copy does, and ``close()`` gives every original weight back."""
+    from accelerate import cpu_offload
+
+    from outlierlab.evaluation.lm_eval import OutlierlabLM
+    from outlierlab.runtime import offload
+
+    reqs = [_Req("w5 w6 w7", " w8 w9"), _Req("w10 ", "w11")]
+    ref = OutlierlabLM(model=loaded, methods="smoothquant", quant="w8a8-tensor", calib_samples=2, seq_len=32)
+    want = ref.loglikelihood(reqs)
+    off = cpu_offload(loaded.model, execution_device=torch.device("cpu"))
+    with offload.writable(off, write_back=False):
+        before = {k: v.detach().clone() for k, v in off.state_dict().items()}
+    lm = OutlierlabLM(model=off, tokenizer=loaded.tokenizer, methods="smoothquant", quant="w8a8-tensor",
+                      calib_samples=2, seq_len=32)
+    assert lm.model is off and lm._journal is not None
+    got = lm.loglikelihood(reqs)
+    with offload.writable(off, write_back=False):  # quantized in its store
+        assert any(not torch.equal(before[k], v) for k, v in off.state_dict().items())
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    lm.close()
+    with offload.writable(off, write_back=False):
+        assert all(torch.equal(before[k], v) for k, v in off.state_dict().items())

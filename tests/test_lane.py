@@ -313,3 +313,39 @@ def test_lm_eval(lane_device, lane_dtype, tokenizer, text_file):
     pairs = [([BOS, 5, 6], [7, 8]), ([BOS, 9], [10])]
     scores = lm._score(pairs)
     assert all(math.isfinite(s) for s, _ in scores)
+
+
+@pytest.mark.parametrize("placement", ["resident", "offloaded"])
+@pytest.mark.parametrize("store", ["auto", "cpu", "disk"])
+def test_quant_install_is_undone_bit_for_bit_from_every_store(placement, store, lane_device, lane_dtype):
+    """Installing a quantization swaps weights (resident ones that may stay, entries of a host offload store)
+    or journals them; either way ``remove()`` leaves the same objects and bits, and the quantized model's
+    logits do not depend on where the originals waited."""
+    from accelerate import cpu_offload
+
+    from outlierlab.quantization import prepare
+    from outlierlab.runtime import offload
+
+    model = planted("llama").to(lane_device, DTYPES[lane_dtype])
+    ids = windows(model).to(lane_device)
+    if placement == "offloaded":  # every weight in a host state dict, run on the lane device
+        model = cpu_offload(model.cpu(), execution_device=torch.device(lane_device))
+    params = [id(p) for p in model.parameters()]
+    with offload.writable(model, write_back=False):
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = call(model, ids).logits
+    plan = prepare(model, "w4a8", ids)
+    with plan.install(model, store=store) as state:
+        quantized = call(model, ids).logits
+        journaled = state._journal is not None and bool(state._journal._slots)
+    assert not torch.equal(quantized, ref)
+    # a host or offloaded weight is always swapped; one on the GPU when "auto" finds room (tiny: it does)
+    assert journaled == (store == "disk" or (store == "cpu" and lane_device != "cpu" and placement == "resident"))
+    if placement == "resident":  # (accelerate re-creates an offloaded module's meta tensors at every forward)
+        assert [id(p) for p in model.parameters()] == params
+    with offload.writable(model, write_back=False):
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(call(model, ids).logits, ref)
+    with plan.install(model, store="disk"):  # the same numbers whatever the store
+        assert torch.equal(call(model, ids).logits, quantized)

@@ -71,11 +71,27 @@ def test_every_mitigation_mode_on_an_offloaded_model_equals_in_memory(family, st
     assert offload.is_offloaded(off) and any(p.device.type == "meta" for p in off.parameters())
     ids = random_windows(ref_model, 2, 16)
     ids[:, 0] = 1  # the planted MA's token
-    before, ref_logits = _weights(off), _logits(off, ids)
+    ref_logits = _logits(off, ids)
     assert torch.equal(ref_logits, _logits(ref_model, ids))
-    n_applied = 0
+
+    def same(name, a, b):
+        assert _untimed(b.applied[0]["info"]) == _untimed(a.applied[0]["info"]), name
+        torch.testing.assert_close(_logits(off, ids), _logits(ref_model, ids), rtol=0, atol=0, msg=name)
+        edited, expected = _weights(off), {k: v for k, v in ref_model.state_dict().items()}
+        assert all(torch.equal(edited[k], expected[k]) for k in expected), name  # the store holds the edits
+
+    assert _every_mode_on_both(ref_model, off, ids, "disk", same) >= 15
+    assert all(p.device.type == "meta" for n, p in off.named_parameters() if n in _meta_names(off))
+    assert torch.equal(_logits(off, ids), ref_logits)
+
+
+def _every_mode_on_both(ref_model, off, ids, store: str, check) -> int:
+    """Apply every mitigation mode to the model in memory and to the offloaded one (each inside a journal),
+    ``check(name, result_in_memory, result_offloaded)`` while both are mitigated; a mode refused in memory
+    is refused offloaded too; every store is restored bit for bit. Returns how many modes applied."""
+    before, n_applied = _weights(off), 0
     for name, cfg in mitigation_modes().items():
-        with WeightJournal(ref_model), WeightJournal(off, "disk"):
+        with WeightJournal(ref_model), WeightJournal(off, store):
             try:
                 a = mitigate(ref_model, [cfg], ids)
             except MitigationError:
@@ -83,18 +99,13 @@ def test_every_mitigation_mode_on_an_offloaded_model_equals_in_memory(family, st
                     mitigate(off, [cfg], ids)
                 continue
             b = mitigate(off, [cfg], ids)
-            assert _untimed(b.applied[0]["info"]) == _untimed(a.applied[0]["info"]), name
-            torch.testing.assert_close(_logits(off, ids), _logits(ref_model, ids), rtol=0, atol=0, msg=name)
-            edited, expected = _weights(off), {k: v for k, v in ref_model.state_dict().items()}
-            assert all(torch.equal(edited[k], expected[k]) for k in expected), name  # the store holds the edits
+            check(name, a, b)
             a.remove()
             b.remove()
             n_applied += 1
         after = _weights(off)
         assert all(torch.equal(after[k], before[k]) for k in before), name  # undone bit for bit
-        assert all(p.device.type == "meta" for n, p in off.named_parameters() if n in _meta_names(off)), name
-    assert n_applied >= 15
-    assert torch.equal(_logits(off, ids), ref_logits)
+    return n_applied
 
 
 def _untimed(info):
@@ -321,26 +332,16 @@ def test_offloaded_weights_stream_to_the_lane_device(lane_device, tmp_path):
     ids = random_windows(ref_model, 2, 16).to(device)
     ids[:, 0] = 1
     tol = {} if device.type == "cpu" else {"rtol": 1e-4, "atol": 1e-4}
-    before, ref_logits = _weights(off), _logits(off, ids)
+    ref_logits = _logits(off, ids)
     torch.testing.assert_close(ref_logits, _logits(ref_model, ids), **(tol or {"rtol": 0, "atol": 0}))
-    n_applied = 0
-    for name, cfg in mitigation_modes().items():
-        with WeightJournal(ref_model), WeightJournal(off, "cpu"):
-            try:
-                a = mitigate(ref_model, [cfg], ids)
-            except MitigationError:
-                continue
-            b = mitigate(off, [cfg], ids)
-            scale = float(_logits(ref_model, ids).abs().max())
-            torch.testing.assert_close(_logits(off, ids), _logits(ref_model, ids), msg=name,
-                                       **({"rtol": 0, "atol": 0} if not tol else
-                                          {"rtol": tol["rtol"], "atol": tol["atol"] * scale}))
-            a.remove()
-            b.remove()
-            n_applied += 1
-        after = _weights(off)
-        assert all(torch.equal(after[k], before[k]) for k in before), name
-    assert n_applied >= 15
+
+    def close(name, a, b):
+        scale = float(_logits(ref_model, ids).abs().max())
+        torch.testing.assert_close(_logits(off, ids), _logits(ref_model, ids), msg=name,
+                                   **({"rtol": 0, "atol": 0} if not tol else
+                                      {"rtol": tol["rtol"], "atol": tol["atol"] * scale}))
+
+    assert _every_mode_on_both(ref_model, off, ids, "cpu", close) >= 15
     cfg = ExplainConfig(max_ablations=3)
     a, b = explain(ref_model, ids, cfg).to_json(), explain(off, ids, cfg).to_json()
     assert a["massive_activations"] and a["otcs"]

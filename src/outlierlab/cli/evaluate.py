@@ -122,6 +122,7 @@ def lm_eval_cmd(
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    max_memory: str = MaxMemoryOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Score a mitigated, fake-quantized model on lm-evaluation-harness tasks -> lm_eval.json (needs the eval extra: lm_eval)."""
@@ -145,7 +146,7 @@ def lm_eval_cmd(
         raise OutlierlabError(f"unknown lm_eval task(s) {', '.join(unknown)}; pass --include-path with their YAML")
     with err.status("loading, mitigating and quantizing the model"):
         lm = OutlierlabLM(model=model, methods=method, quant=quant, calib_samples=calib_samples,
-                          batch_size=batch_size, device=device, dtype=dtype)
+                          batch_size=batch_size, device=device, dtype=dtype, max_memory=max_memory)
     res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
     results = res["results"] if res else {}

@@ -61,8 +61,9 @@ class CompareConfig:
     sqnr: bool = False
     sqnr_samples: int = 4
     #: where the original weights wait while a method's cells run and while a cell quantizes them, and where
-    #: GPTQ's results wait until installed: "cpu" (one host copy) or "disk"
-    journal: str = "cpu"
+    #: GPTQ's results wait until installed: "auto" (beside the weights on an accelerator that has room for
+    #: them, else on the host), "cpu" (one host copy) or "disk"
+    journal: str = "auto"
 
 
 @dataclass

@@ -12,7 +12,10 @@ or from the command line: ``outlierlab lm-eval --tasks my_task --include-path DI
 --quant w8a8-tensor``. :func:`register` adds the model name ``outlierlab`` to lm_eval's registry
 (``lm_eval.simple_evaluate(model="outlierlab", model_args="model=...,methods=...,quant=...")``).
 
-What the wrapper does: loads the model (or deep-copies a given one: the caller's model is never changed),
+What the wrapper does: loads the model (``max_memory`` places it with accelerate, offloading what does not fit)
+or takes a given one, which it deep-copies (the caller's model is never changed) unless ``in_place`` (the default
+for a model that accelerate dispatched, which no deep copy can hold): then the originals wait in a
+:class:`~outlierlab.runtime.journal.WeightJournal` and :meth:`OutlierlabLM.close` gives the model back as it was,
 applies ``outlierlab.mitigation.mitigate(methods)`` and ``outlierlab.quantization.quantize_(quant)`` with
 calibration windows from ``calib`` (``brown:calib`` by default, only built when a method or the quantization
 needs them), then answers:
@@ -36,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OutlierlabError
-from ..runtime import call, input_device
+from ..runtime import call, input_device, offload
+from ..runtime.journal import WeightJournal
 
 try:  # optional dependency
     from lm_eval.api.model import LM as _LMBase
@@ -68,7 +72,8 @@ class OutlierlabLM(_LMBase):
     def __init__(self, model: Any = "smollm2-135m", methods: Any = "none", quant: Any = "fp",
                  tokenizer=None, calib: Any = "brown:calib", calib_samples: int = 16, seq_len: int = 512,
                  batch_size: int | str = 4, max_length: int | None = None, max_gen_toks: int = 256,
-                 device: str = "cpu", dtype: str = "float32", **_ignored) -> None:
+                 device: str = "cpu", dtype: str = "float32", max_memory: str | None = None,
+                 in_place: bool | None = None, **_ignored) -> None:
         if not HAVE_LM_EVAL:
             raise OutlierlabError(INSTALL_HINT)
         super().__init__()
@@ -78,16 +83,23 @@ class OutlierlabLM(_LMBase):
         from ..models.loader import LoadedModel, load_model, max_positions
         from ..quantization import get_quant, quantize_
 
-        if isinstance(model, LoadedModel):
-            lm = LoadedModel(copy.deepcopy(model.model), model.tokenizer, model.source, model.device, model.dtype,
-                             dict(model.info))
-        elif isinstance(model, torch.nn.Module):
-            if tokenizer is None:
+        self._journal = None
+        if isinstance(model, (LoadedModel, torch.nn.Module)):
+            module = model.model if isinstance(model, LoadedModel) else model
+            if in_place is None:
+                in_place = offload.is_offloaded(module) or len(set(getattr(module, "hf_device_map", {}).values())) > 1
+            if in_place:
+                self._journal = WeightJournal(module).__enter__()
+            else:
+                module = copy.deepcopy(module)
+            if isinstance(model, LoadedModel):
+                lm = LoadedModel(module, model.tokenizer, model.source, model.device, model.dtype, dict(model.info))
+            elif tokenizer is None:
                 raise OutlierlabError("OutlierlabLM(model=<nn.Module>) needs tokenizer=")
-            lm = LoadedModel(copy.deepcopy(model), tokenizer, None, input_device(model),
-                             next(model.parameters()).dtype, {})
+            else:
+                lm = LoadedModel(module, tokenizer, None, input_device(module), next(module.parameters()).dtype, {})
         else:
-            lm = load_model(str(model), str(device), str(dtype))
+            lm = load_model(str(model), str(device), str(dtype), max_memory=max_memory)
         self.lm = lm
         self.model = lm.model.eval()
         self.tokenizer = lm.tokenizer
@@ -101,8 +113,13 @@ class OutlierlabLM(_LMBase):
         if self.methods or self.quant.needs_calibration:
             cfg = DataConfig(source=str(calib), seq_len=int(seq_len), n_samples=int(calib_samples))
             calib_windows = as_windows(cfg, lm)
-        self.mitigation = mitigate(self.model, self.methods, calib_windows, self.tokenizer)
-        self.state = quantize_(self.model, self.quant, calib_windows, restore=False)
+        try:
+            self.mitigation = mitigate(self.model, self.methods, calib_windows, self.tokenizer)
+            self.state = quantize_(self.model, self.quant, calib_windows, restore=False)  # the journal restores
+        except BaseException:
+            if self._journal is not None:
+                self._journal.__exit__(None, None, None)
+            raise
         self._device = input_device(self.model)
         tok = self.tokenizer
         self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -215,9 +232,13 @@ class OutlierlabLM(_LMBase):
         return out
 
     def close(self) -> None:
-        """Remove the runtime parts (hooks, attention wrapper); the quantized weights stay."""
+        """Remove the runtime parts (hooks, attention wrapper); the quantized weights stay, except on a model
+        changed in place, which gets its original weights back."""
         self.state.remove()
         self.mitigation.remove()
+        if self._journal is not None:
+            self._journal.__exit__(None, None, None)
+            self._journal = None
 
 
 def register() -> None:

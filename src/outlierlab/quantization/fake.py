@@ -11,11 +11,15 @@ Two steps, as in torchao's prepare/convert:
   bit-identical to before. ``restore=False`` keeps no originals (the weights stay quantized).
 
 Memory: a cell holds one model. The plan keeps no RTN weights (they are computed from the module's weight when
-installed or read, one linear at a time) and keeps GPTQ's results on the host; installing writes the quantized
-values *into* the existing weights, after a :class:`~outlierlab.runtime.journal.WeightJournal` of the target
-linears took their originals to the host (``store="cpu"``) or to disk (``store="disk"``). A weight tied to
-another module (an lm_head sharing the embedding) is replaced by a new Parameter instead, so the tie partner keeps
-its values. Weights that accelerate offloaded are written into its store (:mod:`outlierlab.runtime.offload`).
+installed or read, one linear at a time, on the device the module runs on) and keeps GPTQ's results on the host.
+Installing *swaps* a target's weight for a new tensor of quantized values and keeps the original object, to be put
+back as it is (no copy either way), where the original may stay: a weight on the host, an offloaded weight in a
+host store, and (``store="auto"``, the default) a weight on an accelerator that has room for the new tensor
+(:class:`~outlierlab.runtime.journal.DeviceRoom`). Every other target gets the quantized values written *into*
+its weight after a :class:`~outlierlab.runtime.journal.WeightJournal` took its original to the host
+(``"auto"``, ``"cpu"``) or to disk (``"disk"``); offloaded weights are written into accelerate's store
+(:mod:`outlierlab.runtime.offload`). A weight tied to another module (an lm_head sharing the embedding) is always
+swapped, so the tie partner keeps its values.
 
 :func:`quantize_` does both. Targets: the linears that the architecture adapter declares (``linears()``) in every
 decoder layer; GPT-2's ``Conv1D`` weights (stored ``[in, out]``) are quantized per output column, like the
@@ -50,7 +54,7 @@ from ..runtime import (
     registry,
     run,
 )
-from ..runtime.journal import WeightJournal
+from ..runtime.journal import STORES, DeviceRoom, WeightJournal
 from . import kv as kvmod
 from .config import QuantConfig, QuantConfigError, get_quant
 from .quantizers import (
@@ -320,9 +324,9 @@ class PlanWeights(Mapping):
     (``store="cpu"``) or in temporary files, one per tensor, read back one at a time (``"disk"``); RTN computed
     from the target's current weight when read (nothing held)."""
 
-    def __init__(self, config: QuantConfig, targets: list[Target], store: str = "cpu") -> None:
-        if store not in ("cpu", "disk"):
-            raise ValueError(f"store must be 'cpu' or 'disk', not {store!r}")
+    def __init__(self, config: QuantConfig, targets: list[Target], store: str = "auto") -> None:
+        if store not in STORES:
+            raise ValueError(f"store must be one of {', '.join(STORES)}, not {store!r}")
         self.config, self.store = config, store
         self._targets = {t.name: t for t in targets}
         self._held: dict[str, torch.Tensor | str] = {}
@@ -330,7 +334,7 @@ class PlanWeights(Mapping):
 
     def hold(self, name: str, w: torch.Tensor) -> None:
         w = w.detach().to("cpu")
-        if self.store == "cpu":
+        if self.store != "disk":
             self._held[name] = w
             return
         import weakref
@@ -352,9 +356,11 @@ class PlanWeights(Mapping):
 
                 return load_file(held)["w"]
             return held
-        c = self.config
-        return quant_weight(self._targets[name].weight_view().detach(), c.w_bits, c.symmetric, c.w_granularity,
-                            c.group_size, c.w_clip, c.w_grid, c.w_clip_search)
+        c, target = self.config, self._targets[name]
+        w = target.weight_view().detach()
+        w = w.to(offload.execution_device(target.module) or w.device)  # an offloaded weight: on its GPU
+        return quant_weight(w, c.w_bits, c.symmetric, c.w_granularity, c.group_size, c.w_clip, c.w_grid,
+                            c.w_clip_search)
 
     def __contains__(self, name) -> bool:
         return name in self._targets
@@ -380,10 +386,10 @@ class QuantPlan:
     prefix: int = 0
     info: dict = field(default_factory=dict)
 
-    def install(self, model: nn.Module, restore: bool = True, store: str = "cpu") -> QuantState:
+    def install(self, model: nn.Module, restore: bool = True, store: str = "auto") -> QuantState:
         """Put the plan on ``model`` (the model it was prepared on), as registry entries. ``restore=False``
-        keeps no originals (the state then cannot give them back); ``store``: where the originals wait,
-        ``cpu`` (host memory) or ``disk``."""
+        keeps no originals (the state then cannot give them back); ``store``: where the originals wait (see the
+        module docstring): ``auto``, ``cpu`` or ``disk``."""
         state = QuantState(model, self.config, self, restore, store)
         reg = registry(model)
         try:
@@ -415,9 +421,10 @@ class QuantState(Entry):
     order = ORDER["quant.acts"]
 
     def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool,
-                 store: str = "cpu") -> None:
+                 store: str = "auto") -> None:
         self.model, self.config, self.plan, self.restore, self.store = model, config, plan, restore, store
-        self._originals: list[tuple[nn.Module, nn.Parameter]] = []
+        self._originals: list[tuple[nn.Module, nn.Parameter]] = []  # swapped resident weights
+        self._stored: list[tuple[dict, str, torch.Tensor]] = []  # swapped entries of offload host stores
         self._journal: WeightJournal | None = None
         self.kv_entry: Entry | None = None
         self.active = True
@@ -438,17 +445,23 @@ class QuantState(Entry):
     def attach(self, model: nn.Module, hooks, reg) -> None:
         plan = self.plan
         edits = self._weights()
-        tied = _shared(model, [m for m, _ in edits])
+        swap = self._swapped(model, [m for m, _ in edits])
         if self.restore:
-            self._journal = WeightJournal(model, self.store, modules=[m for m, _ in edits if id(m) not in tied])
+            self._journal = WeightJournal(model, "cpu" if self.store == "auto" else self.store,
+                                          modules=[m for m, _ in edits if id(m) not in swap])
             self._journal.snapshot()
         with torch.no_grad():
             for module, quantized in edits:
                 q = quantized()
-                if id(module) in tied:  # a new Parameter: the tie partner keeps its values
+                entry = swap.get(id(module))
+                if entry == "param":  # a new Parameter; the original object waits where it is
                     old = module.weight
                     module.weight = nn.Parameter(q.to(device=old.device, dtype=old.dtype), requires_grad=False)
                     self._originals.append((module, old))
+                elif entry is not None:  # a new tensor in accelerate's host store
+                    table, key, old = entry
+                    table[key] = q.to(device=old.device, dtype=old.dtype)
+                    self._stored.append(entry)
                 elif offload.hook_of(module) is not None and module.weight.device.type == "meta":
                     offload.write(module, "weight", q)
                 else:
@@ -463,10 +476,32 @@ class QuantState(Entry):
                     q.shape = reg.batch
                     hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
 
+    def _swapped(self, model: nn.Module, modules: list[nn.Module]) -> dict[int, object]:
+        """Which weights are swapped rather than journaled: ``{id(module): "param" | (table, key, tensor)}``."""
+        tied = _shared(model, modules)
+        if not self.restore:
+            return dict.fromkeys(tied, "param")
+        room = DeviceRoom() if self.store == "auto" else None
+        out: dict[int, object] = {}
+        for m in modules:
+            w = m._parameters.get("weight")
+            if id(m) in tied:
+                out[id(m)] = "param"
+            elif offload.hook_of(m) is not None and w is not None and w.device.type == "meta":
+                entry = offload.host_entry(m, "weight") if self.store != "disk" else None
+                if entry is not None:
+                    out[id(m)] = entry
+            elif w is not None and self.store != "disk" and (w.device.type == "cpu" or (room and room.take(w))):
+                out[id(m)] = "param"
+        return out
+
     def detach(self, model: nn.Module) -> None:
         while self._originals:
             module, old = self._originals.pop()
             module.weight = old
+        while self._stored:
+            table, key, old = self._stored.pop()
+            table[key] = old
         if self._journal is not None:
             self._journal.restore()
             self._journal.close()

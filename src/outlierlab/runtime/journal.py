@@ -6,8 +6,11 @@ puts them back bit for bit: ``with WeightJournal(model): mitigate(...); evaluate
 instead of a deep copy per method, so the accelerator holds one model whatever the number of methods; fake
 quantization uses one on just its target linears (``modules=``).
 
-``store="cpu"`` keeps one host copy of the weights; ``store="disk"`` writes them to temporary safetensors files,
-one tensor at a time, and reads them back one at a time (host memory stays at one tensor). Weights that
+``store="auto"`` (the default) keeps the originals of tensors on an accelerator beside them, on that device, while
+it has room for them (:class:`DeviceRoom`: a copy within the device is hundreds of times faster than one to the
+host; on a 13B model in bf16 on an H200 the host journal of one quantized cell took 14 s) and the rest on the
+host; ``store="cpu"`` keeps one host copy of everything; ``store="disk"`` writes them to temporary safetensors
+files, one tensor at a time, and reads them back one at a time (host memory stays at one tensor). Weights that
 accelerate offloaded (meta tensors whose values live in the hook's store, on the host or on disk) are read from
 that store and written back into it (:mod:`outlierlab.runtime.offload`).
 """
@@ -26,19 +29,49 @@ from typing_extensions import Self
 from . import offload
 
 
+STORES = ("auto", "cpu", "disk")
+
+
+class DeviceRoom:
+    """How many more bytes an accelerator may take for kept originals: what the allocator can still give
+    (the driver's free memory plus the allocator's unused cache, within a per-process memory fraction) less a
+    reserve for activations (``reserve`` of the device's memory, at least 2 GiB). The CPU never has room here:
+    a host tensor's original is a host copy anyway."""
+
+    def __init__(self, reserve: float = 0.15) -> None:
+        self.reserve = reserve
+        self._left: dict[torch.device, int] = {}
+
+    def take(self, t: torch.Tensor) -> bool:
+        dev = t.device
+        if dev.type != "cuda":
+            return False
+        if dev not in self._left:
+            free, total = torch.cuda.mem_get_info(dev)
+            cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            limit = total * torch.cuda.get_per_process_memory_fraction(dev) - torch.cuda.memory_allocated(dev)
+            self._left[dev] = int(min(free + cached, limit) - max(2 * 2**30, self.reserve * total))
+        n = t.numel() * t.element_size()
+        if n > self._left[dev]:
+            return False
+        self._left[dev] -= n
+        return True
+
+
 class WeightJournal:
     """Snapshot of every parameter and buffer of ``model`` (or only the direct ones of ``modules``; see the
     module docstring); ``restore()`` or the end of the ``with`` block puts them back, on every exit path."""
 
-    def __init__(self, model: nn.Module, store: str = "cpu", modules=None) -> None:
-        if store not in ("cpu", "disk"):
-            raise ValueError(f"store must be 'cpu' or 'disk', not {store!r}")
+    def __init__(self, model: nn.Module, store: str = "auto", modules=None) -> None:
+        if store not in STORES:
+            raise ValueError(f"store must be one of {', '.join(STORES)}, not {store!r}")
         self.model, self.store = model, store
         self.modules = None if modules is None else list(modules)
         self._slots: list[tuple[nn.Module, str, str, torch.Tensor | None, str]] = []  # module, name, kind, obj, key
         self._values: dict[str, torch.Tensor] = {}
         self._files: dict[str, str] = {}
         self._held: dict = {}  # key -> (table, key there, tensor) of offloaded tensors kept in host tables
+        self._room = DeviceRoom() if store == "auto" else None
         self._folder: Path | None = None
         self._config = None
         self._taken = False
@@ -89,10 +122,11 @@ class WeightJournal:
                 self._held[key] = offload.host_entry(module, name)
             self._slots.append((module, name, kind, t, key))
             value = offload.read(module, name) if t is None else t
-            self._keep(key, value.detach().to("cpu", copy=True).contiguous())
+            beside = self._room is not None and self._room.take(value)
+            self._keep(key, value.detach().to("cpu" if not beside else value.device, copy=True).contiguous())
 
     def _keep(self, key: str, value: torch.Tensor) -> None:
-        if self.store == "cpu":
+        if self.store != "disk":
             self._values[key] = value
             return
         from safetensors.torch import save_file
@@ -102,7 +136,7 @@ class WeightJournal:
         self._files[key] = path
 
     def _read(self, key: str) -> torch.Tensor:
-        if self.store == "cpu":
+        if self.store != "disk":
             return self._values[key]
         from safetensors.torch import load_file
 

@@ -39,6 +39,12 @@ def is_offloaded(model: nn.Module) -> bool:
     return any(hook_of(m) is not None for m in model.modules())
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device an offloaded module runs on (None when it is not offloaded)."""
+    hook = hook_of(module)
+    return None if hook is None else torch.device(_device_name(hook.execution_device))
+
+
 def offloaded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hook_of(m) is not None]
 
