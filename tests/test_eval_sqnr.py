@@ -96,3 +96,30 @@ def test_perplexity_protocol_and_batch_invariance():
     proto = EvalConfig().protocol()
     assert proto["source"] == "brown:eval" and proto["n_samples"] == 8 and proto["seq_len"] == 512
     assert proto["order"] == "sequential" and proto["predicted_tokens_per_window"] == 511
+
+
+def test_quantized_weights_are_built_one_linear_at_a_time():
+    """quant_error holds at most one linear's quantized weight: each is read when its linear runs and dropped."""
+    import weakref
+
+    from outlierlab.quantization import prepare
+
+    model = tiny_model("llama")
+    ids = random_windows(model, n=2, seq_len=16)
+    plan = prepare(model, "w4a8", ids)
+    inner, alive, most = plan.weights, [], [0]
+
+    class Counting(dict):
+        def __contains__(self, name):
+            return name in inner
+
+        def __getitem__(self, name):
+            w = inner[name]
+            alive.append(weakref.ref(w))
+            most[0] = max(most[0], sum(r() is not None for r in alive))
+            return w
+
+    plan.weights = Counting()
+    rep = quant_error(model, "w4a8", ids, plan=plan)
+    assert len(alive) == len(rep.rows) == len(plan.targets)  # every linear read once (one batch)
+    assert most[0] <= 2  # the one being measured (and the previous one until the collector sees it)

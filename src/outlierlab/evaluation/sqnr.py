@@ -143,9 +143,12 @@ def _token_rel(y: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
 
 
 class _Measure:
-    def __init__(self, target, w_q: torch.Tensor | None, act) -> None:
+    """One linear's error accumulator; its quantized weight is read from the plan's weights when the linear
+    runs (RTN computed then, GPTQ's brought from the host) and dropped after: one linear's copy at a time."""
+
+    def __init__(self, target, weights, act) -> None:
         self.target = target
-        self.w_q = w_q
+        self.weights = weights if weights is not None and target.name in weights else None
         self.act = act
         self.acc: torch.Tensor | None = None
 
@@ -157,10 +160,11 @@ class _Measure:
         w = self.target.weight_view()
         bias = getattr(module, "bias", None)
         xa = self.act(x) if self.act is not None else x
-        wq = self.w_q.to(w.dtype) if self.w_q is not None else w
-        y_q = nn.functional.linear(xa, wq, bias).float() if (self.act is not None or self.w_q is not None) else y
+        quantized = self.weights is not None
+        wq = self.weights[self.target.name].to(device=w.device, dtype=w.dtype) if quantized else w
+        y_q = nn.functional.linear(xa, wq, bias).float() if (self.act is not None or quantized) else y
         y_a = nn.functional.linear(xa, w, bias).float() if self.act is not None else y
-        y_w = nn.functional.linear(x, wq, bias).float() if self.w_q is not None else y
+        y_w = nn.functional.linear(x, wq, bias).float() if quantized else y
         flat = y.reshape(-1, y.shape[-1])
         dq = (y_q - y).reshape_as(flat)
         da = (y_a - y).reshape_as(flat)
@@ -209,7 +213,7 @@ def quant_error(model: nn.Module, config, calib=None, windows=None, *, batch_siz
         act = plan.acts.get(t.name)
         if act is not None:
             act.shape = shape
-        measures.append(_Measure(t, plan.weights.get(t.name), act))
+        measures.append(_Measure(t, plan.weights, act))
 
     def declare(hooks) -> None:
         for m in measures:
