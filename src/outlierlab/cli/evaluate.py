@@ -128,6 +128,7 @@ def lm_eval_cmd(
     """Score a mitigated, fake-quantized model on lm-evaluation-harness tasks -> lm_eval.json (needs the eval extra: lm_eval)."""
     from ..errors import OutlierlabError
     from ..evaluation.lm_eval import HAVE_LM_EVAL, INSTALL_HINT
+    from ..jsonsafe import jsonable
     from ..paths import atomic_write_json
 
     if not HAVE_LM_EVAL:
@@ -152,28 +153,8 @@ def lm_eval_cmd(
     results = res["results"] if res else {}
     doc = {"schema": "outlierlab.lm_eval/1", **lm.describe(), "tasks": names, "limit": limit,
            "num_fewshot": num_fewshot, "results": results, "timings": {"total_s": time.perf_counter() - t0}}
-    atomic_write_json(out_dir / "lm_eval.json", json_safe(doc))
+    atomic_write_json(out_dir / "lm_eval.json", jsonable(doc, fallback=repr))  # numpy numbers, "N/A"
     for task, metrics in results.items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         out.print(f"{task}: {shown}", highlight=False)
     out.print(f"wrote {out_dir / 'lm_eval.json'} in {time.perf_counter() - t0:.1f} s")
-
-
-def json_safe(obj):
-    """lm_eval results hold non-JSON values (numpy numbers, 'N/A', inf): make them plain."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            obj = obj.item()
-        except (TypeError, ValueError):
-            return repr(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return repr(obj)

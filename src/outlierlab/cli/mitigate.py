@@ -108,17 +108,10 @@ def build_configs(methods: str, sets: list[str]) -> list:
     return list(configs.values())
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
-
-
 def print_before_after(before: dict, after: dict, console) -> None:
     from rich.table import Table
 
+    from ..fmt import num
     from ..mitigation.measure import reduction
 
     red = reduction(before, after)
@@ -136,7 +129,7 @@ def print_before_after(before: dict, after: dict, console) -> None:
             change = f"{red[rkey]:.2f}x less" if red[rkey] >= 1 else f"{1 / red[rkey]:.2f}x more"
         if key == "ppl" and "ppl_rel" in red:
             change = f"{100 * red['ppl_rel']:+.2f}%"
-        t.add_row(label, _fmt(before.get(key)), _fmt(after.get(key)), change)
+        t.add_row(label, num(before.get(key)), num(after.get(key)), change)
     console.print(t)
     cb, ca = before.get("co_ratio") or {}, after.get("co_ratio") or {}
     if cb:
@@ -144,7 +137,7 @@ def print_before_after(before: dict, after: dict, console) -> None:
         for col in ("position", "before", "after"):
             t.add_column(col, justify="right")
         for pos in cb:
-            t.add_row(pos, _fmt(cb[pos]), _fmt(ca.get(pos)))
+            t.add_row(pos, num(cb[pos]), num(ca.get(pos)))
         console.print(t)
 
 
