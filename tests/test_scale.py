@@ -350,3 +350,26 @@ def test_offloaded_weights_stream_to_the_lane_device(lane_device, tmp_path):
         [m.get(k) for k in key] for m in a["massive_activations"]]
     assert [(o["layer"], o["role"], o["col"]) for o in b["otcs"]] == [(o["layer"], o["role"], o["col"])
                                                                    for o in a["otcs"]]
+
+
+def test_quantizing_a_disk_offloaded_weight_never_writes_its_file(tmp_path):
+    """A quantized cell points a disk-offloaded weight at a new file and back: the original ``.dat`` files keep
+    their bytes and modification times; an edit made while quantized lands in the new file, not the original."""
+    from outlierlab.quantization import prepare
+
+    off = _offloaded(_planted("llama"), "disk", tmp_path)
+    ids = random_windows(off, 2, 16)
+    files = sorted(tmp_path.rglob("*.dat"))
+    assert files
+    stamp = {f: (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files}
+    ref = _logits(off, ids)
+    plan = prepare(off, "w4a8", ids)
+    with plan.install(off) as state:
+        assert state._files  # swapped, not journaled
+        assert state._journal is None or not state._journal._slots
+        quantized = _logits(off, ids)
+        target = next(t for t in plan.targets if offload.file_entry(t.module, "weight") is not None)
+        offload.write(target.module, "weight", torch.zeros_like(offload.read(target.module, "weight")))
+    assert not torch.equal(quantized, ref)
+    assert torch.equal(_logits(off, ids), ref)
+    assert {f: (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files} == stamp

@@ -425,6 +425,8 @@ class QuantState(Entry):
         self.model, self.config, self.plan, self.restore, self.store = model, config, plan, restore, store
         self._originals: list[tuple[nn.Module, nn.Parameter]] = []  # swapped resident weights
         self._stored: list[tuple[dict, str, torch.Tensor]] = []  # swapped entries of offload host stores
+        self._files: list[tuple[object, str, dict]] = []  # swapped entries of offload files (loader, key, old)
+        self._folder: str | None = None  # the quantized values of swapped offload files
         self._journal: WeightJournal | None = None
         self.kv_entry: Entry | None = None
         self.active = True
@@ -458,6 +460,11 @@ class QuantState(Entry):
                     old = module.weight
                     module.weight = nn.Parameter(q.to(device=old.device, dtype=old.dtype), requires_grad=False)
                     self._originals.append((module, old))
+                elif isinstance(entry, tuple) and len(entry) == 2:  # a new file for an offloaded file entry
+                    if self._folder is None:
+                        self._folder = tempfile.mkdtemp(prefix="outlierlab-quant-")
+                    loader, key = entry
+                    self._files.append((loader, key, offload.swap_file(loader, key, q, self._folder)))
                 elif entry is not None:  # a new tensor in accelerate's host store
                     table, key, old = entry
                     table[key] = q.to(device=old.device, dtype=old.dtype)
@@ -477,7 +484,8 @@ class QuantState(Entry):
                     hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
 
     def _swapped(self, model: nn.Module, modules: list[nn.Module]) -> dict[int, object]:
-        """Which weights are swapped rather than journaled: ``{id(module): "param" | (table, key, tensor)}``."""
+        """Which weights are swapped rather than journaled: ``{id(module): "param" | (table, key, tensor) of a
+        host store | (loader, key) of a file}``."""
         tied = _shared(model, modules)
         if not self.restore:
             return dict.fromkeys(tied, "param")
@@ -489,6 +497,7 @@ class QuantState(Entry):
                 out[id(m)] = "param"
             elif offload.hook_of(m) is not None and w is not None and w.device.type == "meta":
                 entry = offload.host_entry(m, "weight") if self.store != "disk" else None
+                entry = entry or offload.file_entry(m, "weight")  # the original file stays as it is
                 if entry is not None:
                     out[id(m)] = entry
             elif w is not None and self.store != "disk" and (w.device.type == "cpu" or (room and room.take(w))):
@@ -502,6 +511,11 @@ class QuantState(Entry):
         while self._stored:
             table, key, old = self._stored.pop()
             table[key] = old
+        while self._files:
+            offload.unswap_file(*self._files.pop())
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
         if self._journal is not None:
             self._journal.restore()
             self._journal.close()

@@ -79,6 +79,39 @@ def host_entry(module: nn.Module, name: str):
     return (table, key, table[key]) if key in table else None
 
 
+def file_entry(module: nn.Module, name: str):
+    """(loader, key) when the offloaded tensor lives in a file (a ``.dat`` file or a safetensors file), else None."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    table, key = _store(module, name)
+    if isinstance(table, OffloadedWeightsLoader) and key not in table.state_dict and key in table.index:
+        return table, key
+    return None
+
+
+def swap_file(loader, key: str, value: torch.Tensor, folder: str) -> dict:
+    """Point ``loader[key]`` at a new safetensors file in ``folder`` holding ``value`` (in the stored dtype); the
+    original file is not touched. Returns the old index entry, for :func:`unswap_file`."""
+    old = loader.index[key]
+    dtype = getattr(torch, old["dtype"]) if "dtype" in old else value.dtype
+    entry = {"safetensors_file": os.path.join(folder, f"{len(os.listdir(folder))}.safetensors"), "weight_name": "w",
+             "dtype": str(dtype).replace("torch.", ""), "shape": list(value.shape), "swapped": True}
+    _save_swap(entry, value)
+    loader.index[key] = entry
+    return old
+
+
+def _save_swap(entry: dict, value: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, entry["dtype"])
+    save_file({"w": value.detach().to(device="cpu", dtype=dtype).contiguous()}, entry["safetensors_file"])
+
+
+def unswap_file(loader, key: str, old: dict) -> None:
+    loader.index[key] = old
+
+
 def read(module: nn.Module, name: str) -> torch.Tensor:
     """The stored value of an offloaded tensor (for a host store, the stored tensor itself: do not edit it
     unless the edit is meant for the store)."""
@@ -104,7 +137,9 @@ def write(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if isinstance(table, OffloadedWeightsLoader):
         if key in table.state_dict:
             _put(table.state_dict, key, value)
-        else:
+        elif table.index.get(key, {}).get("swapped"):  # edits of a swapped entry stay in its new file
+            _save_swap(table.index[key], value)
+        elif not _same(table, key, value):  # a file is rewritten only when its values change
             _write_dat(table, key, value)
         return
     _put(table, key, value)
@@ -121,6 +156,15 @@ def _put(table, key: str, value: torch.Tensor) -> None:
     else:
         table[key] = value.to(device="cpu" if old is None else old.device,
                               dtype=value.dtype if old is None else old.dtype, copy=True)
+
+
+def _same(loader, key: str, value: torch.Tensor) -> bool:
+    """Whether the file behind ``loader[key]`` already holds ``value`` (read back through a memory map: a scope
+    or journal closing over a method that edited a few tensors leaves the others' files as they are)."""
+    if key not in loader.index:
+        return False
+    stored = loader[key]
+    return stored.shape == value.shape and stored.dtype == value.dtype and torch.equal(stored, value.cpu())
 
 
 def _write_dat(loader, key: str, value: torch.Tensor) -> None:
