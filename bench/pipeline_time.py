@@ -15,8 +15,8 @@ still says where its time went.
 from __future__ import annotations
 
 import argparse
-import json
 import collections
+import json
 import resource
 import sys
 import tempfile

@@ -28,7 +28,6 @@ from typing_extensions import Self
 
 from . import offload
 
-
 STORES = ("auto", "cpu", "disk")
 
 
