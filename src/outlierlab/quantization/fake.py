@@ -321,8 +321,8 @@ def search_act_clips(model: nn.Module, targets: list[Target], ids: torch.Tensor,
 
 class PlanWeights(Mapping):
     """Name -> quantized weight ``[out, in]`` of the plan's targets: GPTQ's results held on the host
-    (``store="cpu"``) or in temporary files, one per tensor, read back one at a time (``"disk"``); RTN computed
-    from the target's current weight when read (nothing held)."""
+    (``store="auto"`` or ``"cpu"``) or in temporary files, one per tensor, read back one at a time (``"disk"``);
+    RTN computed from the target's current weight when read, on the device the module runs on (nothing held)."""
 
     def __init__(self, config: QuantConfig, targets: list[Target], store: str = "auto") -> None:
         if store not in STORES:
