@@ -80,7 +80,7 @@ def test_simple_evaluate_with_a_local_task(tmp_path, loaded):
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     scores = {}
     for quant in ("fp", "w4a4kv4"):
-        lm = OutlierlabLM(model=loaded, quant=quant)
+        lm = OutlierlabLM(model=loaded, quant=quant, seq_len=64, calib_samples=2)  # w4a4kv4 calibrates its clips
         res = lm_eval.simple_evaluate(model=lm, tasks=["outlierlab_tiny"], task_manager=tm, log_samples=True,
                                       bootstrap_iters=0)
         acc = res["results"]["outlierlab_tiny"]["acc,none"]

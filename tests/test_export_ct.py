@@ -56,14 +56,15 @@ def test_export_reloads_with_the_harness_perplexity(quant, tmp_path):
 
 def test_codes_and_scales_are_recovered_exactly():
     from outlierlab.quantization import get_quant
-    from outlierlab.quantization.quantizers import quant_weight
+    from outlierlab.quantization.quantizers import quant_weight_as
 
     w = torch.randn(16, 64)
-    for spec in ("w4a16", "w8a8-token", "w4a16:w_granularity=group:group_size=16"):
+    for spec in ("w4a16", "w4a16:w_grid=restricted:w_clip_search=false", "w8a8-token",
+                 "w4a16:w_granularity=group:group_size=16"):
         q = get_quant(spec)
-        wq = quant_weight(w, q.w_bits, True, q.w_granularity, q.group_size)
+        wq = quant_weight_as(w, q)
         codes, scale = weight_codes(w, wq, q)
-        assert torch.equal(codes, codes.round()) and codes.abs().max() <= 2 ** (q.w_bits - 1) - 1
+        assert torch.equal(codes, codes.round()) and codes.abs().max() <= 2 ** (q.w_bits - 1)
         full = scale.repeat_interleave(q.group_size, 1) if q.w_granularity == "group" else scale
         assert torch.allclose(codes * full, wq, rtol=0, atol=1e-6)
     with pytest.raises(ExportError, match="not on the grid"):

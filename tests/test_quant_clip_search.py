@@ -13,8 +13,13 @@ from outlierlab.quantization.fake import A_SEARCH_RATIOS
 from outlierlab.quantization.gptq import gptq_quantize
 from outlierlab.quantization.quantizers import (
     SEARCH_NORM,
+    SEARCH_STEP,
+    SEARCH_STEPS,
+    fake_quant,
+    qparams,
     quant_dynamic,
     quant_weight,
+    quant_weight_as,
     searched_qparams,
 )
 from outlierlab.testing import random_windows, tiny_model
@@ -44,6 +49,20 @@ def test_weight_search_never_worse_and_clips_the_planted_rows(grid):
     assert torch.allclose(k, k.round(), atol=1e-4)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_coarse_to_fine_search_is_within_a_percent_of_every_ratio_tried(symmetric):
+    """The search tries 24 of the 80 ratios; each row's error is checked against the best of all 80 (brute force,
+    rounded here with the module's own fake_quant)."""
+    w = torch.cat([_planted_rows(s) for s in range(4)])
+    ratios = [1 - i * SEARCH_STEP for i in range(SEARCH_STEPS)]
+    err = lambda q: (q - w).abs().pow(SEARCH_NORM).sum(dim=1)  # noqa: E731
+    brute = torch.stack([err(fake_quant(w, *qparams(w, 4, symmetric, -1, r), 4)) for r in ratios]).amin(0)
+    scale, zero = searched_qparams(w, 4, symmetric)
+    got = err(fake_quant(w, scale, zero, 4))
+    assert (got >= brute - 1e-4).all() and (got <= brute * 1.01 + 1e-4).all()
+    assert (got <= brute + 1e-4).float().mean() >= 0.9  # most rows land on the exhaustive optimum itself
+
+
 def test_gptq_with_an_identity_hessian_is_searched_rtn():
     """With H = I no error is propagated: GPTQ's result is RTN's with the same (searched) scales."""
     w = _planted_rows(1)
@@ -52,11 +71,14 @@ def test_gptq_with_an_identity_hessian_is_searched_rtn():
     assert not torch.allclose(q, quant_weight(w, 4), atol=1e-6)
 
 
-def test_searched_scales_are_recovered_by_the_export():
+@pytest.mark.parametrize("grid", ["restricted", "full"])
+def test_searched_scales_are_recovered_by_the_export(grid):
     w = _planted_rows(2)
-    config = get_quant("w4a16:w_clip_search=true")
-    codes, scale = weight_codes(w, quant_weight(w, 4, search=True), config)
-    assert torch.allclose(codes * scale, quant_weight(w, 4, search=True), atol=1e-6)
+    config = get_quant(f"w4a16:w_clip_search=true:w_grid={grid}")
+    wq = quant_weight_as(w, config)
+    assert torch.equal(wq, quant_weight(w, 4, grid=grid, search=True))
+    codes, scale = weight_codes(w, wq, config)
+    assert torch.allclose(codes * scale, wq, atol=1e-6)
 
 
 def _captured_inputs(model, module, ids):

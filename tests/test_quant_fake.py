@@ -21,7 +21,7 @@ from outlierlab.quantization import (
     static_scales,
 )
 from outlierlab.quantization.gptq import HessianAccumulator, gptq_quantize
-from outlierlab.quantization.quantizers import quant_weight
+from outlierlab.quantization.quantizers import quant_weight, quant_weight_as
 from outlierlab.runtime import install
 from outlierlab.testing import TINY_FAMILIES, plant_gain, random_windows, tiny_model
 
@@ -65,7 +65,7 @@ def test_restore_false_keeps_quantized_weights_and_drops_hooks():
     q = _logits(model, ids)
     state.remove()
     assert _hooks(model) == 0
-    expected = quant_weight(w, 4, True, "channel")
+    expected = quant_weight_as(w, get_quant("w4a8"))
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected)
     assert not torch.equal(_logits(model, ids), q)  # activations are no longer quantized
 
@@ -92,7 +92,7 @@ def test_conv1d_weights_are_quantized_per_output_column():
     w = model.transformer.h[1].mlp.c_fc.weight.detach().clone()  # [in, out]
     with quantize_(model, "w4a16"):
         got = model.transformer.h[1].mlp.c_fc.weight
-        assert torch.equal(got, quant_weight(w.t(), 4, True, "channel").t())
+        assert torch.equal(got, quant_weight_as(w.t(), get_quant("w4a16")).t())
     assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, w)
 
 
@@ -100,13 +100,14 @@ def test_lm_head_and_embeddings_stay_fp_unless_asked():
     model = tiny_model("llama", tie_word_embeddings=True)
     emb = model.get_input_embeddings().weight.detach().clone()
     head = model.get_output_embeddings()
+    calib = random_windows(model, n=2, seq_len=16)
     assert all(t.role != "lm_head" for t in find_targets(model, get_quant("w4a4")))
-    with quantize_(model, "w4a4"):
+    with quantize_(model, "w4a4", calib):
         assert torch.equal(head.weight, emb) and torch.equal(model.get_input_embeddings().weight, emb)
-    with quantize_(model, "w4a4:lm_head=true"):
+    with quantize_(model, "w4a4:lm_head=true", calib):
         assert not torch.equal(head.weight, emb)
         assert torch.equal(model.get_input_embeddings().weight, emb)  # the tied embedding is untouched
-    with quantize_(model, "w4a4:embeddings=true"):
+    with quantize_(model, "w4a4:embeddings=true", calib):
         assert not torch.equal(model.get_input_embeddings().weight, emb)
         assert torch.equal(head.weight, emb)
     assert torch.equal(head.weight, emb) and head.weight is model.get_input_embeddings().weight
@@ -315,13 +316,13 @@ def test_w_grid_reaches_rtn_and_gptq_weights():
     grid too: per row, integers in [-8, 7] times abs-max / 7.5."""
     model = tiny_model("llama")
     calib = random_windows(model, n=4, seq_len=16, seed=5)
-    plan = prepare(model, "w4a16:w_grid=full:embeddings=true")
+    plan = prepare(model, "w4a16:w_grid=full:w_clip_search=false:embeddings=true")
     for t in plan.targets:
         assert torch.equal(plan.weights[t.name], quant_weight(t.weight_view().detach(), 4, grid="full"))
     emb = model.get_input_embeddings().weight.detach().clone()
     with plan.install(model):  # the plan quantizes the embedding when installed
         assert torch.equal(model.get_input_embeddings().weight, quant_weight(emb, 4, grid="full"))
-    gptq = prepare(model, "w4a16:w_grid=full:w_method=gptq", calib)
+    gptq = prepare(model, "w4a16:w_grid=full:w_clip_search=false:w_method=gptq", calib)
     for t in gptq.targets:
         w = gptq.weights[t.name]
         k = w / (t.weight_view().detach().abs().amax(dim=1, keepdim=True) / 7.5)

@@ -107,6 +107,37 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise OutlierlabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Within the block, ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` return one shared result per
+    argument list. transformers parses a GGUF file three times to load one model (tokenizer, config, weights; about
+    4 s each for SmolLM2's 49,152-entry vocabulary on 2 cores) and builds the tensor-name map once per module
+    (397 times). Both are read-only there, and transformers imports both names at call time, so the patch
+    reaches every call in the block; the originals are put back on exit."""
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+
+    def shared(name):
+        made: dict = {}
+
+        def call(*args, **kwargs):
+            key = (tuple(str(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+            if key not in made:
+                made[key] = originals[name](*args, **kwargs)
+            return made[key]
+
+        return call
+
+    try:
+        for name in originals:
+            setattr(gguf, name, shared(name))
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(gguf, name, value)
+
+
 def gguf_cache_folder(gguf_path: str, sha256: str | None = None) -> Path:
     """The safetensors cache folder of a GGUF file, converting it on the first call."""
     sha256 = sha256 or file_sha256(gguf_path)
@@ -117,8 +148,9 @@ def gguf_cache_folder(gguf_path: str, sha256: str | None = None) -> Path:
 
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     log.info("converting %s to a safetensors cache (once)", name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model keeps a quantizer marker that blocks save_pretrained; the weights are plain fp32.
     model.hf_quantizer = None
     model.is_quantized = False

@@ -62,7 +62,7 @@ from .quantizers import (
     fake_quant,
     qparams,
     quant_dynamic,
-    quant_weight,
+    quant_weight_as,
     sym_scale,
 )
 
@@ -359,8 +359,7 @@ class PlanWeights(Mapping):
         c, target = self.config, self._targets[name]
         w = target.weight_view().detach()
         w = w.to(offload.execution_device(target.module) or w.device)  # an offloaded weight: on its GPU
-        return quant_weight(w, c.w_bits, c.symmetric, c.w_granularity, c.group_size, c.w_clip, c.w_grid,
-                            c.w_clip_search)
+        return quant_weight_as(w, c)
 
     def __contains__(self, name) -> bool:
         return name in self._targets
@@ -423,9 +422,7 @@ class QuantState(Entry):
     def __init__(self, model: nn.Module, config: QuantConfig, plan: QuantPlan, restore: bool,
                  store: str = "auto") -> None:
         self.model, self.config, self.plan, self.restore, self.store = model, config, plan, restore, store
-        self._originals: list[tuple[nn.Module, nn.Parameter]] = []  # swapped resident weights
-        self._stored: list[tuple[dict, str, torch.Tensor]] = []  # swapped entries of offload host stores
-        self._files: list[tuple[object, str, dict]] = []  # swapped entries of offload files (loader, key, old)
+        self._undo: list[Callable[[], None]] = []  # one per swapped weight, run in reverse by detach
         self._folder: str | None = None  # the quantized values of swapped offload files
         self._journal: WeightJournal | None = None
         self.kv_entry: Entry | None = None
@@ -439,9 +436,7 @@ class QuantState(Entry):
                 out.append((t.module, lambda t=t: t.to_storage(plan.weights[t.name])))
         if plan.embedding is not None:
             c, emb = self.config, plan.embedding
-            out.append((emb, lambda: quant_weight(offload.value(emb, "weight").detach(), c.w_bits, c.symmetric,
-                                                  "channel", c.group_size, c.w_clip, c.w_grid,
-                                                  c.w_clip_search)))
+            out.append((emb, lambda: quant_weight_as(offload.value(emb, "weight").detach(), c, "channel")))
         return out
 
     def attach(self, model: nn.Module, hooks, reg) -> None:
@@ -455,20 +450,16 @@ class QuantState(Entry):
         with torch.no_grad():
             for module, quantized in edits:
                 q = quantized()
-                entry = swap.get(id(module))
-                if entry == "param":  # a new Parameter; the original object waits where it is
+                how = swap.get(id(module))
+                if how == "param":  # a new Parameter; the original object waits where it is
                     old = module.weight
                     module.weight = nn.Parameter(q.to(device=old.device, dtype=old.dtype), requires_grad=False)
-                    self._originals.append((module, old))
-                elif isinstance(entry, tuple) and len(entry) == 2:  # a new file for an offloaded file entry
-                    if self._folder is None:
-                        self._folder = tempfile.mkdtemp(prefix="outlierlab-quant-")
-                    loader, key = entry
-                    self._files.append((loader, key, offload.swap_file(loader, key, q, self._folder)))
-                elif entry is not None:  # a new tensor in accelerate's host store
-                    table, key, old = entry
-                    table[key] = q.to(device=old.device, dtype=old.dtype)
-                    self._stored.append(entry)
+                    self._undo.append(lambda module=module, old=old: setattr(module, "weight", old))
+                elif how == "offload":  # a new host-store tensor or file; the original stays as it is
+                    undo = offload.swap(module, "weight", q, self._swap_folder, self.store != "disk")
+                    if undo is None:
+                        raise RuntimeError(f"offloaded weight of {type(module).__name__} could not be swapped")
+                    self._undo.append(undo)
                 elif offload.hook_of(module) is not None and module.weight.device.type == "meta":
                     offload.write(module, "weight", q)
                 else:
@@ -483,36 +474,32 @@ class QuantState(Entry):
                     q.shape = reg.batch
                     hooks.pre(t.module, _pre_hook(q, _share_key(t, q), shared))
 
-    def _swapped(self, model: nn.Module, modules: list[nn.Module]) -> dict[int, object]:
-        """Which weights are swapped rather than journaled: ``{id(module): "param" | (table, key, tensor) of a
-        host store | (loader, key) of a file}``."""
+    def _swap_folder(self) -> str:
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="outlierlab-quant-")
+        return self._folder
+
+    def _swapped(self, model: nn.Module, modules: list[nn.Module]) -> dict[int, str]:
+        """Which weights are swapped rather than journaled: ``{id(module): "param" | "offload"}``."""
         tied = _shared(model, modules)
         if not self.restore:
             return dict.fromkeys(tied, "param")
         room = DeviceRoom() if self.store == "auto" else None
-        out: dict[int, object] = {}
+        out: dict[int, str] = {}
         for m in modules:
             w = m._parameters.get("weight")
             if id(m) in tied:
                 out[id(m)] = "param"
             elif offload.hook_of(m) is not None and w is not None and w.device.type == "meta":
-                entry = offload.host_entry(m, "weight") if self.store != "disk" else None
-                entry = entry or offload.file_entry(m, "weight")  # the original file stays as it is
-                if entry is not None:
-                    out[id(m)] = entry
+                if offload.swappable(m, "weight", host=self.store != "disk"):
+                    out[id(m)] = "offload"
             elif w is not None and self.store != "disk" and (w.device.type == "cpu" or (room and room.take(w))):
                 out[id(m)] = "param"
         return out
 
     def detach(self, model: nn.Module) -> None:
-        while self._originals:
-            module, old = self._originals.pop()
-            module.weight = old
-        while self._stored:
-            table, key, old = self._stored.pop()
-            table[key] = old
-        while self._files:
-            offload.unswap_file(*self._files.pop())
+        while self._undo:
+            self._undo.pop()()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
@@ -548,7 +535,7 @@ class QuantState(Entry):
 def _calib_ids(calib, config: QuantConfig) -> torch.Tensor:
     if calib is None:
         raise QuantConfigError(f"quantization {config.name!r} needs calibration windows (static activation "
-                               "scales or GPTQ): pass calib=")
+                               "scales, the activation clip search or GPTQ): pass calib=")
     ids = getattr(calib, "input_ids", calib)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise QuantConfigError("calibration windows must be Windows or a [n, T] LongTensor of token ids")

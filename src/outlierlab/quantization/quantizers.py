@@ -15,9 +15,10 @@ Conventions (documented in docs/quantization.md):
   ``zero = round(-lo / scale)``; ``x_hat = (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``.
 - Every value inside the quantization range comes back within half a step (``scale / 2``); values outside
   it (clipped) saturate at the range ends. Quantizing twice with the same scale is the identity.
-- **Clip search** (``search=True``, weights): per slice, the ratio ``clip x (1 - i / 100)``, ``i = 0..79``, whose
-  rounded slice has the smallest ``sum |x - x_hat|^2.4`` (the search of the GPTQ reference code, which QuaRot
-  uses for its weights); the ratio 1 is a candidate, so the error is never above the unsearched one.
+- **Clip search** (``search=True``, weights): per slice, among the ratios ``clip x (1 - i / 100)``, ``i = 0..79``
+  (the grid of the GPTQ reference code's search, which QuaRot uses for its weights), the one whose rounded slice
+  has the smallest ``sum |x - x_hat|^2.4``, searched coarse to fine (every 5th ratio, then the 4 on each side of
+  the best); the ratio 1 is a candidate, so the error is never above the unsearched one.
 - Rounding is round-half-to-even (``torch.round``). Scales never go below ``EPS`` (an all-zero slice stays 0).
 - The arithmetic runs in float32 whatever the input dtype and returns the input dtype.
 """
@@ -98,8 +99,10 @@ def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[i
     return asym_params(x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True), bits, clip)
 
 
-#: the weight clip search (module docstring): ratios ``1 - i * SEARCH_STEP`` for ``i < SEARCH_STEPS``, error norm
-SEARCH_STEPS, SEARCH_STEP, SEARCH_NORM = 80, 0.01, 2.4
+#: the weight clip search (module docstring): ratios ``1 - i * SEARCH_STEP`` for ``i < SEARCH_STEPS``, error norm;
+#: searched coarse to fine: every ``SEARCH_COARSE``-th ratio, then the ``SEARCH_COARSE - 1`` on each side of a
+#: slice's best
+SEARCH_STEPS, SEARCH_STEP, SEARCH_NORM, SEARCH_COARSE = 80, 0.01, 2.4, 5
 
 
 def searched_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
@@ -107,8 +110,9 @@ def searched_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(scale, zero)`` like :func:`qparams`, with each slice's clip ratio searched (module docstring).
 
-    The range is read once and every candidate is rounded into one reused buffer: the same arithmetic as
-    :func:`qparams` + :func:`fake_quant` per ratio, about 2x faster than calling them."""
+    Coarse to fine: every ``SEARCH_COARSE``-th of the ``SEARCH_STEPS`` ratios, then the neighbours of each slice's
+    best (24 of the 80 rounding passes; on SmolLM2-135M's W4 rows the mean error is within 0.03% of the exhaustive
+    search's). The range is read once and every candidate is rounded into one reused buffer."""
     if dims is None:
         dims = tuple(range(x.dim()))
     elif isinstance(dims, int):
@@ -120,29 +124,38 @@ def searched_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
     else:
         xmin, xmax = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
         lo, hi = 0, qmax_asym(bits)
+    shape = (absmax if symmetric else xmin).shape
     buf = torch.empty_like(xf)
-    best = best_err = None
-    for i in range(SEARCH_STEPS):
-        ratio = clip * (1 - i * SEARCH_STEP)
-        if symmetric:
-            scale, zero = sym_scale(absmax, bits, ratio, grid), None
-        else:
-            scale, zero = asym_params(xmin, xmax, bits, ratio)
+
+    def params(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ratio = (clip * (1 - index.double() * SEARCH_STEP)).float()
+        return (sym_scale(absmax, bits, ratio, grid), None) if symmetric else asym_params(xmin, xmax, bits, ratio)
+
+    def error(index: torch.Tensor) -> torch.Tensor:
+        scale, zero = params(index)
         torch.div(xf, scale, out=buf).round_()
         if zero is None:
             buf.clamp_(lo, hi)
         else:
             buf.add_(zero).clamp_(lo, hi).sub_(zero)
-        err = buf.mul_(scale).sub_(xf).abs_().pow_(SEARCH_NORM).sum(dim=dims, keepdim=True)
-        if best is None:
-            best, best_err = [scale, zero], err
-            continue
+        return buf.mul_(scale).sub_(xf).abs_().pow_(SEARCH_NORM).sum(dim=dims, keepdim=True)
+
+    def improve(best: torch.Tensor, best_err: torch.Tensor, index: torch.Tensor):
+        err = error(index)
         better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best[0] = torch.where(better, scale, best[0])
-        if zero is not None:
-            best[1] = torch.where(better, zero, best[1])
-    return best[0], best[1]
+        return torch.where(better, index, best), torch.where(better, err, best_err)
+
+    best = torch.zeros(shape, dtype=torch.long, device=xf.device)
+    best_err = error(best)
+    for i in range(SEARCH_COARSE, SEARCH_STEPS, SEARCH_COARSE):
+        best, best_err = improve(best, best_err, torch.full_like(best, i))
+    centre = best
+    for d in (*range(1 - SEARCH_COARSE, 0), *range(1, SEARCH_COARSE)):
+        index = centre + d
+        inside = (index >= 0) & (index < SEARCH_STEPS)
+        candidate, candidate_err = improve(best, best_err, index.clamp(0, SEARCH_STEPS - 1))
+        best, best_err = torch.where(inside, candidate, best), torch.where(inside, candidate_err, best_err)
+    return params(best)
 
 
 def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, dims: Sequence[int] | int | None = -1,
@@ -246,3 +259,9 @@ def quant_weight(w: torch.Tensor, bits: int, symmetric: bool = True, granularity
         parts.append(_quant_slices(w[:, full:], bits, symmetric, -1, clip, grid, search))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+
+def quant_weight_as(w: torch.Tensor, config, granularity: str | None = None) -> torch.Tensor:
+    """:func:`quant_weight` with every weight field of a :class:`~.config.QuantConfig` (RTN)."""
+    c = config
+    return quant_weight(w, c.w_bits, c.symmetric, granularity or c.w_granularity, c.group_size, c.w_clip, c.w_grid,
+                        c.w_clip_search)

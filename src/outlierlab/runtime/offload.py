@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -89,16 +89,36 @@ def file_entry(module: nn.Module, name: str):
     return None
 
 
-def swap_file(loader, key: str, value: torch.Tensor, folder: str) -> dict:
-    """Point ``loader[key]`` at a new safetensors file in ``folder`` holding ``value`` (in the stored dtype); the
-    original file is not touched. Returns the old index entry, for :func:`unswap_file`."""
-    old = loader.index[key]
+def swap(module: nn.Module, name: str, value: torch.Tensor, folder: Callable[[], str],
+         host: bool = True) -> Callable[[], None] | None:
+    """Put ``value`` in place of the offloaded tensor ``name`` without touching the original, and return the
+    undo: an entry of a host store gets a new tensor (``host``; the original object is put back), an entry held
+    in a file is pointed at a new safetensors file in ``folder()`` (the original file is never written). None
+    when ``name`` has no such entry (nothing is changed then)."""
+    if hook_of(module) is None:
+        return None
+    table, key = _store(module, name)
+    if host and (entry := host_entry(module, name)) is not None:
+        store, key, old = entry
+        store[key] = value.to(device=old.device, dtype=old.dtype)
+        return lambda: store.__setitem__(key, old)
+    if file_entry(module, name) is None:
+        return None
+    old = table.index[key]
     dtype = getattr(torch, old["dtype"]) if "dtype" in old else value.dtype
-    entry = {"safetensors_file": os.path.join(folder, f"{len(os.listdir(folder))}.safetensors"), "weight_name": "w",
-             "dtype": str(dtype).replace("torch.", ""), "shape": list(value.shape), "swapped": True}
-    _save_swap(entry, value)
-    loader.index[key] = entry
-    return old
+    where = folder()
+    new = {"safetensors_file": os.path.join(where, f"{len(os.listdir(where))}.safetensors"), "weight_name": "w",
+           "dtype": str(dtype).replace("torch.", ""), "shape": list(value.shape), "swapped": True}
+    _save_swap(new, value)
+    table.index[key] = new
+    return lambda: table.index.__setitem__(key, old)
+
+
+def swappable(module: nn.Module, name: str, host: bool = True) -> bool:
+    """Whether :func:`swap` can replace the offloaded tensor ``name`` (a host entry only when ``host``)."""
+    if hook_of(module) is None or name not in names(module):
+        return False
+    return (host and host_entry(module, name) is not None) or file_entry(module, name) is not None
 
 
 def _save_swap(entry: dict, value: torch.Tensor) -> None:
@@ -106,10 +126,6 @@ def _save_swap(entry: dict, value: torch.Tensor) -> None:
 
     dtype = getattr(torch, entry["dtype"])
     save_file({"w": value.detach().to(device="cpu", dtype=dtype).contiguous()}, entry["safetensors_file"])
-
-
-def unswap_file(loader, key: str, old: dict) -> None:
-    loader.index[key] = old
 
 
 def read(module: nn.Module, name: str) -> torch.Tensor:
