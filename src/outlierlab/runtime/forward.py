@@ -92,19 +92,32 @@ def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batc
             bar.advance(task, len(chunk))
 
 
+#: logits rows per step of :func:`next_token_nll` are capped at this many elements (8 MB in float32): a log-softmax
+#: of the whole [batch x tokens, vocabulary] block streams it through memory several times; slices stay in cache
+NLL_CHUNK_ELEMENTS = 2 ** 21
+
+
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood (float64 scalar on the logits' device) and the token count.
 
-    The last position is masked with ``ignore_index`` instead of sliced off (which would copy the logits).
+    Per predicted position ``logsumexp(logits) - logits[next id]`` in float32, summed in float64, over slices
+    of rows (on 2 CPU cores 5-15x faster than one cross-entropy over SmolLM2's 4 x 512 x 49,152 logits; per
+    token the same value, the sum more exact). No host sync: the sum stays on the device.
     """
-    ids = ids.to(logits.device)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    labels = torch.full_like(ids, -100)
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    labels = ids.to(logits.device).clone()
     labels[:, :-1] = ids[:, 1:]
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                      ignore_index=-100, reduction="sum")
-    return nll.double(), int(ids[:, 1:].numel())
+    labels[:, -1] = -1  # the last position predicts nothing
+    labels = labels.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    rows = max(1, NLL_CHUNK_ELEMENTS // vocab)
+    for i in range(0, flat.shape[0], rows):
+        chunk, target = flat[i:i + rows].float(), labels[i:i + rows]
+        picked = chunk.gather(1, target.clamp(min=0)[:, None])[:, 0]
+        nll = (torch.logsumexp(chunk, dim=-1) - picked).double()
+        total += torch.where(target >= 0, nll, 0.0).sum()
+    return total, int(ids[:, 1:].numel())
 
 
 class NextTokenLoss:
