@@ -259,8 +259,14 @@ def test_compare_every_method_and_preset(family, lane_device, lane_dtype, text_f
     assert errors == ref_errors
     # the only cells that may fail are methods the layout cannot take, refused before any quantization
     assert all(e.startswith("mitigation failed: MitigationError") for e in ref_errors.values()), ref_errors
-    tol = 0.01 if lane_dtype == "float32" else 0.05
+    # 4-bit activations with a 4-bit KV cache round this tiny model's 96 evaluation tokens so coarsely that float
+    # differences between devices flip codes: measured on the H200 (quarot x w4a4kv4, gpt_neox, float32) CPU 133.44
+    # vs CUDA 135.04, 131.42 vs 133.25 with the activation clip search off, and the same CUDA cell moved 0.45% with
+    # the compiled quantizers off; A4 alone and KV4 alone stay within 0.05%
+    a4kv4 = {q for q in compare_config(text_file).quants
+             if (c := get_quant(q)).quantizes_kv and c.quantizes_activations and c.a_bits <= 4}
     for k, (status, ppl, _) in got.items():
+        tol = (0.03 if k[1] in a4kv4 else 0.01) if lane_dtype == "float32" else 0.05
         if status == "ok":
             assert math.isfinite(ppl)
             assert ppl == pytest.approx(ref[k][1], rel=tol), k

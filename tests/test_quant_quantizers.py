@@ -139,7 +139,7 @@ def test_presets_and_overrides():
     cfg = get_quant("w4a8:w_method=gptq:w_granularity=group:group_size=64:roles=down/up:layers=1/2")
     assert cfg.name.startswith("w4a8:") and cfg.w_method == "gptq" and cfg.group_size == 64
     assert cfg.roles == ("down", "up") and cfg.layers == (1, 2) and cfg.needs_calibration
-    assert "W4 per-group 64 sym full-grid GPTQ clip-search" in cfg.describe()
+    assert "W4 per-group 64 sym full-grid GPTQ clip-search" in cfg.describe()  # GPTQ's W4 defaults
     assert get_quant("w8a8-token:a_bits=none").quantizes_activations is False
     assert [c.name for c in parse_quant_list("fp, w4a4 ,fp")] == ["fp", "w4a4"]
     hash_a, hash_b = get_quant("w4a8").key(), get_quant("w4a8:a_clip=0.9").key()
@@ -154,19 +154,25 @@ def test_presets_and_overrides():
     assert full.key() != get_quant("w4a16:w_method=gptq:w_grid=restricted").key()
 
 
-def test_four_bit_presets_share_one_weight_quantizer_and_calibrate_a4_clipping():
-    """Every W4 preset quantizes weights the same way (full grid, searched row clips), so the W4 columns of a
-    table differ only in activations and KV; the A4 presets search their activation clips; 8-bit presets do not."""
+def test_four_bit_presets_search_clips_with_gptq_and_calibrate_a4_clipping():
+    """RTN W4 presets keep min-max ranges on the restricted grid; with ``w_method=gptq`` a W4 preset uses the full
+    grid and searched row clips unless given (the same weight quantizer in every W4 column); the A4 presets search
+    their activation clips; the 8-bit presets do neither."""
     weight_fields = ("w_bits", "w_grid", "w_clip_search", "w_method", "w_granularity", "symmetric", "w_clip")
-    w4 = [PRESETS[n] for n in ("w4a16", "w4a8", "w4a4", "w4a4kv4")]
-    assert {tuple(getattr(c, f) for f in weight_fields) for c in w4} == {(4, "full", True, "rtn", "channel", True, 1.0)}
-    assert [c.a_clip_search for c in w4] == [False, False, True, True]
+    names = ("w4a16", "w4a8", "w4a4", "w4a4kv4")
+    rtn = {tuple(getattr(get_quant(n), f) for f in weight_fields) for n in names}
+    assert rtn == {(4, "restricted", False, "rtn", "channel", True, 1.0)}
+    gptq = {tuple(getattr(get_quant(f"{n}:w_method=gptq"), f) for f in weight_fields) for n in names}
+    assert gptq == {(4, "full", True, "gptq", "channel", True, 1.0)}
+    assert [get_quant(n).a_clip_search for n in names] == [False, False, True, True]
     assert get_quant("w4a4").needs_calibration and not get_quant("w4a8").needs_calibration
     for name in ("w8a8-tensor", "w8a8-dynamic", "w8a8-token"):
-        assert (PRESETS[name].w_grid, PRESETS[name].w_clip_search, PRESETS[name].a_clip_search) == (
-            "restricted", False, False)
-    # the preset's defaults give way to an override they cannot go with; an explicit conflict is still refused
-    asym = get_quant("w4a16:symmetric=false")
+        c = get_quant(f"{name}:w_method=gptq")
+        assert (c.w_grid, c.w_clip_search, c.a_clip_search) == ("restricted", False, False)
+    # what is given wins; a preset default gives way to an override it cannot go with
+    given = get_quant("w4a8:w_method=gptq:w_grid=restricted:w_clip_search=false")
+    assert (given.w_grid, given.w_clip_search) == ("restricted", False)
+    asym = get_quant("w4a16:w_method=gptq:symmetric=false")
     assert (asym.symmetric, asym.w_grid, asym.w_clip_search) == (False, "restricted", True)
     static = get_quant("w4a4:a_granularity=tensor-static")
     assert static.a_clip_search is False and static.needs_calibration
