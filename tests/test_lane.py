@@ -25,7 +25,7 @@ from outlierlab.evaluation import EvalConfig
 from outlierlab.evaluation.compare import CompareConfig, compare
 from outlierlab.mitigation import MitigationError, mitigate
 from outlierlab.models.loader import LoadedModel
-from outlierlab.quantization import PRESETS
+from outlierlab.quantization import PRESETS, get_quant
 from outlierlab.runtime import call, registry
 from outlierlab.testing import (
     BOS,
