@@ -5,7 +5,8 @@
 For each shape and compile mode it prints, per update: the wall time when updates are issued back to back
 (what tracing pays), the host time to issue one update (launch cost; on a GPU the work is asynchronous), and
 the device time of one update measured alone (CUDA events). If the host time exceeds the device time, tracing
-is launch-bound: the GPU waits for the CPU.
+is launch-bound: the GPU waits for the CPU. ``--kernels`` adds, per shape, the device time of each kernel of
+an update (torch.profiler over ``--n`` updates with plain launches, mode ``triton``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ def measure(x: torch.Tensor, mode: str, n: int, batch: int) -> dict:
     return {"wall": wall, "host": host, "device": device}
 
 
+def kernel_times(x: torch.Tensor, n: int, batch: int) -> None:
+    """Device time per update of every kernel an update launches (plain launches: a graph's kernels are not
+    seen one by one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    st = PositionStats(StatsConfig(compile="triton"))
+    x = x.view(batch, -1, x.shape[-1])
+    for _ in range(3):
+        st.update(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            st.update(x)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / n, e.count / n) for e in prof.key_averages() if e.device_time_total > 0]
+    for name, us, calls in sorted(rows, key=lambda r: -r[1]):
+        print(f"    {us:8.1f} us  x{calls:4.1f}  {name[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -57,6 +77,7 @@ def main() -> None:
     ap.add_argument("--channels", default="576,1536")
     ap.add_argument("--modes", default="auto")
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--kernels", action="store_true", help="device time per kernel of an update (CUDA)")
     args = ap.parse_args()
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -70,6 +91,9 @@ def main() -> None:
             r = measure(x, mode, args.n, args.batch)
             print(f"channels {c:6d}  {mode:6s}  wall {r['wall'] * 1e6:8.1f} us  host {r['host'] * 1e6:8.1f} us  "
                   f"device {r['device'] * 1e6:8.1f} us  (one read of x at 3 TB/s: {bytes_ / 3e12 * 1e6:.1f} us)")
+        if args.kernels and device.type == "cuda":
+            print(f"  kernels of one update, {c} channels (device time per update):")
+            kernel_times(x, args.n, args.batch)
 
 
 if __name__ == "__main__":

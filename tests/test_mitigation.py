@@ -270,6 +270,19 @@ def test_tma_compensated_scale_is_exact_and_removable(family):
     assert torch.equal(logits(model, ids), ref)
 
 
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_tma_scale_leaves_a_batch_without_ma_bit_identical(family):
+    """Every layer rescaled where no y6 token exceeds the threshold: the outputs are the model's, bit for bit
+    (no token factor of 1 is multiplied in and out of the residual)."""
+    model = perturbed(family, tiny_eps=True)
+    plant_massive_token(model, 1)
+    ids = ma_windows(model)
+    ref = logits(model, ids)
+    result = mitigate(model, [TMAConfig(mode="scale", target=5.0, layers="all", threshold=1e30)], ids)
+    assert torch.equal(logits(model, ids), ref)
+    result.remove()
+
+
 def test_tma_origin_detection_and_modes():
     from outlierlab.mitigation.measure import MeasureConfig, measure
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from outlierlab.adapters import get_adapter
 from outlierlab.mitigation import TMAConfig, mitigate
 from outlierlab.quantization import quantize_
 from outlierlab.runtime import (
@@ -20,7 +21,9 @@ from outlierlab.runtime import (
     run,
     uninstall,
 )
-from outlierlab.testing import random_windows, tiny_model
+from outlierlab.testing import TINY_FAMILIES, random_windows, tiny_model
+from outlierlab.tracing import ProfileConfig, profile
+from outlierlab.tracing.hooks import attach_positions
 
 
 def hook_count(model) -> int:
@@ -100,6 +103,34 @@ def test_run_places_batches_and_reports_the_window_offset():
     assert seen == [(10, (2, 12, 64)), (12, (2, 12, 64)), (14, (1, 12, 64))]
     assert input_device(model) == torch.device("cpu")
 
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_a_pass_that_reads_no_logits_skips_the_output_layer_and_traces_the_same(family):
+    """logits=False: the output layer runs on the last position only, and what the hooks see is unchanged."""
+    model = tiny_model(family)
+    ids = random_windows(model, 2, 16)
+    full, last = call(model, ids).logits, call(model, ids, logits=False).logits
+    assert full.shape[1] == 16 and last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    head = model.get_output_embeddings()
+    rows = []
+    with installed(model, FunctionEntry("probe", ORDER["probe"], lambda h: h.pre(head, lambda m, a: rows.append(
+            a[0].shape[1])))):
+        run(model, ids, 2, logits=False)
+        run(model, ids, 2)
+    assert rows == [1, 16]
+    # the profile (no logits) sees what a pass with logits sees at every traced position
+    prof = profile(model, ids, ProfileConfig(weights=False, batch_size=2))
+    seen: dict = {}
+
+    def keep(layer, name, x):
+        seen[(layer, name)] = max(seen.get((layer, name), 0.0), float(x.abs().amax()))
+
+    entry = FunctionEntry("observe", ORDER["trace"], lambda h: attach_positions(h, get_adapter(model), keep))
+    with installed(model, entry):
+        run(model, ids, 2)
+    traced = {(layer, name): r.stats["absmax"] for (layer, name), r in prof.results.items() if not r.same_as}
+    assert traced and all(v == pytest.approx(seen[k], rel=1e-6) for k, v in traced.items())
 
 def test_mitigation_and_quantization_share_the_registry():
     model = tiny_model("llama")

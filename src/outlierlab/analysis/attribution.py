@@ -236,7 +236,7 @@ def attention_reads(model, adapter: Adapter, ids: torch.Tensor, layer: int, toke
         hooks.forward(adapter.attention(layer), keep)
 
     with installed(model, _EagerAttention(), FunctionEntry("explain.attention_reads", ORDER["trace"], hooks_fn)):
-        run(model, ids.view(1, -1), batch_size=1)
+        run(model, ids.view(1, -1), batch_size=1, logits=False)
     v, p = cap.rows.get((layer, "attn.v")), probs.get("p")
     if v is None or p is None:
         return None

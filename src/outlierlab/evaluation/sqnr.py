@@ -199,7 +199,7 @@ def quant_error(model: nn.Module, config, calib=None, windows=None, *, batch_siz
     """Per-linear SQNR and relative MSE of ``config`` on ``model`` (left unchanged), measured on ``windows``
     (default: the calibration windows ``calib``, which also calibrate static scales and GPTQ)."""
     from ..quantization import kv as kvmod
-    from ..quantization.fake import prepare
+    from ..quantization.fake import prepare, reads_logits
 
     plan = plan or prepare(model, config, calib, batch_size=batch_size, progress=progress)
     data = windows if windows is not None else calib
@@ -225,7 +225,8 @@ def quant_error(model: nn.Module, config, calib=None, windows=None, *, batch_siz
                                   measure=kv_measure, passthrough=True)
         entries.append(kvmod.KVEntry(probe, plan.config.layers))
     with installed(model, *entries):
-        run(model, ids, batch_size, progress=progress, description="quantization error")
+        run(model, ids, batch_size, progress=progress, description="quantization error",
+            logits=reads_logits([m.target for m in measures]))
     kv_rows = []
     for (layer, which), acc in sorted(kv_measure.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         sig, err = acc.tolist()

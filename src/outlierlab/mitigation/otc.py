@@ -296,9 +296,10 @@ def apply(ctx: Context, cfg: OTCConfig) -> dict:
     layers = layer_list(adapter, cfg.layers)
     inputs = tuple({s.input_position for s in specs})
     outputs = set()
-    for s in specs:
-        outputs.update(FUSED_POSITIONS.get(s.role, (s.output_position,)))
-    outputs.discard(None)
+    if cfg.steps > 0:  # only the fine-tuning penalizes the COs of the outputs: scoring reads the inputs
+        for s in specs:
+            outputs.update(FUSED_POSITIONS.get(s.role, (s.output_position,)))
+        outputs.discard(None)
     positions = tuple(sorted(set(inputs) | outputs))
     profile = ctx.calib_profile("otc", positions, layers=layers)
     otcs = find_otcs(adapter, profile, specs, layers, cfg.k)

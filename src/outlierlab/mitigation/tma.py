@@ -138,7 +138,7 @@ def _replace_values(model, ids, layers: list[int], thresholds: dict[int, float],
             hooks.pre(linear_module(adapter, layer, spec), make(layer))
 
     with installed(model, FunctionEntry("tma.replace-calibration", ORDER["probe"], declare)):
-        run(model, ids, batch_size, description="tma replace values")
+        run(model, ids, batch_size, description="tma replace values", logits=False)
     out = {}
     for layer in layers:
         mean = (sums[layer] / counts[layer].clamp_min(1)).cpu()
@@ -235,14 +235,15 @@ class TMAEntry(Entry):
         mode = p["mode"]
         if mode == "clip":
             return x.clamp(-p["target"], p["target"]), None
-        big = x.abs() > thr
         if mode == "zero":
-            return x.masked_fill(big, 0.0), None
+            return x.masked_fill(x.abs() > thr, 0.0), None
         if mode == "replace":
-            return torch.where(big, self._replace_vector(layer, x).expand_as(x), x), None
+            return torch.where(x.abs() > thr, self._replace_vector(layer, x).expand_as(x), x), None
         # scale: whole token vectors
         peak = x.abs().amax(dim=-1, keepdim=True)
         hit = peak > thr
+        if x.device.type == "cpu" and not bool(hit.any()):
+            return x, None  # no token to rescale (the check is a free host read on a CPU, a sync on a GPU)
         if p["factor"] is not None:
             f = torch.full_like(peak, float(p["factor"]))
         else:

@@ -90,6 +90,11 @@ class Target:
         return (w_out_in.t() if self.transposed else w_out_in).contiguous()
 
 
+def reads_logits(targets: list[Target]) -> bool:
+    """Whether a pass observing ``targets`` needs the output layer on every position (it is one of them)."""
+    return any(t.layer is None for t in targets)
+
+
 def find_targets(model: nn.Module, config: QuantConfig, adapter: Adapter | None = None) -> list[Target]:
     """The linears ``config`` quantizes, in layer order (then lm_head when asked)."""
     adapter = adapter or get_adapter(model)
@@ -240,7 +245,7 @@ def calibrate_static(model: nn.Module, targets: list[Target], ids: torch.Tensor,
             hooks.pre(t.module, observers[t.name])
 
     with installed(model, FunctionEntry("quant.calibration", ORDER["probe"], declare)):
-        run(model, ids, batch_size, progress=progress, description="calibrating activations")
+        run(model, ids, batch_size, progress=progress, description="calibrating activations", logits=reads_logits(targets))
     out = {}
     for t in targets:
         obs = observers[t.name]
@@ -307,7 +312,8 @@ def search_act_clips(model: nn.Module, targets: list[Target], ids: torch.Tensor,
             hooks.pre(group[0].module, observers[key])
 
     with installed(model, FunctionEntry("quant.clip_search", ORDER["probe"], declare)):
-        run(model, ids, batch_size, progress=progress, description="searching activation clips")
+        run(model, ids, batch_size, progress=progress, description="searching activation clips",
+            logits=reads_logits(targets))
     out = {}
     for key, group in groups.items():
         if observers[key].err is None:

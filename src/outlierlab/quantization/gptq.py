@@ -225,7 +225,7 @@ def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, ids: torch.Tens
             hooks.pre(layer, make(i), with_kwargs=True)
 
     with installed(model, FunctionEntry("gptq.capture", ORDER["probe"], declare)):
-        run(model, ids, batch_size, stop=_Stop, description="GPTQ inputs")
+        run(model, ids, batch_size, stop=_Stop, description="GPTQ inputs", logits=False)
     memo.clear()
     return inputs, calls
 

@@ -105,4 +105,4 @@ def observe(model: nn.Module, adapter: Adapter, callback: PositionCallback, wind
     entry = FunctionEntry("observe", ORDER["trace"],
                           lambda hooks: attach_positions(hooks, adapter, callback, layers, positions))
     with installed(model, entry):
-        run(model, windows, batch_size)
+        run(model, windows, batch_size, logits=False)

@@ -17,7 +17,7 @@ from ..runtime import ORDER, BatchInfo, Entry, input_device, installed, run, win
 from .distributed import rank_world, shard
 from .hooks import attach_positions
 from .result import PositionResult, Profile
-from .stats import PositionStats, StatsConfig, median_error, to_host
+from .stats import PositionStats, StatsConfig, finalize_all, median_error
 from .weights import weight_stats
 
 
@@ -75,10 +75,9 @@ class Tracer(Entry):
             self.stats[key].all_reduce_(group)
 
     def results(self) -> dict[tuple[int, str], dict]:
-        to_host(list(self.stats.values()))  # one copy per dtype, then finalize on the host
+        keys = sorted(self.stats)
         out = {}
-        for (layer, name), st in sorted(self.stats.items()):
-            res = st.finalize()
+        for (layer, name), res in zip(keys, finalize_all([self.stats[k] for k in keys])):
             if not math.isfinite(res["absmax"]):
                 raise NonFiniteActivation(
                     f"NaN/inf in activations at layer {layer} position {name}; try --dtype float32"
@@ -105,7 +104,7 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     t0 = time.perf_counter()
     with installed(model, tracer):
         run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
-            first_window=lo)
+            first_window=lo, logits=False)
     if world > 1:
         tracer.all_reduce_(group)
     if input_device(model).type == "cuda":
@@ -120,8 +119,11 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     data_info = getattr(windows, "describe", dict)()
     if world > 1:
         data_info = {**data_info, "ranks": world}  # windows traced in `ranks` contiguous shards, merged
-    return build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {}, data_info,
-                         {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights})
+    timings = {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights}
+    t3 = time.perf_counter()
+    prof = build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {}, data_info, timings)
+    timings["detect_s"] = time.perf_counter() - t3
+    return prof
 
 
 def _token_text(tokenizer, ids: torch.Tensor, window: int, token: int) -> str | None:
