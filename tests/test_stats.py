@@ -199,3 +199,33 @@ def test_top_entries_do_not_depend_on_the_batching(data):
     _value, window, token, channel = tops[0]
     assert (token[:4], channel[:4], window[:4]) == ([5, 5, 5, 5], [0, 1, 2, 3], [3, 3, 3, 3])
     assert all(w == 0 for w, t in zip(window, token) if t == 0)  # ties across windows: the first window
+
+
+def test_finalizing_many_positions_together_equals_one_at_a_time():
+    """finalize_all over positions of several shapes, with different numbers of pending candidates (the padded
+    merge), gives each position exactly what finalizing it alone gives."""
+    import copy
+
+    from outlierlab.tracing.stats import finalize_all
+
+    gen = torch.Generator().manual_seed(1)
+    cfg = StatsConfig(top_k=6, merge_every=100)  # every candidate still pending at the end
+    stats = []
+    for i, (windows, tokens, channels) in enumerate([(4, 16, 24), (6, 16, 24), (2, 16, 24), (4, 8, 40), (3, 8, 40)]):
+        x = torch.randn(windows, tokens, channels, generator=gen)
+        x[i % windows, i % tokens, i % channels] = 500.0 + i  # a massive entry per position
+        x[:, i % tokens, 0] = 77.0  # ties across windows
+        st = PositionStats(cfg)
+        feed(st, x, batch=2)
+        stats.append(st)
+    alone = [finalize_all([copy.deepcopy(st)])[0] for st in stats]
+    together = finalize_all([copy.deepcopy(st) for st in stats])
+    assert len({len(st._pending) for st in stats}) > 1  # the rows were padded
+    for a, b in zip(alone, together):
+        assert a.keys() == b.keys()
+        for key, want in a.items():
+            got = b[key]
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want) and got.dtype == want.dtype, key
+            else:
+                assert got == want, key
