@@ -132,6 +132,7 @@ def test_a_pass_that_reads_no_logits_skips_the_output_layer_and_traces_the_same(
     traced = {(layer, name): r.stats["absmax"] for (layer, name), r in prof.results.items() if not r.same_as}
     assert traced and all(v == pytest.approx(seen[k], rel=1e-6) for k, v in traced.items())
 
+
 def test_mitigation_and_quantization_share_the_registry():
     model = tiny_model("llama")
     ids = random_windows(model, 2, 16)

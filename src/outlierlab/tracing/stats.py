@@ -21,6 +21,7 @@ What is kept for a tensor ``x`` seen as ``[rows = batch x tokens, channels]``:
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -239,28 +240,27 @@ class PositionStats:
     # named views into the packed states
     @property
     def chan_absmax(self) -> torch.Tensor:
-        return self.max_state[:self.channels]
+        return self.max_state[layout(self.channels, self.seq_len)["chan_absmax"]]
 
     @property
     def tok_absmax(self) -> torch.Tensor:
-        return self.max_state[self.channels:]
+        return self.max_state[layout(self.channels, self.seq_len)["tok_absmax"]]
 
     @property
     def chan_abssum(self) -> torch.Tensor:
-        return self.sum_state[:self.channels]
+        return self.sum_state[layout(self.channels, self.seq_len)["chan_abssum"]]
 
     @property
     def tok_absmax_sum(self) -> torch.Tensor:
-        return self.sum_state[self.channels:self.channels + self.seq_len]
+        return self.sum_state[layout(self.channels, self.seq_len)["tok_absmax_sum"]]
 
     @property
     def chan_median_sum(self) -> torch.Tensor:
-        c0 = self.channels + self.seq_len
-        return self.sum_state[c0:c0 + self.channels]
+        return self.sum_state[layout(self.channels, self.seq_len)["chan_median_sum"]]
 
     @property
     def hist(self) -> torch.Tensor:
-        return self.sum_state[2 * self.channels + self.seq_len:]
+        return self.sum_state[layout(self.channels, self.seq_len)["hist"]]
 
     def update(self, x: torch.Tensor, window0: int = 0) -> None:
         """Fold in a tensor shaped ``[batch, tokens, *channel_dims]`` whose batch row b is window ``window0 + b``."""
@@ -435,6 +435,21 @@ class PositionStats:
         return finalize_all([self], move=False)[0]
 
 
+@functools.cache
+def layout(channels: int, seq_len: int) -> dict[str, slice]:
+    """Where each named statistic lies in the packed states: ``chan_absmax`` and ``tok_absmax`` in
+    ``max_state``, the others in ``sum_state`` (the order the Triton kernels write them in)."""
+    c0, c1 = channels + seq_len, 2 * channels + seq_len
+    return {"chan_absmax": slice(0, channels), "tok_absmax": slice(channels, None),
+            "chan_abssum": slice(0, channels), "tok_absmax_sum": slice(channels, c0),
+            "chan_median_sum": slice(c0, c1), "hist": slice(c1, None)}
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor of its own (no storage shared with a state or a batched result)."""
+    return t.to("cpu", copy=True)
+
+
 def merge_rows(abs_v, val, window, token, channel, *, channels: int, top_k: int) -> tuple[torch.Tensor, ...]:
     """Per row of ``[positions, candidates]`` tensors, the ``top_k`` best entries with one per (token, channel)
     key: its largest |x|. Unused slots have |x| = EMPTY and sort last.
@@ -497,7 +512,8 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
         sum_state = torch.stack([st.sum_state for st in members])
         count = {name: torch.tensor([float(getattr(st, name)) for st in members], dtype=torch.float64,
                                     device=sum_state.device)[:, None] for name in ("rows", "n_updates", "tok_windows")}
-        hist = sum_state[:, 2 * channels + seq_len:]
+        at = layout(channels, seq_len)
+        hist = sum_state[:, at["hist"]]
         zeros = hist[:, 0]  # the underflow bin: entries below 2 ** log2_min, i.e. (numerically) zero
         nonzero = hist[:, 1:]
         cdf = nonzero.cumsum(1)
@@ -505,17 +521,12 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
         median = [2.0 ** (c.log2_min + (b + 0.5) / c.bins_per_octave) if total > 0 else 0.0
                   for b, total in zip(bins, cdf[:, -1].tolist())]
         zero_fraction = (zeros / hist.sum(1).clamp(min=1.0)).tolist()
-        chan_absmax = max_state[:, :channels]
+        chan_absmax = max_state[:, at["chan_absmax"]]
         absmax = chan_absmax.amax(1).tolist()
-        chan_mean = (sum_state[:, :channels] / count["rows"]).float()
-        c0 = channels + seq_len
-        chan_median = (sum_state[:, c0:c0 + channels] / count["n_updates"]).float()
-        tok_absmax_mean = (sum_state[:, channels:c0] / count["tok_windows"].clamp(min=1.0)).float()
+        chan_mean = (sum_state[:, at["chan_abssum"]] / count["rows"]).float()
+        chan_median = (sum_state[:, at["chan_median_sum"]] / count["n_updates"]).float()
+        tok_absmax_mean = (sum_state[:, at["tok_absmax_sum"]] / count["tok_windows"].clamp(min=1.0)).float()
         n_valid = (top[0] >= 0).sum(1).tolist()
-
-        def own(t: torch.Tensor) -> torch.Tensor:  # a host tensor of its own (no storage shared with the state)
-            return t.to("cpu", copy=True)
-
         for i, (j, st) in enumerate(zip(idx, members)):
             n = n_valid[i]  # the merged top-k is sorted by score: its used slots come first
             out[j] = {
@@ -524,14 +535,14 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
                 "absmax": absmax[i],
                 "median": median[i],
                 "zero_fraction": zero_fraction[i],
-                "chan_absmax": own(chan_absmax[i]),
-                "chan_mean": own(chan_mean[i]),
-                "chan_median": own(chan_median[i]),
-                "tok_absmax": own(max_state[i, channels:]),
-                "tok_absmax_mean": own(tok_absmax_mean[i]),
-                "top_value": own(st.top_val[:n]),
-                "top_window": own(st.top_window[:n]),
-                "top_token": own(st.top_token[:n]),
-                "top_channel": own(st.top_channel[:n]),
+                "chan_absmax": _own(chan_absmax[i]),
+                "chan_mean": _own(chan_mean[i]),
+                "chan_median": _own(chan_median[i]),
+                "tok_absmax": _own(max_state[i, at["tok_absmax"]]),
+                "tok_absmax_mean": _own(tok_absmax_mean[i]),
+                "top_value": _own(st.top_val[:n]),
+                "top_window": _own(st.top_window[:n]),
+                "top_token": _own(st.top_token[:n]),
+                "top_channel": _own(st.top_channel[:n]),
             }
     return out
