@@ -6,7 +6,7 @@ For each shape and compile mode it prints, per update: the wall time when update
 (what tracing pays), the host time to issue one update (launch cost; on a GPU the work is asynchronous), and
 the device time of one update measured alone (CUDA events). If the host time exceeds the device time, tracing
 is launch-bound: the GPU waits for the CPU. ``--kernels`` adds, per shape, the device time of each kernel of
-an update (torch.profiler over ``--n`` updates with plain launches, mode ``triton``).
+an update (torch.profiler over ``--n`` updates, with plain launches and with graph replays).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def measure(x: torch.Tensor, mode: str, n: int, batch: int) -> dict:
     return {"wall": wall, "host": host, "device": device}
 
 
-def kernel_times(x: torch.Tensor, n: int, batch: int) -> None:
-    """Device time per update of every kernel an update launches (plain launches: a graph's kernels are not
-    seen one by one)."""
+def kernel_times(x: torch.Tensor, n: int, batch: int, mode: str) -> None:
+    """Device time per update of every kernel an update launches (mode ``triton``: plain launches; ``graphs``:
+    the kernels of the replayed CUDA graph, as CUPTI reports them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    st = PositionStats(StatsConfig(compile="triton"))
+    st = PositionStats(StatsConfig(compile=mode))
     x = x.view(batch, -1, x.shape[-1])
     for _ in range(3):
         st.update(x)
@@ -92,8 +92,9 @@ def main() -> None:
             print(f"channels {c:6d}  {mode:6s}  wall {r['wall'] * 1e6:8.1f} us  host {r['host'] * 1e6:8.1f} us  "
                   f"device {r['device'] * 1e6:8.1f} us  (one read of x at 3 TB/s: {bytes_ / 3e12 * 1e6:.1f} us)")
         if args.kernels and device.type == "cuda":
-            print(f"  kernels of one update, {c} channels (device time per update):")
-            kernel_times(x, args.n, args.batch)
+            for mode in ("triton", "graphs"):
+                print(f"  kernels of one update, {c} channels, mode {mode} (device time per update):")
+                kernel_times(x, args.n, args.batch, mode)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def _assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize(("batch", "seq_len", "channels", "top_k"),
                          [(2, 24, 40, 8),    # KT = top_k tokens: candidates above the token floor
                           (3, 12, 20, 16),   # fewer tokens than top_k: no floor, the one-max-at-a-time path
-                          (1, 33, 130, 4)])  # batch 1, channels over one block, odd sizes
+                          (1, 33, 130, 4),   # batch 1, odd sizes
+                          (2, 300, 520, 8)])  # 3 row groups x 3 blocks of channels: the tickets fold
 def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
     x = _planted(6, seq_len, channels, dtype)
     _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))

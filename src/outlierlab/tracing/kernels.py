@@ -1,9 +1,10 @@
 """Triton kernels of one statistics update on a GPU: two launches per traced tensor, no host synchronization.
 
-``stats_pass`` reads the tensor once: per-channel max and sum of |x| (atomics into the position's state), per
-row max folded into the token statistics, and the per-update token max that picks the top-k candidates; extra
-programs of the same launch compute the channel medians over the fixed row sample and the log2 histogram of
-the fixed element sample. ``candidates`` reads the rows of the ``top_k`` tokens with the largest max, keeps for
+``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
+reads: per-group channel max and sum of |x| (folded into the state by ``candidates``), each block's part of
+the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
+by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
+compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample. ``candidates`` reads the rows of the ``top_k`` tokens with the largest max, keeps for
 every (token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries as
 packed int64 keys: ``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot *
 channels + channel`` (0 = empty), which sort like |x| and, among equal |x|, prefer the smaller (token slot,
@@ -60,35 +61,39 @@ def _kernels():
 
 
 BLOCK_M = 16  # channels per median program
+HIST_BLOCK = 1024  # sampled elements per histogram program
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch.float32,
+            zero: bool = False) -> torch.Tensor:
     """A buffer reused by every update on ``device`` that asks for the same ``slot`` (updates run in stream
-    order, each consumes its scratch before the next one writes it; the CPU path's slot names its thread)."""
+    order, each consumes its scratch before the next one writes it; the CPU path's slot names its thread).
+    ``zero``: zeroed when made (the kernels that use it leave it zero)."""
     # a buffer made under inference mode cannot be written by torch ops outside it (topk's out=)
     key = (shape, device, slot, torch.is_inference_mode_enabled())
     buf = _SCRATCH.get(key)
     if buf is None:
         if len(_SCRATCH) > 16:
             _SCRATCH.clear()
-        buf = _SCRATCH[key] = torch.empty(shape, device=device, dtype=dtype)
+        buf = _SCRATCH[key] = (torch.zeros if zero else torch.empty)(shape, device=device, dtype=dtype)
     return buf
 
 
 @functools.cache
 def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     bp = _next_pow2(batch)
-    rows = batch * seq_len
-    target = 64 if rows >= 8192 else 32 if rows >= 2048 else 16
-    bt = max(1, target // bp)
-    block_c = max(16, min(_next_pow2(channels), 8192 // (bp * bt)))
+    # stats_pass: row groups of TB tokens x every window (~256 rows), blocks of BC channels, R rows per step
+    tb = min(_next_pow2(seq_len), max(1, 256 // bp))
+    bc = max(16, min(256, _next_pow2(channels)))
+    n_cb = -(-channels // bc)
     kt = min(top_k, seq_len)
     ktp = _next_pow2(kt)
     top = _next_pow2(top_k)
     block_cb = max(_next_pow2(-(-top // ktp)), min(_next_pow2(channels), max(1, 2048 // ktp)))
-    return {"BP": bp, "BT": bt, "BLOCK_C": block_c, "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb,
-            "n_main": -(-seq_len // bt), "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb)}
+    return {"BP": bp, "TB": tb, "R": min(16, bp * tb), "BC": bc, "CBF": min(16, _next_pow2(n_cb)),
+            "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb, "n_rg": -(-seq_len // tb), "n_cb": n_cb,
+            "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb)}
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -110,14 +115,15 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
     indirect = args is not None
     args = args if indirect else bufs["tokmax"]  # an unused pointer when direct
     common = {"INDIRECT": indirect, "XDT": _tl_dtype(x.dtype), "stride_r": stride_r, "stride_c": stride_c,
-              "B": batch, "S": seq_len, "C": channels, "n_main": g["n_main"]}
-    stats_pass[(1 + g["n_main"] + g["n_med"],)](
-        x, max_state, sum_state, bufs["part"], bufs["tokmax"], rows_idx, elem_idx, args, **common,
-        KR=rows_idx.numel(), n_elem=elem_idx.numel(), lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999,
-        log2_min=float(log2_min), bins_per_octave=float(bins_per_octave),
-        n_bins=(log2_max - log2_min) * bins_per_octave,
-        BP=g["BP"], BT=g["BT"], BLOCK_C=g["BLOCK_C"], KRP=_next_pow2(rows_idx.numel()), BLOCK_M=BLOCK_M, NE=1024,
-        num_warps=8)
+              "B": batch, "S": seq_len, "C": channels, "n_rg": g["n_rg"]}
+    n_hist = -(-elem_idx.numel() // HIST_BLOCK)
+    stats_pass[(n_hist + g["n_rg"] * g["n_cb"] + g["n_med"],)](
+        x, max_state, sum_state, bufs["part"], bufs["tokmax"], rows_idx, elem_idx, args, bufs["rpart"],
+        bufs["ticket"], **common, KR=rows_idx.numel(), n_elem=elem_idx.numel(), n_hist=n_hist, n_cb=g["n_cb"],
+        lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999, log2_min=float(log2_min),
+        bins_per_octave=float(bins_per_octave), n_bins=(log2_max - log2_min) * bins_per_octave,
+        BP=g["BP"], TB=g["TB"], R=g["R"], BC=g["BC"], CBF=g["CBF"], KRP=_next_pow2(rows_idx.numel()),
+        BLOCK_M=BLOCK_M, NE=HIST_BLOCK, num_warps=4)
     torch.topk(bufs["tokmax"], g["KT"], sorted=False, out=(bufs["tok_val"], bufs["tok_idx"]))
     candidates[(g["n_cand"],)](x, bufs["tok_idx"], bufs["tok_val"], bufs["keys"], bufs["tokw"], max_state, sum_state,
                                bufs["part"], window0, args, **common, KT=g["KT"], use_floor=int(g["KT"] == top_k),
@@ -134,7 +140,9 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
     g = _geometry(batch, seq_len, channels, top_k)
     i64 = {"device": device, "dtype": torch.int64}
     if fresh:
-        bufs = {"tokmax": scratch((seq_len,), device, 0), "part": scratch((2, g["n_main"], channels), device, 1),
+        bufs = {"tokmax": scratch((seq_len,), device, 0), "part": scratch((2, g["n_rg"], channels), device, 1),
+                "rpart": scratch((g["n_cb"], batch * seq_len), device, 6),
+                "ticket": scratch((g["n_rg"],), device, 7, torch.int32, zero=True),
                 "tok_val": scratch((g["KT"],), device, 3), "tok_idx": scratch((g["KT"],), device, 4, torch.int64),
                 "top_idx": scratch((g["TOP"],), device, 5, torch.int64)}
         bufs["keys"] = (torch.empty(g["n_cand"] * g["TOP"], **i64) if g["n_cand"] == 1
@@ -143,7 +151,9 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
             bufs["top"] = torch.empty(g["TOP"], **i64)
     else:
         f32 = {"device": device, "dtype": torch.float32}
-        bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_main"], channels, **f32),
+        bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_rg"], channels, **f32),
+                "rpart": torch.empty(g["n_cb"], batch * seq_len, **f32),
+                "ticket": torch.zeros(g["n_rg"], device=device, dtype=torch.int32),
                 "tok_val": torch.empty(g["KT"], **f32), "tok_idx": torch.empty(g["KT"], **i64),
                 "keys": torch.empty(g["n_cand"] * g["TOP"], **i64), "top": torch.empty(g["TOP"], **i64),
                 "top_idx": torch.empty(g["TOP"], **i64)}

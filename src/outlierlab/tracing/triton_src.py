@@ -5,7 +5,9 @@ compile-time (a model has a handful of shapes), which keeps Triton's per-launch 
 
 State layout (see :class:`~outlierlab.tracing.stats.PositionStats`): ``max_state`` = [chan_absmax (C) |
 tok_absmax (S)] in float32, ``sum_state`` = [chan_abssum (C) | tok_absmax_sum (S) | chan_median_sum (C) |
-hist] in float64. ``part`` is a float32 scratch [2, n_main, C] of per-program channel max and sum.
+hist] in float64. ``part`` is a float32 scratch [2, n_rg, C] of per-row-group channel max and sum, ``rpart``
+[n_cb, B * S] the row maxima of each block of channels, ``ticket`` [n_rg] int32 counters (zero between
+updates: the last program of a group resets its own).
 """
 
 import triton.language as tl
@@ -16,84 +18,110 @@ _MAXF = tl.constexpr((1 << FLAT_BITS) - 1)
 _WIN_BITS = tl.constexpr(WIN_BITS)
 
 
-def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr, args_ptr,
-               INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
-               KR: tl.constexpr, n_elem: tl.constexpr, n_main: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr,
-               log2_min: tl.constexpr, bins_per_octave: tl.constexpr, n_bins: tl.constexpr,
-               BP: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr, KRP: tl.constexpr,
-               BLOCK_M: tl.constexpr, NE: tl.constexpr):
-    """Program 0: the histogram; 1..n_main: BT tokens of every window; the rest: channel medians. With
-    INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
+def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr, args_ptr, rpart_ptr,
+               ticket_ptr, INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr,
+               stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, KR: tl.constexpr,
+               n_elem: tl.constexpr, n_hist: tl.constexpr, n_rg: tl.constexpr, n_cb: tl.constexpr,
+               lo: tl.constexpr, hi: tl.constexpr, log2_min: tl.constexpr, bins_per_octave: tl.constexpr,
+               n_bins: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
+               CBF: tl.constexpr, KRP: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr):
+    """Programs 0..n_hist-1: the histogram, NE sampled elements each; then one program per (row group, block
+    of BC channels): the group is TB tokens of every window (BP x TB rows), read R rows at a time; the last
+    program of a row group to finish (a ticket counter) folds the group's row maxima into the token state;
+    the rest: channel medians. With INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA
+    graph replays it)."""
     if INDIRECT:
         x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
         max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
         sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
     pid = tl.program_id(0)
-    if pid == 0:
+    if pid < n_hist:
         # log2 histogram of the sampled elements (as torch.histc over the clamped log2 |x|)
-        hist_ptr = sum_ptr + 2 * C + S
-        for e0 in range(0, n_elem, NE):
-            e = e0 + tl.arange(0, NE)
-            ok = e < n_elem
-            flat = tl.load(elem_idx_ptr + e, mask=ok, other=0)
-            a = tl.load(x_ptr + (flat // C) * stride_r + (flat % C) * stride_c, mask=ok, other=0.0)
-            a = tl.minimum(tl.maximum(tl.abs(a.to(tl.float32)), lo), hi)
-            idx = ((tl.log2(a) - log2_min) * bins_per_octave).to(tl.int32)
-            idx = tl.minimum(tl.maximum(idx, 0), n_bins - 1)
-            tl.atomic_add(hist_ptr + idx, tl.full([NE], 1.0, tl.float64), mask=ok)
-    elif pid <= n_main:
-        p = pid - 1
-        # rows of BT tokens in every window of the batch: [BP * BT] rows, b-major
-        i = tl.arange(0, BP * BT)
-        b = i // BT
-        t = p * BT + i % BT
-        row_ok = (b < B) & (t < S)
-        rows = (b * S + t).to(tl.int64)
-        rmax = tl.zeros([BP * BT], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            a = tl.load(x_ptr + rows[:, None] * stride_r + c[None, :].to(tl.int64) * stride_c,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        h_hist_ptr = sum_ptr + 2 * C + S
+        h_e = pid * NE + tl.arange(0, NE)
+        h_ok = h_e < n_elem
+        h_flat = tl.load(elem_idx_ptr + h_e, mask=h_ok, other=0)
+        h_a = tl.load(x_ptr + (h_flat // C) * stride_r + (h_flat % C) * stride_c, mask=h_ok, other=0.0)
+        h_a = tl.minimum(tl.maximum(tl.abs(h_a.to(tl.float32)), lo), hi)
+        h_idx = ((tl.log2(h_a) - log2_min) * bins_per_octave).to(tl.int32)
+        h_idx = tl.minimum(tl.maximum(h_idx, 0), n_bins - 1)
+        tl.atomic_add(h_hist_ptr + h_idx, tl.full([NE], 1.0, tl.float64), mask=h_ok)
+    elif pid < n_hist + n_rg * n_cb:
+        p = pid - n_hist
+        rg = p // n_cb
+        cb = p % n_cb
+        c = cb * BC + tl.arange(0, BC)
+        c_ok = c < C
+        col = c[None, :].to(tl.int64) * stride_c
+        acc_max = tl.zeros([R, BC], dtype=tl.float32)
+        acc_sum = tl.zeros([R, BC], dtype=tl.float32)
+        for r0 in range(0, BP * TB, R):
+            # rows r0..r0+R of the group, window-major: window i // TB, token rg * TB + i % TB
+            i = r0 + tl.arange(0, R)
+            b = i // TB
+            t = rg * TB + i % TB
+            row_ok = (b < B) & (t < S)
+            rows = b * S + t
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + col, mask=row_ok[:, None] & c_ok[None, :],
+                        other=0.0)
             a = tl.abs(a.to(tl.float32))
-            # per-program channel max and sum: plain stores, reduced over the programs by `candidates`
-            tl.store(part_ptr + p * C + c, tl.max(a, axis=0), mask=c_ok)
-            tl.store(part_ptr + (n_main + p) * C + c, tl.sum(a, axis=0), mask=c_ok)
-            rmax = tl.maximum(rmax, tl.max(a, axis=1))
-        per_window = tl.reshape(rmax, (BP, BT))
-        tmax = tl.max(per_window, axis=0)
-        tsum = tl.sum(per_window, axis=0)
-        tt = p * BT + tl.arange(0, BT)
-        ok = tt < S
-        # every program owns its tokens: plain read-modify-write of the token state
-        tok_max = max_ptr + C + tt
-        tok_sum = sum_ptr + C + tt
-        tl.store(tok_max, tl.maximum(tl.load(tok_max, mask=ok, other=0.0), tmax), mask=ok)
-        tl.store(tok_sum, tl.load(tok_sum, mask=ok, other=0.0) + tsum.to(tl.float64), mask=ok)
-        tl.store(tokmax_ptr + tt, tmax, mask=ok)
+            acc_max = tl.maximum(acc_max, a)
+            acc_sum += a
+            # this block's part of every row's max: plain stores, read back by the group's last program
+            tl.store(rpart_ptr + cb * (B * S) + rows, tl.max(a, axis=1), mask=row_ok)
+        # per-group channel max and sum: plain stores, reduced over the groups by `candidates`
+        tl.store(part_ptr + rg * C + c, tl.max(acc_max, axis=0), mask=c_ok)
+        tl.store(part_ptr + (n_rg + rg) * C + c, tl.sum(acc_sum, axis=0), mask=c_ok)
+        tl.debug_barrier()  # every thread's stores precede the ticket (a gpu-scope acq_rel atomic)
+        if tl.atomic_add(ticket_ptr + rg, 1) == n_cb - 1:
+            # the group's last program: every block's row maxima are written
+            f_i = tl.arange(0, BP * TB)
+            f_b = f_i // TB
+            f_t = rg * TB + f_i % TB
+            f_row_ok = (f_b < B) & (f_t < S)
+            f_rows = f_b * S + f_t
+            rmax = tl.zeros([BP * TB], dtype=tl.float32)
+            for f0 in range(0, n_cb, CBF):
+                f_f = f0 + tl.arange(0, CBF)
+                f_m = (f_f < n_cb)[:, None] & f_row_ok[None, :]
+                f_v = tl.load(rpart_ptr + f_f[:, None] * (B * S) + f_rows[None, :], mask=f_m, other=0.0,
+                              cache_modifier=".cg")
+                rmax = tl.maximum(rmax, tl.max(f_v, axis=0))
+            per_window = tl.reshape(rmax, (BP, TB))
+            tmax = tl.max(per_window, axis=0)
+            tsum = tl.sum(per_window, axis=0)
+            tt = rg * TB + tl.arange(0, TB)
+            ok = tt < S
+            # every group owns its tokens: plain read-modify-write of the token state
+            tok_max = max_ptr + C + tt
+            tok_sum = sum_ptr + C + tt
+            tl.store(tok_max, tl.maximum(tl.load(tok_max, mask=ok, other=0.0), tmax), mask=ok)
+            tl.store(tok_sum, tl.load(tok_sum, mask=ok, other=0.0) + tsum.to(tl.float64), mask=ok)
+            tl.store(tokmax_ptr + tt, tmax, mask=ok)
+            tl.atomic_xchg(ticket_ptr + rg, 0)  # ready for the next update
     else:
         # channel medians over the KR sampled rows: the entry of each channel whose rank (ties by row) is the
         # lower median's, found by counting instead of sorting
-        c = (pid - n_main - 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c_ok = c < C
-        r = tl.arange(0, KRP)
-        r_ok = r < KR
-        row = tl.load(rows_idx_ptr + r, mask=r_ok, other=0).to(tl.int64)
-        a = tl.load(x_ptr + row[None, :] * stride_r + c[:, None].to(tl.int64) * stride_c,
-                    mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.where(r_ok[None, :], tl.abs(a.to(tl.float32)), float("inf"))
-        ai = a[:, :, None]
-        aj = a[:, None, :]
-        before = (aj < ai) | ((aj == ai) & (r[None, None, :] < r[None, :, None]))
-        rank = tl.sum(before.to(tl.int32), axis=2)
-        med = tl.max(tl.where(rank == (KR - 1) // 2, a, -1.0), axis=1)
-        med_ptr = sum_ptr + C + S + c
-        tl.store(med_ptr, tl.load(med_ptr, mask=c_ok, other=0.0) + med.to(tl.float64), mask=c_ok)
+        m_c = (pid - n_hist - n_rg * n_cb) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_c_ok = m_c < C
+        m_r = tl.arange(0, KRP)
+        m_r_ok = m_r < KR
+        m_row = tl.load(rows_idx_ptr + m_r, mask=m_r_ok, other=0).to(tl.int64)
+        m_a = tl.load(x_ptr + m_row[None, :] * stride_r + m_c[:, None].to(tl.int64) * stride_c,
+                      mask=m_c_ok[:, None] & m_r_ok[None, :], other=0.0)
+        m_a = tl.where(m_r_ok[None, :], tl.abs(m_a.to(tl.float32)), float("inf"))
+        m_ai = m_a[:, :, None]
+        m_aj = m_a[:, None, :]
+        m_before = (m_aj < m_ai) | ((m_aj == m_ai) & (m_r[None, None, :] < m_r[None, :, None]))
+        m_rank = tl.sum(m_before.to(tl.int32), axis=2)
+        m_med = tl.max(tl.where(m_rank == (KR - 1) // 2, m_a, -1.0), axis=1)
+        m_med_ptr = sum_ptr + C + S + m_c
+        tl.store(m_med_ptr, tl.load(m_med_ptr, mask=m_c_ok, other=0.0) + m_med.to(tl.float64), mask=m_c_ok)
 
 
 def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr, window0, args_ptr,
                INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
-               KT: tl.constexpr, use_floor: tl.constexpr, n_main: tl.constexpr,
+               KT: tl.constexpr, use_floor: tl.constexpr, n_rg: tl.constexpr,
                KTP: tl.constexpr, BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr):
     """One block of channels: fold the programs' channel max/sum into the state, then write the block's best
     TOP candidate keys among the KT selected tokens (and, program 0, ``tokw`` = window0 * S + token per slot)."""
@@ -106,14 +134,14 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum
     cl = tl.arange(0, BLOCK_C)
     c = pid * BLOCK_C + cl
     c_ok = c < C
-    # channel max and sum over the stats_pass programs
+    # channel max and sum over the stats_pass row groups
     cmax = tl.zeros([BLOCK_C], dtype=tl.float32)
     csum = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, n_main, RB):
+    for r0 in range(0, n_rg, RB):
         r = r0 + tl.arange(0, RB)
-        m2 = (r < n_main)[:, None] & c_ok[None, :]
+        m2 = (r < n_rg)[:, None] & c_ok[None, :]
         cmax = tl.maximum(cmax, tl.max(tl.load(part_ptr + r[:, None] * C + c[None, :], mask=m2, other=0.0), axis=0))
-        csum += tl.sum(tl.load(part_ptr + (n_main + r[:, None]) * C + c[None, :], mask=m2, other=0.0), axis=0)
+        csum += tl.sum(tl.load(part_ptr + (n_rg + r[:, None]) * C + c[None, :], mask=m2, other=0.0), axis=0)
     tl.store(max_ptr + c, tl.maximum(tl.load(max_ptr + c, mask=c_ok, other=0.0), cmax), mask=c_ok)
     tl.store(sum_ptr + c, tl.load(sum_ptr + c, mask=c_ok, other=0.0) + csum.to(tl.float64), mask=c_ok)
 
