@@ -277,10 +277,12 @@ _GRAPHS: dict[tuple, GraphedUpdate] = {}
 
 
 def new_ring(rows: int, seq_len: int, top_k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A position's rings for the graph path: (keys [rows, TOP], token slots [rows, KT], counter [1])."""
+    """A position's rings for the graph path: (keys [rows, TOP], token slots [rows, KT], counter [1]), views
+    of one allocation."""
     g = _geometry(1, seq_len, 1, top_k)
-    i64 = {"device": device, "dtype": torch.int64}
-    return torch.zeros(rows, g["TOP"], **i64), torch.zeros(rows, g["KT"], **i64), torch.zeros(1, **i64)
+    buf = torch.zeros(rows * (g["TOP"] + g["KT"]) + 1, device=device, dtype=torch.int64)
+    keys, slots, counter = buf.split([rows * g["TOP"], rows * g["KT"], 1])
+    return keys.view(rows, g["TOP"]), slots.view(rows, g["KT"]), counter
 
 
 def graphed(x: torch.Tensor, batch: int, seq_len: int, rows_idx, elem_idx, top_k: int, log2_min: int,

@@ -303,8 +303,8 @@ class PositionStats:
                 if self._ring_n >= c.merge_every:
                     self._flush()
                 return
-            self._pending_keys.append(kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state,
-                                                     *args[2:]))
+            keys, tokw = kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state, *args[2:])
+            self._pending_keys.append((keys[None], tokw[None]))
             if len(self._pending_keys) >= c.merge_every:
                 self._flush()
             return
@@ -327,7 +327,7 @@ class PositionStats:
         next replay, which the stream order of the flush guarantees)."""
         if self._ring_n:
             keys, slots, counter = self._ring
-            self._pending_keys += [(keys[i], slots[i]) for i in range(self._ring_n)]
+            self._pending_keys.append((keys[:self._ring_n], slots[:self._ring_n]))
             self._ring_n = 0
             with torch.inference_mode(counter.is_inference()):  # the rings may be made inside a forward's mode
                 counter.zero_()
@@ -354,17 +354,24 @@ class PositionStats:
 
     def _candidates(self) -> list[tuple[torch.Tensor, ...]]:
         """The pending candidates as (|x|, x, window, token, channel) blocks, taken out of the state."""
-        self._drain_ring()
         out = []
-        if self._pending_keys:
-            keys, tokw = (torch.stack(t) for t in zip(*self._pending_keys))
-            self._pending_keys.clear()
-            out.append(tuple(t.flatten() for t in kernels.decode_keys(keys, tokw, self.channels, self.seq_len)))
+        keys = self._take_keys()
+        if keys is not None:
+            out.append(tuple(t.flatten() for t in kernels.decode_keys(*keys, self.channels, self.seq_len)))
         if self._pending:
             vals, signed, grow, ch = (torch.cat(t) for t in zip(*self._pending))
             self._pending.clear()
             out.append((vals, signed, grow // self.seq_len, grow % self.seq_len, ch))
         return out
+
+    def _take_keys(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The device paths' pending candidate keys [updates, TOP] and token slots [updates, KT], taken out."""
+        self._drain_ring()
+        if not self._pending_keys:
+            return None
+        keys, tokw = (torch.cat(t) for t in zip(*self._pending_keys))
+        self._pending_keys.clear()
+        return keys, tokw
 
     # -- merging ---------------------------------------------------------------------------------------
     _COUNTS = ("rows", "n_updates", "samples", "tok_windows")
@@ -497,15 +504,28 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
         groups.setdefault((st.channels, st.seq_len, st.config, st.max_state.device), []).append(i)
     for (channels, seq_len, c, _), idx in groups.items():
         members = [stats[i] for i in idx]
-        # the running top-k and every pending candidate, one row per position (padded with empty slots)
-        rows = [[*st._top()] for st in members]
-        for row, st in zip(rows, members):
-            for block in st._candidates():
-                for j, t in enumerate(block):
-                    row[j] = torch.cat([row[j], t.to(row[j].dtype)])
-        fills = (EMPTY, 0.0, 0, 0, 0)
-        top = merge_rows(*(_padded([r[j] for r in rows], fills[j]) for j in range(5)), channels=channels,
-                         top_k=c.top_k)
+        # the running top-k and every pending candidate, one row per position (padded with empty slots); the
+        # device paths' keys are decoded for all positions together where they hold as many updates
+        n = len(members)
+        top = [torch.stack(t) for t in zip(*(st._top() for st in members))]
+        keyed = [st._take_keys() for st in members]
+        if all(k is not None for k in keyed) and len({k[0].shape for k in keyed}) == 1:
+            decoded = kernels.decode_keys(torch.cat([k for k, _ in keyed]), torch.cat([t for _, t in keyed]),
+                                          channels, seq_len)
+            top = [torch.cat([t, d.reshape(n, -1).to(t.dtype)], 1) for t, d in zip(top, decoded)]
+        else:
+            for st, k in zip(members, keyed):
+                if k is not None:
+                    st._pending_keys.append(k)
+        if any(st._pending or st._pending_keys for st in members):
+            rows = [[t[i] for t in top] for i in range(n)]
+            for row, st in zip(rows, members):
+                for block in st._candidates():
+                    for j, t in enumerate(block):
+                        row[j] = torch.cat([row[j], t.to(row[j].dtype)])
+            fills = (EMPTY, 0.0, 0, 0, 0)
+            top = [_padded([r[j] for r in rows], fills[j]) for j in range(5)]
+        top = merge_rows(*top, channels=channels, top_k=c.top_k)
         for i, st in enumerate(members):
             st._set_top(*(t[i] for t in top))
         max_state = torch.stack([st.max_state for st in members])
