@@ -233,6 +233,31 @@ def test_linear_parts_reproduce_the_traced_projections(model_type):
     assert checked >= 4
 
 
+@pytest.mark.parametrize("model_type", sorted(TINY_FAMILIES))
+def test_causal_prefix_gives_the_rows_of_the_whole_window(model_type):
+    """Every family is a causal decoder: the rows of tokens 0..5 from the window cut after token 5 equal those
+    of the whole window (what capture_token_rows and attention_reads rely on), and so do the attention reads."""
+    from outlierlab.analysis.attribution import attention_reads
+
+    model = tiny_model(model_type)
+    ad = get_adapter(model)
+    ids = random_windows(model, 1, 24)[0]
+    cut = capture_token_rows(model, ad, ids, [0, 5])
+    ad.causal = False  # this instance runs whole windows
+    whole = capture_token_rows(model, ad, ids, [0, 5])
+    assert cut.keys() == whole.keys() and len(cut) > 10
+    for key, rows in whole.items():
+        torch.testing.assert_close(cut[key], rows, rtol=1e-4, atol=1e-5, msg=f"{model_type} {key}")
+    ctx = whole[(1, "attn.ctx")][1] if (1, "attn.ctx") in whole else None
+    if ctx is not None:
+        reads_whole = attention_reads(model, ad, ids, 1, 5, ctx, [0, 1])
+        ad.causal = True
+        reads_cut = attention_reads(model, ad, ids, 1, 5, ctx, [0, 1])
+        if reads_whole is not None:
+            assert [(r.head, [k.key_position for k in r.keys]) for r in reads_cut] == [
+                (r.head, [k.key_position for k in r.keys]) for r in reads_whole]
+
+
 def test_otc_in_fused_qkv_and_gemma_gain_convention():
     model = tiny_model("phi3")
     plant_otc_column(model, 2, 40, 50.0)

@@ -92,11 +92,19 @@ class Adapter:
     layers_paths: ClassVar[tuple[str, ...]] = ("model.layers",)
     final_norm_paths: ClassVar[tuple[str, ...]] = ("model.norm",)
     embed_paths: ClassVar[tuple[str, ...]] = ("model.embed_tokens",)
+    #: True when the tensors at token t depend on tokens 0..t only (a causal decoder): a forward that reads
+    #: the rows of some tokens may then stop the window after the last of them (see ``causal_prefix``).
+    causal: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
         self.layers_path = self._first_path(self.layers_paths)
+
+    def causal_prefix(self, ids: torch.Tensor, last_token: int) -> torch.Tensor:
+        """``ids`` (``[..., T]``) cut after ``last_token`` when the model is causal: the rows of tokens up to
+        it are what the whole window gives them, for ``last_token + 1`` tokens of compute instead of T."""
+        return ids[..., :last_token + 1] if self.causal else ids
 
     # -- structure -------------------------------------------------------------------------------------
     def _first_path(self, paths: tuple[str, ...]) -> str:

@@ -222,7 +222,8 @@ def attention_reads(model, adapter: Adapter, ids: torch.Tensor, layer: int, toke
                     channels: list[int], top: int = 3) -> list[HeadRead] | None:
     """For each context channel j (o_proj input) at ``token``: its head and the key positions s whose terms
     p[head, token, s] * v[s, j'] make ctx[j] (j' the value channel of j's key-value head). One forward of the
-    window ``ids`` ([T]); None when the attention returns no probabilities."""
+    window ``ids`` ([T]; up to ``token`` for a causal model); None when the attention returns no probabilities."""
+    ids = adapter.causal_prefix(ids, token)
     cap = RowCapture(list(range(ids.shape[-1])), ids.shape[-1])
     probs: dict[str, torch.Tensor] = {}
 

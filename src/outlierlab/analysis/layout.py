@@ -111,7 +111,10 @@ class RowCapture:
 
 def capture_token_rows(model: nn.Module, adapter: Adapter, ids: torch.Tensor, tokens: list[int],
                        layers=None, positions=None) -> dict[tuple[int, str], torch.Tensor]:
-    """Forward one window ``ids`` ([seq_len]) and return ``{(layer, position): [len(tokens), C]}``."""
+    """Forward one window ``ids`` ([seq_len]) and return ``{(layer, position): [len(tokens), C]}`` (a causal
+    model runs the window only up to the last of ``tokens``)."""
+    if tokens:
+        ids = adapter.causal_prefix(ids, max(tokens))
     cap = RowCapture(tokens, ids.shape[-1])
     observe(model, adapter, cap, ids.view(1, -1), layers=layers, positions=positions)
     return cap.rows
