@@ -88,6 +88,30 @@ class StageLog:
         return sum(known[s] for s in stages) if all(s in known for s in stages) else None
 
 
+def planned_tokens(config: RunConfig, logits_cost: float, ablation_windows: int) -> dict[str, float]:
+    """Tokens each stage will run through the model, a token whose logits are computed counting
+    ``logits_cost`` times one without: a rough plan (calibrations of the quantized cells and the tracing
+    left out) that, scaled by the profile stage's seconds per token, estimates a first run."""
+    ev, cal = config.eval.n_samples * config.eval.seq_len, config.calib.n_samples * config.calib.seq_len
+    q, m = len(config.quants), len(config.methods)
+    row = q if config.recommended in config.methods else 1  # the recommended method's cells come with mitigate
+    return {"profile": float(cal),
+            "explain": (config.explain_ablations + 1) * min(ablation_windows, config.eval.n_samples)
+            * config.eval.seq_len * logits_cost,
+            "mitigate": (1 + row) * ev * logits_cost + cal,  # before, after and the quantized cells of the row
+            "compare": max(m * q - 1 - row, 0) * ev * logits_cost,
+            "report": 0.0}
+
+
+def logits_cost(model) -> float:
+    """What a token costs with its logits over one without: 1 + output layer / decoder layers (parameters)."""
+    from .adapters import get_adapter
+
+    head = model.get_output_embeddings()
+    layers = sum(p.numel() for p in get_adapter(model).layers().parameters())
+    return 1.0 + (head.weight.numel() / layers if head is not None and layers else 0.0)
+
+
 def _update_report(out_dir: Path, section: str, value) -> None:
     path = out_dir / "report.json"
     report = json.loads(path.read_text())
@@ -117,10 +141,16 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     log = StageLog(out)
     t_all = time.perf_counter()
 
+    plan: dict[str, float] = {}
+
     def header(stage: str, state: str) -> None:
         i = STAGES.index(stage)
         left = log.estimate(STAGES[i + (state == "(cached)"):])
         eta = f"about {duration(left)} left" if left is not None else "no estimate (no previous run's timings)"
+        tokens = sum(plan.get(s, 0.0) for s in STAGES[i + (state == "(cached)"):])
+        if left is None and tokens and "profile" in log.seconds():  # a first run: at the profile's speed
+            left = log.seconds()["profile"] / plan["profile"] * tokens
+            eta = f"about {duration(left)} left (first run: the remaining forwards at the profile's speed)"
         name = f"[bold]stage {i + 1}/{len(STAGES)} {stage}[/]" + (f" {state}" if state else "")
         console.rule(name)
         console.print(f"  {duration(time.perf_counter() - t_all)} elapsed, {eta}")
@@ -134,6 +164,8 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
     calib = as_windows(config.calib, lm)
     ev = eval_windows(lm.tokenizer, config.eval, max_positions=max_positions(lm.model))
     model_id = lm.info.get("sha256") or lm.info["id"]
+    plan.update(planned_tokens(config, logits_cost(lm.model),
+                               ExplainConfig.ablation_windows or config.eval.n_samples))
 
     # -- profile ------------------------------------------------------------------------------------
     pconf = ProfileConfig(batch_size=config.batch_size)
