@@ -107,9 +107,9 @@ def logits_cost(model) -> float:
     """What a token costs with its logits over one without: 1 + output layer / decoder layers (parameters)."""
     from .adapters import get_adapter
 
-    head = model.get_output_embeddings()
+    head = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
     layers = sum(p.numel() for p in get_adapter(model).layers().parameters())
-    return 1.0 + (head.weight.numel() / layers if head is not None and layers else 0.0)
+    return 1.0 + (head.numel() / layers if head is not None and layers else 0.0)
 
 
 def _update_report(out_dir: Path, section: str, value) -> None:
