@@ -1,12 +1,14 @@
-"""Triton kernels of one statistics update on a GPU: two launches per traced tensor, no host synchronization.
+"""Triton kernels of one statistics update on a GPU: two kernels and two ``topk`` per traced tensor, no host
+synchronization.
 
 ``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
 reads: per-group channel max and sum of |x| (folded into the state by ``candidates``), each block's part of
 the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
 by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
-compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample. ``candidates`` reads the rows of the ``top_k`` tokens with the largest max, keeps for
-every (token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries as
-packed int64 keys: ``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot *
+compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample.
+``candidates`` reads the rows of the ``top_k`` tokens with the largest max (a ``topk`` of the token maxima),
+keeps for every (token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries
+as packed int64 keys: ``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot *
 channels + channel`` (0 = empty), which sort like |x| and, among equal |x|, prefer the smaller (token slot,
 channel); one ``topk`` keeps the update's best ``TOP``, and :func:`decode_keys` unpacks them.
 
