@@ -40,18 +40,19 @@ def front_end(fn, types: dict, consts: dict) -> None:
 
 def main() -> None:
     g = kernels._geometry(4, 2048, 4096, 32)
-    common = dict(INDIRECT=True, XDT=tl.bfloat16, stride_r=4096, stride_c=1, B=4, S=2048, C=4096, n_rg=g["n_rg"])
+    common = {"INDIRECT": True, "XDT": tl.bfloat16, "stride_r": 4096, "stride_c": 1, "B": 4, "S": 2048, "C": 4096,
+              "n_rg": g["n_rg"]}
     types = {"x_ptr": "*bf16", "sum_ptr": "*fp64", "window0": "i64", "ticket_ptr": "*i32"}
     types.update({n: "*fp32" for n in ("max_ptr", "part_ptr", "tokmax_ptr", "rpart_ptr", "tok_val_ptr")})
     types.update({n: "*i64" for n in ("rows_idx_ptr", "elem_idx_ptr", "args_ptr", "tok_idx_ptr", "keys_ptr",
                                       "tokw_ptr", "tokkey_ptr", "list_ptr", "top_ptr", "count_ptr")})
     # every constant either kernel version takes; each kernel gets the ones in its signature
-    stats = dict(common, KR=16, n_elem=8192, n_hist=8, n_cb=g["n_cb"], lo=2.0 ** -32, hi=2.0 ** 24 * 0.999,
-                 log2_min=-32.0, bins_per_octave=32.0, n_bins=56 * 32, BP=g["BP"], TB=g["TB"], R=g["R"],
-                 BC=g["BC"], CBF=g["CBF"], KRP=16, BLOCK_M=16, NE=1024, KT=g["KT"], KTP=g["KTP"], SP=2048,
-                 FOLD_TOPK=True)
-    cand = dict(common, KT=g["KT"], use_floor=1, KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32,
-                n_cand=g["n_cand"], CAP=1024)
+    stats = {**common, "KR": 16, "n_elem": 8192, "n_hist": 8, "n_cb": g["n_cb"], "lo": 2.0 ** -32,
+             "hi": 2.0 ** 24 * 0.999, "log2_min": -32.0, "bins_per_octave": 32.0, "n_bins": 56 * 32, "BP": g["BP"],
+             "TB": g["TB"], "R": g["R"], "BC": g["BC"], "CBF": g["CBF"], "KRP": 16, "BLOCK_M": 16, "NE": 1024,
+             "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True}
+    cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
+            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024}
     front_end(triton_src.stats_pass, types, stats)
     front_end(triton_src.candidates, types, cand)
 
