@@ -145,11 +145,12 @@ def run(config: RunConfig, out_dir: str | Path, console: Console | None = None, 
 
     def header(stage: str, state: str) -> None:
         i = STAGES.index(stage)
-        left = log.estimate(STAGES[i + (state == "(cached)"):])
+        remaining = STAGES[i + (state == "(cached)"):]
+        left = log.estimate(remaining)
         eta = f"about {duration(left)} left" if left is not None else "no estimate (no previous run's timings)"
-        tokens = sum(plan.get(s, 0.0) for s in STAGES[i + (state == "(cached)"):])
-        if left is None and tokens and "profile" in log.seconds():  # a first run: at the profile's speed
-            left = log.seconds()["profile"] / plan["profile"] * tokens
+        tokens, known = sum(plan.get(s, 0.0) for s in remaining), log.seconds()
+        if left is None and tokens and "profile" in known:  # a first run: at the profile's speed
+            left = known["profile"] / plan["profile"] * tokens
             eta = f"about {duration(left)} left (first run: the remaining forwards at the profile's speed)"
         name = f"[bold]stage {i + 1}/{len(STAGES)} {stage}[/]" + (f" {state}" if state else "")
         console.rule(name)

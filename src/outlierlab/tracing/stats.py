@@ -506,19 +506,19 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
         members = [stats[i] for i in idx]
         # the running top-k and every pending candidate, one row per position (padded with empty slots); the
         # device paths' keys are decoded for all positions together where they hold as many updates
-        n = len(members)
+        n_pos = len(members)
         top = [torch.stack(t) for t in zip(*(st._top() for st in members))]
         keyed = [st._take_keys() for st in members]
         if all(k is not None for k in keyed) and len({k[0].shape for k in keyed}) == 1:
             decoded = kernels.decode_keys(torch.cat([k for k, _ in keyed]), torch.cat([t for _, t in keyed]),
                                           channels, seq_len)
-            top = [torch.cat([t, d.reshape(n, -1).to(t.dtype)], 1) for t, d in zip(top, decoded)]
-        else:
+            top = [torch.cat([t, d.reshape(n_pos, -1).to(t.dtype)], 1) for t, d in zip(top, decoded)]
+        else:  # put them back: each position decodes its own in _candidates below
             for st, k in zip(members, keyed):
                 if k is not None:
                     st._pending_keys.append(k)
         if any(st._pending or st._pending_keys for st in members):
-            rows = [[t[i] for t in top] for i in range(n)]
+            rows = [[t[i] for t in top] for i in range(n_pos)]
             for row, st in zip(rows, members):
                 for block in st._candidates():
                     for j, t in enumerate(block):
