@@ -379,6 +379,39 @@ def test_otc_scoring_closed_forms_and_finetune():
     assert all(not p._backward_hooks for p in tuned.parameters() if getattr(p, "_backward_hooks", None) is not None)
 
 
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_otc_scoring_moves_ahead_of_methods_that_keep_the_scores(family):
+    """paper = tma + gamma + otc: scoring alone runs first, on the unmodified model, and finds what scoring
+    after gamma's fold and tma's compensated scale finds (the planted column, the same ratios and medians)."""
+    from outlierlab.testing import plant_otc_column
+
+    model = perturbed(family)
+    plant_massive_token(model, 1)
+    plant_otc_column(model, 1, 11, 40.0)
+    ids = ma_windows(model)
+    first = copy.deepcopy(model)
+    r = mitigate(first, ["paper"], ids)
+    assert [a["method"] for a in r.applied] == ["gamma", "tma", "otc"]
+    info = r.applied[2]["info"]
+    assert info["scored_before"] == ["gamma", "tma"]
+    assert r.applied[0]["info"]["n_channels"] > 0  # gamma folded something, so the scores were put to the test
+    after = copy.deepcopy(model)
+    r_after = mitigate(after, [GammaConfig(), TMAConfig()], ids)
+    late = mitigate(after, [OTCConfig()], ids).applied[0]["info"]
+    r_after.remove()
+    r.remove()
+    assert "scored_before" not in late
+    assert any(o["layer"] == 1 and 11 in o["channels"] for o in info["otcs"])
+    assert [(o["layer"], o["role"], o["channels"]) for o in info["otcs"]] == \
+        [(o["layer"], o["role"], o["channels"]) for o in late["otcs"]]
+    for a, b in zip(info["otcs"], late["otcs"], strict=True):
+        assert a["median"] == pytest.approx(b["median"], rel=1e-4)
+        assert a["score_ratio"] == pytest.approx(b["score_ratio"], rel=1e-3, abs=0.011)  # ratios kept to 2 digits
+    # a method that changes the scores keeps otc after it
+    sq = mitigate(copy.deepcopy(model), ["smoothquant", "otc"], ids)
+    assert "scored_before" not in sq.applied[1]["info"]
+
+
 # -- prefix -------------------------------------------------------------------------------------------------
 def test_prefix_attribute_detected_and_removed():
     model = tiny_model("llama")

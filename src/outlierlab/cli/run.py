@@ -31,7 +31,7 @@ def run_cmd(
     out_dir: Path = OutOpt,
     quick: bool = typer.Option(False, "--quick", help="few short windows and a small compare matrix"),
     methods: str = typer.Option("", "--methods", help="compare methods, comma-separated, or all (default: none,smoothquant,rotate,paper)"),
-    quants: str = typer.Option("", "--quant", help="quantization presets, comma-separated, or all (default: fp,w8a8-tensor,w8a8-token,w4a8)"),
+    quants: str = typer.Option("", "--quant", help="quantization presets, comma-separated, or all (default: fp,w8a8-tensor,w8a8-token)"),
     recommended: str = typer.Option("paper", "--recommended", help="the mitigation shown before/after"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,

@@ -25,7 +25,10 @@ order is the composition order (``ORDER``), whatever order the methods are given
 4. ``tma`` - runtime hooks at y6, calibrated after any weight rescale that changes y6 (smoothquant's
    up -> down migration does), so its thresholds see the y6 the hooks will see;
 5. ``otc`` - its fine-tuning runs with the tma hooks live, so it learns around them; its teacher is the
-   model before *any* method (computed first);
+   model before *any* method (computed first). Scoring alone (``OTCConfig.scores_only``) runs first instead
+   when every method before it keeps the scores (``keeps_scores``: gamma's fold, tma's compensated scale,
+   prefix): the scores are the same there, and the profile of the unmodified model serves them with no
+   calibration pass;
 6. ``rotate`` - exact on anything before it; its online Hadamard hook sits after tma's on the down input;
 7. ``quarot`` - rotate plus online Hadamards (down and o_proj inputs) and the per-head K/V rotation before
    the KV quantizer; exact on anything before it, its hooks after tma's;
@@ -186,7 +189,7 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
     profile of this (unmodified) model on ``calib`` (e.g. the profile stage's); calibrations that run before
     any method has changed the model read it instead of tracing the calibration windows again.
     """
-    configs = resolve(methods)
+    configs, passed = _scores_first(resolve(methods))
     result = MitigationResult(model)
     if not configs:
         return result
@@ -206,17 +209,29 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
             with weights_writable(model):  # offloaded weights: edits land in accelerate's store
                 out = method.apply(ctx, cfg) if method.apply is not None else {}
             record["info"] = out.get("info", {})
+            if passed and cfg is configs[0]:
+                record["info"]["scored_before"] = passed  # same scores as after them (they keep every score)
             params = out.get("runtime")
             if params is not None:
                 record["runtime"] = params
                 result.install(name, method.entry(params))
             record["seconds"] = time.perf_counter() - t0
             result.applied.append(record)
-            ctx.pristine = ctx.pristine and not method.alters_model
+            ctx.pristine = ctx.pristine and not method.alters_model and not getattr(cfg, "scores_only", False)
     except BaseException:
         result.remove()
         raise
+    result.applied.sort(key=lambda a: ORDER.index(a["method"]))  # records in the composition order
     return result
+
+
+def _scores_first(configs: list) -> tuple[list, list[str]]:
+    """Move a scoring-only otc ahead of the methods before it when all of them keep every OTC score; returns
+    the configs and the names of the methods it moved ahead of."""
+    for i, cfg in enumerate(configs):
+        if getattr(cfg, "scores_only", False) and i and all(getattr(c, "keeps_scores", False) for c in configs[:i]):
+            return [cfg, *configs[:i], *configs[i + 1:]], [method_name(c) for c in configs[:i]]
+    return configs, []
 
 
 __all__ = [

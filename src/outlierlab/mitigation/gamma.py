@@ -66,6 +66,11 @@ class GammaConfig:
     def exact(self) -> bool:
         return self.mode == "fold"
 
+    @property
+    def keeps_scores(self) -> bool:
+        """Every OTC score is unchanged: the fold scales a norm-output channel and its readers' columns inversely."""
+        return self.exact
+
 
 def target_ratio(gain: torch.Tensor, cfg: GammaConfig) -> torch.Tensor:
     """Per-channel multiplier ``g' / g`` (1 where the channel is not an outlier)."""

@@ -96,6 +96,11 @@ class OTCConfig:
     def needs_teacher(self) -> bool:
         return self.steps > 0
 
+    @property
+    def scores_only(self) -> bool:
+        """Only finds and reports the OTCs (no closed form, no fine-tuning): the model is left as it is."""
+        return self.steps == 0 and self.target_k == 0
+
 
 # -- scoring ---------------------------------------------------------------------------------------------
 def resolve_roles(adapter, roles) -> list[LinearSpec]:

@@ -36,6 +36,11 @@ class PrefixConfig:
     def exact(self) -> bool:
         return True
 
+    @property
+    def keeps_scores(self) -> bool:
+        """Every OTC score is unchanged: prefix only marks positions for the quantizer."""
+        return True
+
 
 def detect_prefix(profile, max_prefix: int) -> tuple[int, list[int]]:
     idx = sorted({m["token_index"] for m in profile.massive_activations if m["position"] == "block.out"})

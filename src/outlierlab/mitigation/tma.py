@@ -87,6 +87,12 @@ class TMAConfig:
     def exact(self) -> bool:
         return self.mode == "scale" and self.compensate
 
+    @property
+    def keeps_scores(self) -> bool:
+        """Every OTC score is unchanged (up to the norms' epsilon): the compensated scale rescales a token's
+        whole residual stream, which every norm cancels, so no norm output changes."""
+        return self.exact
+
 
 # -- calibration -----------------------------------------------------------------------------------------
 def find_origins(profile, growth: float = 2.0) -> list[int]:
