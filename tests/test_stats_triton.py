@@ -60,6 +60,15 @@ def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
     _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))
 
 
+@pytest.mark.parametrize("cap", [1024, 32])
+def test_long_candidate_lists_are_ranked_on_the_device(device, monkeypatch, cap):
+    """Fewer tokens than top_k (no floor) over 3 blocks of channels: every block appends its best 16 keys, and
+    the last program ranks the 48 of them by one sort (cap 1024) or by 16 passes (cap 32 < 48)."""
+    monkeypatch.setattr(kernels, "KEY_CAP", cap)
+    x = _planted(6, 12, 300, torch.float32)
+    _assert_same(_run("never", x, 3, top_k=16), _run("triton", x.to(device), 3, top_k=16))
+
+
 def test_strided_input_and_planted_top_entries(device):
     """A slice of a wider tensor (as q of a fused qkv output) is read in place, and the planted entries are the
     top entries with their signed values, windows, tokens and channels."""

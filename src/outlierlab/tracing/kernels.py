@@ -10,7 +10,8 @@ compute the channel medians over the fixed row sample and the log2 histogram of 
 keeps for every (token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries
 as packed int64 keys: ``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot *
 channels + channel`` (0 = empty), which sort like |x| and, among equal |x|, prefer the smaller (token slot,
-channel); one ``topk`` keeps the update's best ``TOP``, and :func:`decode_keys` unpacks them.
+channel), appended to one list per update; the last ``candidates`` program to finish keeps the list's best
+``TOP`` (no ``topk`` launch), and :func:`decode_keys` unpacks them.
 
 The top ``top_k`` distinct (token, channel) keys of an update lie in its ``top_k`` tokens with the largest max
 over the batch: a key outside them is beaten by the best key of each of those tokens. So the work of the
@@ -64,6 +65,7 @@ def _kernels():
 
 BLOCK_M = 16  # channels per median program
 HIST_BLOCK = 1024  # sampled elements per histogram program
+KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
@@ -107,7 +109,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx, top_k, log2_min, log2_max,
            bins_per_octave, bufs: dict, args: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch one update (stats_pass, topk, candidates, topk) writing into ``bufs``; returns the update's best
+    """Launch one update (stats_pass, topk of the token maxima, candidates) writing into ``bufs``; returns its best
     keys. With ``args`` (device int64: x address, window0, max_state and sum_state addresses), the kernels
     read those from it: the launch sequence of a CUDA graph, replayed for any tensor of the same layout."""
     stats_pass, candidates, _ = _kernels()
@@ -127,12 +129,10 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
         BP=g["BP"], TB=g["TB"], R=g["R"], BC=g["BC"], CBF=g["CBF"], KRP=_next_pow2(rows_idx.numel()),
         BLOCK_M=BLOCK_M, NE=HIST_BLOCK, num_warps=4)
     torch.topk(bufs["tokmax"], g["KT"], sorted=False, out=(bufs["tok_val"], bufs["tok_idx"]))
-    candidates[(g["n_cand"],)](x, bufs["tok_idx"], bufs["tok_val"], bufs["keys"], bufs["tokw"], max_state, sum_state,
-                               bufs["part"], window0, args, **common, KT=g["KT"], use_floor=int(g["KT"] == top_k),
-                               KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32)
-    if g["n_cand"] == 1:
-        return bufs["keys"]
-    torch.topk(bufs["keys"], g["TOP"], sorted=False, out=(bufs["top"], bufs["top_idx"]))
+    candidates[(g["n_cand"],)](x, bufs["tok_idx"], bufs["tok_val"], bufs["keys"], bufs["top"], bufs["count"],
+                               bufs["cticket"], bufs["tokw"], max_state, sum_state, bufs["part"], window0, args,
+                               **common, KT=g["KT"], use_floor=int(g["KT"] == top_k), n_cand=g["n_cand"],
+                               KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32, CAP=KEY_CAP)
     return bufs["top"]
 
 
@@ -146,11 +146,10 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
                 "rpart": scratch((g["n_cb"], batch * seq_len), device, 6),
                 "ticket": scratch((g["n_rg"],), device, 7, torch.int32, zero=True),
                 "tok_val": scratch((g["KT"],), device, 3), "tok_idx": scratch((g["KT"],), device, 4, torch.int64),
-                "top_idx": scratch((g["TOP"],), device, 5, torch.int64)}
-        bufs["keys"] = (torch.empty(g["n_cand"] * g["TOP"], **i64) if g["n_cand"] == 1
-                        else scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64))
-        if g["n_cand"] > 1:  # the update's own output (with one candidate program, `keys` is)
-            bufs["top"] = torch.empty(g["TOP"], **i64)
+                "keys": scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64),
+                "count": scratch((1,), device, 8, torch.int64, zero=True),
+                "cticket": scratch((1,), device, 9, torch.int32, zero=True),
+                "top": torch.empty(g["TOP"], **i64)}  # the update's own output
     else:
         f32 = {"device": device, "dtype": torch.float32}
         bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_rg"], channels, **f32),
@@ -158,7 +157,7 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
                 "ticket": torch.zeros(g["n_rg"], device=device, dtype=torch.int32),
                 "tok_val": torch.empty(g["KT"], **f32), "tok_idx": torch.empty(g["KT"], **i64),
                 "keys": torch.empty(g["n_cand"] * g["TOP"], **i64), "top": torch.empty(g["TOP"], **i64),
-                "top_idx": torch.empty(g["TOP"], **i64)}
+                "count": torch.zeros(1, **i64), "cticket": torch.zeros(1, device=device, dtype=torch.int32)}
     bufs["tokw"] = torch.empty(g["KT"], **i64)
     return bufs
 

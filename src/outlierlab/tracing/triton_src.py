@@ -119,12 +119,15 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
         tl.store(m_med_ptr, tl.load(m_med_ptr, mask=m_c_ok, other=0.0) + m_med.to(tl.float64), mask=m_c_ok)
 
 
-def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum_ptr, part_ptr, window0, args_ptr,
-               INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr, stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
-               KT: tl.constexpr, use_floor: tl.constexpr, n_rg: tl.constexpr,
-               KTP: tl.constexpr, BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr):
-    """One block of channels: fold the programs' channel max/sum into the state, then write the block's best
-    TOP candidate keys among the KT selected tokens (and, program 0, ``tokw`` = window0 * S + token per slot)."""
+def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ticket_ptr, tokw_ptr, max_ptr, sum_ptr,
+               part_ptr, window0, args_ptr, INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr,
+               stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, KT: tl.constexpr,
+               use_floor: tl.constexpr, n_rg: tl.constexpr, n_cand: tl.constexpr, KTP: tl.constexpr,
+               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr):
+    """One block of channels: fold the row groups' channel max/sum into the state, then append the block's
+    best TOP candidate keys among the KT selected tokens to the update's list (and, program 0, write ``tokw`` =
+    window0 * S + token per slot); the last program to finish (a ticket) writes the list's best TOP to
+    ``top`` and resets the count and the ticket."""
     if INDIRECT:
         x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
         window0 = tl.load(args_ptr + 1)
@@ -174,18 +177,42 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, keys_ptr, tokw_ptr, max_ptr, sum
     keep = best >= floor
     key = tl.where(keep, key, 0)
     n_keep = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
-    out = keys_ptr + pid * TOP
-    if n_keep <= TOP:  # the usual case: compact the few entries above the floor into the TOP slots
-        tl.store(out + tl.arange(0, TOP), tl.zeros([TOP], dtype=tl.int64))
-        tl.debug_barrier()
+    # append the block's best min(n_keep, TOP) keys to the update's list (an atomic count gives the offset)
+    base = tl.atomic_add(count_ptr, tl.minimum(n_keep, TOP))
+    if n_keep <= TOP:  # the usual case: the few entries above the floor, compacted
         flat_keep = tl.reshape(keep.to(tl.int32), (KTP * BLOCK_C,))
-        slot = tl.cumsum(flat_keep, axis=0) - 1
-        tl.store(out + slot, tl.reshape(key, (KTP * BLOCK_C,)), mask=flat_keep != 0)
+        slot = base + tl.cumsum(flat_keep, axis=0) - 1
+        tl.store(list_ptr + slot, tl.reshape(key, (KTP * BLOCK_C,)), mask=flat_keep != 0)
     else:  # many entries above it: the TOP largest keys (all distinct), one max at a time
         for i in range(TOP):
             best_key = tl.max(tl.max(key, axis=1), axis=0)
-            tl.store(out + i, best_key)
+            tl.store(list_ptr + base + i, best_key)
             key = tl.where(key == best_key, 0, key)
+    tl.debug_barrier()  # every thread's stores precede the ticket (a gpu-scope acq_rel atomic)
+    if tl.atomic_add(ticket_ptr, 1) == n_cand - 1:
+        # the last program: the update's best TOP keys of the list into ``top`` (keys are distinct, 0 = empty)
+        n = tl.atomic_add(count_ptr, 0)
+        t = tl.arange(0, TOP)
+        if n <= TOP:  # the usual case: the list is the answer
+            tl.store(top_ptr + t, tl.load(list_ptr + t, mask=t < n, other=0, cache_modifier=".cg"))
+        elif n <= CAP:
+            e = tl.arange(0, CAP)
+            ranked = tl.sort(tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg"), descending=True)
+            tl.store(list_ptr + e, ranked, mask=e < n)  # the list holds n_cand * TOP >= n keys
+            tl.debug_barrier()
+            tl.store(top_ptr + t, tl.load(list_ptr + t))
+        else:  # a long list (ties above the floor): TOP passes, each the largest key below the previous one
+            prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
+            for i in range(TOP):
+                m = tl.zeros([1], dtype=tl.int64)
+                for e0 in range(0, n, CAP):
+                    e = e0 + tl.arange(0, CAP)
+                    k = tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg")
+                    m = tl.maximum(m, tl.max(tl.where(k < prev, k, 0), axis=0))
+                tl.store(top_ptr + i + tl.arange(0, 1), m)
+                prev = m
+        tl.atomic_xchg(count_ptr, 0)  # ready for the next update
+        tl.atomic_xchg(ticket_ptr, 0)
 
 
 def stash(args_ptr, keys_ptr, tokw_ptr, TOP: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr, R: tl.constexpr):
