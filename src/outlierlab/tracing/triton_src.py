@@ -196,21 +196,23 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ti
         if n <= TOP:  # the usual case: the list is the answer
             tl.store(top_ptr + t, tl.load(list_ptr + t, mask=t < n, other=0, cache_modifier=".cg"))
         elif n <= CAP:
-            e = tl.arange(0, CAP)
-            ranked = tl.sort(tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg"), descending=True)
-            tl.store(list_ptr + e, ranked, mask=e < n)  # the list holds n_cand * TOP >= n keys
+            s_e = tl.arange(0, CAP)
+            ranked = tl.sort(tl.load(list_ptr + s_e, mask=s_e < n, other=0, cache_modifier=".cg"),
+                             descending=True)
+            tl.store(list_ptr + s_e, ranked, mask=s_e < n)  # the list holds n_cand * TOP >= n keys
             tl.debug_barrier()
             tl.store(top_ptr + t, tl.load(list_ptr + t))
         else:  # a long list (ties above the floor): TOP passes, each the largest key below the previous one
-            prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
-            for i in range(TOP):
-                m = tl.zeros([1], dtype=tl.int64)
-                for e0 in range(0, n, CAP):
-                    e = e0 + tl.arange(0, CAP)
-                    k = tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg")
-                    m = tl.maximum(m, tl.max(tl.where(k < prev, k, 0), axis=0))
-                tl.store(top_ptr + i + tl.arange(0, 1), m)
-                prev = m
+            # (names of their own in each branch: the compiler merges same-named values of both branches)
+            p_prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
+            for p_i in range(TOP):
+                p_max = tl.zeros([1], dtype=tl.int64)
+                for p_e0 in range(0, n, CAP):
+                    p_e = p_e0 + tl.arange(0, CAP)
+                    p_k = tl.load(list_ptr + p_e, mask=p_e < n, other=0, cache_modifier=".cg")
+                    p_max = tl.maximum(p_max, tl.max(tl.where(p_k < p_prev, p_k, 0), axis=0))
+                tl.store(top_ptr + p_i + tl.arange(0, 1), p_max)
+                p_prev = p_max
         tl.atomic_xchg(count_ptr, 0)  # ready for the next update
         tl.atomic_xchg(ticket_ptr, 0)
 
