@@ -1,5 +1,5 @@
-"""Triton kernels of one statistics update on a GPU: two kernels and two ``topk`` per traced tensor, no host
-synchronization.
+"""Triton kernels of one statistics update on a GPU: two kernels and one ``topk`` (of the token maxima) per
+traced tensor, no host synchronization.
 
 ``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
 reads: per-group channel max and sum of |x| (folded into the state by ``candidates``), each block's part of
