@@ -8,6 +8,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -430,3 +431,40 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp file left
+
+
+def test_report_shows_the_per_linear_quantization_error(tmp_path, cache):
+    """`quant-error --out DIR` then `report DIR`: a planted channel-wise outlier at layer 1's FFN input (a norm
+    gain of 400) breaks layer 1's FFN under W8A8 per-tensor; the section, the figure and the summary name it and
+    blame the activations."""
+    from conftest import word_text, word_tokenizer
+    from typer.testing import CliRunner
+
+    from outlierlab.cli import app
+    from outlierlab.report.summary import summary_lines
+
+    model = tiny_model("llama")
+    plant_gain(model, 1, "mlp.norm", 5, 400.0)
+    folder = tmp_path / "planted"
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    (tmp_path / "text.txt").write_text(word_text(4000))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["quant-error", "--model", str(folder), "--data", str(tmp_path / "text.txt"),
+                                   "--seq-len", "16", "--calib-samples", "4", "-n", "2", "--out", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "quant_error.json").read_text())
+    roles, layers, err, share = F.quant_error_matrix(doc)
+    i, j = np.unravel_index(int(np.nanargmax(err)), err.shape)
+    assert layers[j] == 1 and roles[i] in ("gate", "up", "down") and share[i, j] > 0.9
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    html = (out / "report.html").read_text()
+    section = html.split("<section id='quant_error'>")[1].split("</section>")[0]
+    worst = doc["summary"]["worst_rel_mse"]
+    assert worst["operator"].startswith("L1 ") and worst["cause"] == "activation"
+    assert f"The worst is <b>{worst['operator']}</b>" in section and "activation-dominated" in section
+    assert "<a href='#quant_error'>" in html and (out / "figures" / "quant_error.png").is_file()
+    line = next(s for s in summary_lines(out) if s.startswith("quantization error:"))
+    assert "w8a8-tensor after none: worst linear L1 " in line and "(activation-dominated" in line

@@ -57,7 +57,7 @@ def quant_error_cmd(
     from ..api import as_windows
     from ..data import DataConfig
     from ..errors import OutlierlabError
-    from ..evaluation.sqnr import quant_error
+    from ..evaluation.sqnr import QUANT_ERROR_FILE, quant_error
     from ..mitigation import METHODS, mitigate
     from ..models.loader import load_model
     from ..paths import atomic_write_json
@@ -82,7 +82,7 @@ def quant_error_cmd(
     doc = {"schema": "outlierlab.quant_error/1", "model": lm.info, "methods": names, "quant": config.name,
            "quant_summary": config.describe(), "calibration": calib.describe(), **report.to_json(),
            "timings": {"total_s": time.perf_counter() - t0}}
-    atomic_write_json(out_dir / "quant_error.json", doc)
+    atomic_write_json(out_dir / QUANT_ERROR_FILE, doc)
     report.save_csv(out_dir / "quant_error.csv")
 
     table = Table(title=f"{config.name} ({config.describe()}) after {'+'.join(names)}: worst {top} linears "
@@ -97,7 +97,7 @@ def quant_error_cmd(
         worst_kv = min(report.kv, key=lambda d: d["sqnr_db"])
         out.print(f"KV cache: lowest SQNR {worst_kv['sqnr_db']:.1f} dB at layer {worst_kv['layer']} "
                   f"({worst_kv['state']})")
-    out.print(f"wrote {out_dir / 'quant_error.json'} and {out_dir / 'quant_error.csv'} in "
+    out.print(f"wrote {out_dir / QUANT_ERROR_FILE} and {out_dir / 'quant_error.csv'} in "
               f"{time.perf_counter() - t0:.1f} s")
 
 

@@ -21,13 +21,16 @@ Sums are accumulated on the device in float64; memory is O(layers x linears).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
 from ..jsonsafe import jsonable
 from ..runtime import ORDER, FunctionEntry, installed, registry, run
+
+#: what ``outlierlab quant-error --out DIR`` writes, and ``outlierlab report DIR`` shows
+QUANT_ERROR_FILE = "quant_error.json"
 
 #: accumulator slots
 _SIG, _EQ, _EA, _EW, _RQ, _RA, _RW, _NTOK, _AMAX = range(9)
@@ -48,6 +51,17 @@ class LinearError:
     rel_mse_weight: float
     input_absmax: float
     tokens: int
+
+    @classmethod
+    def from_json(cls, row: dict) -> LinearError:
+        """A row of quant_error.json back (JSON has no inf: a missing SQNR is an error-free linear's)."""
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in row.items() if k in names}
+        for k in ("sqnr_db", "sqnr_act_db", "sqnr_weight_db"):
+            data[k] = math.inf if data.get(k) is None else float(data[k])
+        for k in ("rel_mse", "rel_mse_act", "rel_mse_weight", "input_absmax"):
+            data[k] = math.nan if data.get(k) is None else float(data[k])
+        return cls(**data)
 
     @property
     def operator(self) -> str:

@@ -567,6 +567,70 @@ def compare_figure(doc: Mapping | None, name: str = "compare") -> Figure | None:
     return Figure(name, "Comparison: mitigation x quantization", caption, png, "compare")
 
 
+# -- quantization error per linear ------------------------------------------------------------------------------
+def quant_error_matrix(doc: Mapping | None) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """(roles, layers, rel MSE [role, layer], activation share [role, layer]) of a quant_error.json; NaN where a
+    layer has no linear of that role. The share is act / (act + weight) of the one-sided errors."""
+    rows = [r for r in (doc or {}).get("linears") or [] if r.get("layer") is not None]
+    roles = list(dict.fromkeys(r["role"] for r in rows))
+    layers = sorted({int(r["layer"]) for r in rows})
+    err = np.full((len(roles), len(layers)), np.nan)
+    share = np.full_like(err, np.nan)
+    for r in rows:
+        i, j = roles.index(r["role"]), layers.index(int(r["layer"]))
+        err[i, j] = float(r.get("rel_mse") or 0.0)
+        a, w = float(r.get("rel_mse_act") or 0.0), float(r.get("rel_mse_weight") or 0.0)
+        share[i, j] = a / (a + w) if a + w > 0 else np.nan
+    return roles, layers, err, share
+
+
+def quant_error_figure(doc: Mapping | None, name: str = "quant_error") -> Figure | None:
+    """Relative output error of every linear (layers x roles, log colour) and which quantization causes it."""
+    roles, layers, err, share = quant_error_matrix(doc)
+    if not roles:
+        return None
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    setting = f"{doc.get('quant')} after {'+'.join(doc.get('methods') or ['none'])}"
+    with _style():
+        fig = _new_figure(min(3.0 + 0.28 * len(layers), 16.0), 1.6 + 0.62 * len(roles))
+        axes = fig.subplots(2, 1, sharex=True)
+        finite = err[np.isfinite(err) & (err > 0)]
+        lo = float(finite.min()) if finite.size else 1e-6
+        hi = float(finite.max()) if finite.size else 1.0
+        im = axes[0].imshow(np.ma.masked_invalid(np.where(err > 0, err, np.nan)), aspect="auto",
+                            cmap=colormaps["magma_r"].with_extremes(bad="#e3e3e3"),
+                            norm=LogNorm(vmin=lo, vmax=max(hi, lo * 10)))
+        fig.colorbar(im, ax=axes[0], pad=0.01, fraction=0.04).set_label("relative MSE")
+        axes[0].set_title(_tex(f"relative output error per linear, {setting}"))
+        im2 = axes[1].imshow(np.ma.masked_invalid(share), aspect="auto", vmin=0.0, vmax=1.0,
+                             cmap=colormaps["coolwarm"].with_extremes(bad="#e3e3e3"))
+        fig.colorbar(im2, ax=axes[1], pad=0.01, fraction=0.04).set_label("activation share")
+        axes[1].set_title("cause: activation (red) or weight (blue) quantization")
+        for ax in axes:
+            ax.set_yticks(range(len(roles)), [_tex(r) for r in roles], fontsize=8)
+        step = max(1, len(layers) // 30)
+        axes[1].set_xticks(range(0, len(layers), step), [str(x) for x in layers[::step]], fontsize=8)
+        axes[1].set_xlabel("layer")
+        worst = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(err), err, -1.0))), err.shape)
+        for ax in axes:
+            ax.add_patch(_worst_box(worst[1], worst[0]))
+        fig.tight_layout()
+        png = _png(fig)
+    caption = (f"Each linear's output error under {setting}: the mean over tokens of |y_q - y|^2 / |y|^2 (top, "
+               "log scale; the box marks the worst), and the share of it that quantizing the activations alone "
+               "gives against quantizing the weights alone (bottom). Activation-dominated linears sit where the "
+               "outliers are: their input's abs-max sets the quantization scale.")
+    return Figure(name, f"Quantization error per linear ({setting})", caption, png, "quant_error")
+
+
+def _worst_box(x: int, y: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#00a36c", linewidth=2)
+
+
 # -- everything -------------------------------------------------------------------------------------------------
 def landscape_figures(before: Mapping | None, after: Mapping | None = None, tokens: list[str] | None = None,
                       **kwargs) -> list[Figure]:
@@ -586,6 +650,7 @@ def landscape_figures(before: Mapping | None, after: Mapping | None = None, toke
 def all_figures(report: Mapping | None, arrays: Mapping | None, landscapes_before: Mapping | None = None,
                 landscapes_after: Mapping | None = None, mitigate: Mapping | list | None = None,
                 compare: Mapping | None = None, tokens: list[str] | None = None,
+                quant_error: Mapping | None = None,
                 heatmap_positions: Iterable[str] = HEATMAP_POSITIONS) -> list[Figure]:
     """Every figure whose data exists, in the report's order."""
     figs: list[Figure] = []
@@ -614,8 +679,12 @@ def all_figures(report: Mapping | None, arrays: Mapping | None, landscapes_befor
     f = compare_figure(compare)
     if f:
         figs.append(f)
+    f = quant_error_figure(quant_error)
+    if f:
+        figs.append(f)
     return figs
 
 
 __all__ = ["Figure", "all_figures", "compare_figure", "gamma_figure", "heatmap_figure", "landscape_figure",
-           "landscape_figures", "mitigation_figure", "mitigation_runs", "topk_figure", "topk_series", "write"]
+           "landscape_figures", "mitigation_figure", "mitigation_runs", "quant_error_figure", "quant_error_matrix",
+           "topk_figure", "topk_series", "write"]

@@ -26,11 +26,13 @@ import html
 import io
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutlierlabError
+from ..evaluation.sqnr import QUANT_ERROR_FILE, LinearError
 from ..fmt import change, num, pct, quoted, signed_pct, site
 from ..paths import atomic_write_text
 from . import figures as F
@@ -73,7 +75,7 @@ def collect(out_dir: str | Path) -> dict:
     if not out_dir.is_dir():
         raise OutlierlabError(f"{out_dir} is not a folder")
     data: dict[str, Any] = dict.fromkeys(("report", "arrays", "explain", "mitigate", "compare", "landscape_before",
-                                          "landscape_after", "tokens", "landscape_meta"))
+                                          "landscape_after", "tokens", "landscape_meta", "quant_error"))
     if (out_dir / "report.json").is_file():
         from ..tracing import load_report
 
@@ -91,6 +93,8 @@ def collect(out_dir: str | Path) -> dict:
         data["compare"] = _read_json(out_dir / "compare.json")
     elif (out_dir / "compare.csv").is_file():
         data["compare"] = _read_compare_csv(out_dir / "compare.csv")
+    if (out_dir / QUANT_ERROR_FILE).is_file():  # written by `outlierlab quant-error --out` into the same folder
+        data["quant_error"] = _read_json(out_dir / QUANT_ERROR_FILE)
     for key, name in (("landscape_before", L.BEFORE_FILE), ("landscape_after", L.AFTER_FILE)):
         if (out_dir / name).is_file():
             data[key] = L.load(out_dir / name)
@@ -98,9 +102,10 @@ def collect(out_dir: str | Path) -> dict:
                 data["landscape_meta"] = L.load_meta(out_dir / name)
     if data["landscape_meta"]:
         data["tokens"] = data["landscape_meta"].get("tokens")
-    if not any(data[k] for k in ("report", "mitigate", "compare", "landscape_before", "landscape_after")):
-        raise OutlierlabError(f"nothing to report in {out_dir}: no report.json, mitigate.json, compare.json or "
-                              "landscape file (run `outlierlab profile --out DIR` first)")
+    if not any(data[k] for k in ("report", "mitigate", "compare", "landscape_before", "landscape_after",
+                                 "quant_error")):
+        raise OutlierlabError(f"nothing to report in {out_dir}: no report.json, mitigate.json, compare.json, "
+                              f"{QUANT_ERROR_FILE} or landscape file (run `outlierlab profile --out DIR` first)")
     return data
 
 
@@ -527,12 +532,49 @@ def section_compare(doc: Mapping | None) -> str:
     return _section("compare", "Comparison: mitigation x quantization", "".join(parts))
 
 
+def section_quant_error(doc: Mapping | None, worst: int = 10) -> str:
+    """``outlierlab quant-error``'s result: the setting, the worst linears and what causes their error, the KV
+    cache, every linear in a fold-out."""
+    rows = [LinearError.from_json(r) for r in (doc or {}).get("linears") or []]
+    if not rows:
+        return ""
+    ranked = sorted(rows, key=lambda r: r.rel_mse if r.rel_mse == r.rel_mse else -1.0, reverse=True)
+    methods = "+".join(doc.get("methods") or ["none"])
+    win = doc.get("windows") or {}
+    med = (doc.get("summary") or {}).get("median_sqnr_db")
+    top = ranked[0]
+    causes = Counter(r.cause for r in ranked[:worst])
+    parts = [f"<p>{esc(doc.get('quant'))} ({esc(doc.get('quant_summary'))}) after {esc(methods)}: each linear's "
+             f"output error against the unquantized model on {esc(win.get('n_windows', '?'))} calibration windows"
+             + (f"; median SQNR {esc(num(med))} dB" if med is not None else "")
+             + f". The worst is <b>{esc(top.operator)}</b>: relative MSE {esc(num(top.rel_mse))}, "
+             f"{esc(top.cause)}-dominated (activations alone {esc(num(top.rel_mse_act))}, weights alone "
+             f"{esc(num(top.rel_mse_weight))}), input abs-max {esc(num(top.input_absmax))}. Of the {len(ranked[:worst])} "
+             "worst: " + ", ".join(f"{n} {esc(c)}" for c, n in causes.most_common()) + ".</p>"]
+
+    def line(r) -> list:
+        return [r.operator, num(r.rel_mse), num(r.rel_mse_act), num(r.rel_mse_weight), num(r.sqnr_db),
+                num(r.input_absmax), r.cause]
+
+    head = ["linear (input)", "rel MSE", "activations only", "weights only", "SQNR dB", "input |x| max", "cause"]
+    parts.append(table(head, [line(r) for r in ranked[:worst]]))
+    kv_rows = doc.get("kv") or []
+    if kv_rows:
+        low = min(kv_rows, key=lambda d: d.get("sqnr_db") if d.get("sqnr_db") is not None else float("inf"))
+        parts.append(f"<p>KV cache: lowest SQNR {esc(num(low.get('sqnr_db')))} dB at layer {esc(low.get('layer'))} "
+                     f"({esc(low.get('state'))}).</p>")
+    parts.append("<details><summary>every linear</summary>" + table(head, [line(r) for r in ranked]) + "</details>")
+    parts.append("<p class='note'>From quant_error.json (`outlierlab quant-error --quant SETTING --method METHODS "
+                 "--out DIR`, then `outlierlab report DIR`).</p>")
+    return _section("quant_error", "Quantization error per linear", "".join(parts))
+
+
 def section_figures(figs: list[F.Figure]) -> str:
     if not figs:
         return ""
     groups = [("landscape", "3D activation landscapes"), ("curves", "Top-k magnitudes per layer"),
               ("heatmaps", "Channel heatmaps per position"), ("gamma", "Norm gains"),
-              ("mitigation", "Mitigation"), ("compare", "Comparison")]
+              ("mitigation", "Mitigation"), ("compare", "Comparison"), ("quant_error", "Quantization error")]
     parts = []
     for key, title in groups:
         fs = [f for f in figs if f.section == key]
@@ -592,11 +634,13 @@ def render(data: Mapping, figs: list[F.Figure], timings: Mapping | None = None, 
         section_explain(data.get("explain")),
         section_mitigation(data.get("mitigate")),
         section_compare(data.get("compare")),
+        section_quant_error(data.get("quant_error")),
         section_figures(figs),
         section_run(report, data, timings),
     ]
     names = {"summary": "Summary", "found": "Outliers found", "explain": "Explanation", "mitigation": "Mitigation",
-             "compare": "Comparison", "figures": "Figures", "run": "Run details"}
+             "compare": "Comparison", "quant_error": "Quantization error", "figures": "Figures",
+             "run": "Run details"}
     nav = "".join(f"<a href='#{k}'>{esc(v)}</a>" for k, v in names.items() if f"<section id='{k}'>" in
                   "".join(sections))
     from .. import __version__ as version
@@ -622,7 +666,8 @@ def build(out_dir: str | Path, *, figures: bool = True, timings: Mapping | None 
     figs: list[F.Figure] = []
     if figures:
         figs = F.all_figures(data["report"], data["arrays"], data["landscape_before"], data["landscape_after"],
-                             data["mitigate"], data["compare"], tokens=data["tokens"])
+                             data["mitigate"], data["compare"], tokens=data["tokens"],
+                             quant_error=data["quant_error"])
         for f in figs:
             F.write(f, out_dir)
     text = render(data, figs, timings, title, time.perf_counter() - t0)

@@ -35,7 +35,7 @@ def summarize(data: Mapping) -> list[Finding]:
     """The summary of one run folder's data (the dict of :func:`~outlierlab.report.html.collect`)."""
     report, ex = data.get("report"), data.get("explain")
     found = [_ma_finding(report, ex), _co_finding(report, ex), _mitigation_finding(data.get("mitigate")),
-             _compare_finding(data.get("compare"))]
+             _compare_finding(data.get("compare")), _quant_error_finding(data.get("quant_error"))]
     return [f for f in found if f is not None]
 
 
@@ -197,3 +197,16 @@ def _compare_finding(doc: Mapping | None) -> Finding | None:
     text = (f"perplexity vs {ref.get('method')} / {ref.get('quant')} {num(ref.get('ppl'))}: " + "; ".join(parts)
             + (f"; {failed} cell(s) failed" if failed else ""))
     return Finding("quantization", text, "compare")
+
+
+# -- per-linear quantization error -------------------------------------------------------------------------------
+def _quant_error_finding(doc: Mapping | None) -> Finding | None:
+    worst = ((doc or {}).get("summary") or {}).get("worst_rel_mse")
+    if not worst:
+        return None
+    med = doc["summary"].get("median_sqnr_db")
+    text = (f"{doc.get('quant')} after {'+'.join(doc.get('methods') or ['none'])}: worst linear "
+            f"{worst.get('operator')}, relative MSE {num(worst.get('rel_mse'))} ({worst.get('cause')}-dominated, "
+            f"input abs-max {num(worst.get('input_absmax'))})" + (f"; median SQNR {num(med)} dB" if med is not None
+                                                                  else ""))
+    return Finding("quantization error", text, "quant_error")
