@@ -468,3 +468,19 @@ def test_report_shows_the_per_linear_quantization_error(tmp_path, cache):
     assert "<a href='#quant_error'>" in html and (out / "figures" / "quant_error.png").is_file()
     line = next(s for s in summary_lines(out) if s.startswith("quantization error:"))
     assert "w8a8-tensor after none: worst linear L1 " in line and "(activation-dominated" in line
+
+
+def test_compare_cells_name_their_worst_linear_when_measured(tmp_path):
+    """compare --sqnr stores each cell's worst linear; the folded cell list shows it (and only then)."""
+    worst = {"operator": "L11 down (mlp.down_in = y6)", "rel_mse": 0.997, "cause": "activation"}
+    cells = [{"method": "none", "quant": "fp", "status": "ok", "ppl": 39.49, "rel_delta_pct": 0.0},
+             {"method": "none", "quant": "w8a8-tensor", "status": "ok", "ppl": 77.6, "rel_delta_pct": 96.5,
+              "sqnr": {"worst_rel_mse": worst}}]
+    doc = {"reference": {"method": "none", "quant": "fp", "ppl": 39.49}, "cells": cells}
+    atomic_write_json(tmp_path / "compare.json", doc)
+    html = build_report(tmp_path, figures=False).read_text()
+    assert "<th>worst linear</th>" in html and "L11 down (mlp.down_in = y6) (rel MSE 0.997, activation)" in html
+    for c in cells:
+        c.pop("sqnr", None)
+    atomic_write_json(tmp_path / "compare.json", doc)
+    assert "worst linear" not in build_report(tmp_path, figures=False).read_text()

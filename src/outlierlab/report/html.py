@@ -525,10 +525,17 @@ def section_compare(doc: Mapping | None) -> str:
     presets = (doc or {}).get("quant_presets") or {}
     if presets:
         parts.append(table(["setting", "what it quantizes"], [[k, v.get("summary", "")] for k, v in presets.items()]))
+    def worst(c: Mapping) -> str:  # the cell's worst linear when compare ran with --sqnr
+        w = (c.get("sqnr") or {}).get("worst_rel_mse") or {}
+        return f"{w['operator']} (rel MSE {num(w.get('rel_mse'))}, {w.get('cause')})" if w.get("operator") else ""
+
+    sqnr = any(worst(c) for c in cells)
     detail_rows = [[c.get("method"), c.get("quant"), c.get("status"), num(c.get("ppl")), num(c.get("delta_ppl")),
-                    num(c.get("rel_delta_pct")), c.get("error") or ""] for c in cells]
-    parts.append("<details><summary>every cell</summary>" + table(
-        ["method", "quant", "status", "ppl", "delta ppl", "change %", "error"], detail_rows) + "</details>")
+                    num(c.get("rel_delta_pct"))] + ([worst(c)] if sqnr else []) + [c.get("error") or ""]
+                   for c in cells]
+    head = ["method", "quant", "status", "ppl", "delta ppl", "change %"] + (["worst linear"] if sqnr else []) + \
+        ["error"]
+    parts.append("<details><summary>every cell</summary>" + table(head, detail_rows) + "</details>")
     return _section("compare", "Comparison: mitigation x quantization", "".join(parts))
 
 
