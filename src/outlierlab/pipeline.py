@@ -29,7 +29,7 @@ FULL_QUANTS = ("fp", "w8a8-tensor", "w8a8-token", "w4a8", "w4a4")
 #: the default matrix of README's main command: the study's method against the two main baselines under the
 #: activation quantizations that outliers decide (static per-tensor, dynamic per-token W8A8); 4-bit weights
 #: (``w4a8``, ``w4a4``: a question of the weights, where RTN leaves no method ahead) come with ``--quant all``.
-#: Sized so that the whole run stays within 3 minutes on 2 CPU cores (README)
+#: Sized for a run of about 3 minutes on 2 CPU cores (README has the measurements)
 DEFAULT_METHODS = ("none", "smoothquant", "rotate", "paper")
 DEFAULT_QUANTS = ("fp", "w8a8-tensor", "w8a8-token")
 
