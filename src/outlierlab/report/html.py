@@ -25,6 +25,7 @@ import datetime as _dt
 import html
 import io
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -545,7 +546,7 @@ def section_quant_error(doc: Mapping | None, worst: int = 10) -> str:
     rows = [LinearError.from_json(r) for r in (doc or {}).get("linears") or []]
     if not rows:
         return ""
-    ranked = sorted(rows, key=lambda r: r.rel_mse if r.rel_mse == r.rel_mse else -1.0, reverse=True)
+    ranked = sorted(rows, key=lambda r: -1.0 if math.isnan(r.rel_mse) else r.rel_mse, reverse=True)
     methods = "+".join(doc.get("methods") or ["none"])
     win = doc.get("windows") or {}
     med = (doc.get("summary") or {}).get("median_sqnr_db")
