@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks of a change to the statistics kernels, each part fitting one device call (carry [".whl"]):
+#
+#   bash bench/ab_gpu.sh lane                 # the CUDA lane on this tree (tests/test_lane.py + test_stats_triton.py)
+#   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
+#
+# OLD is a src folder of the code to compare with, inside the repository so that it travels (untracked, not
+# ignored), e.g. `mkdir old_src && git archive main src | tar -x -C old_src`. Logs go to $OUT (ab.log, lane.log).
+set -uo pipefail
+PART=${1:-ab}
+OUT=${OUT:-/tmp/ab_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ "$PART" = lane ]; then
+  PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly -p no:xdist \
+      -p no:benchmark --device cuda tests/test_lane.py tests/test_stats_triton.py > "$OUT/lane.log" 2>&1
+  tail -5 "$OUT/lane.log"
+  exit 0
+fi
+: "${OLD:?set OLD to the src folder of the code to compare with}"
+LOG=$OUT/ab.log
+{
+  for v in src "$OLD"; do
+    echo "=== stats_update, $v"
+    PYTHONPATH=/tmp/site:$PWD/$v timeout 90 python3 bench/stats_update.py --device cuda --dtype bfloat16 \
+        --rows 8192 --batch 4 --channels 4096,11008 --modes graphs,triton --kernels 2>&1 | grep -v "^\s*0\.[0-9] us"
+  done
+  for i in 1 2; do
+    for v in src "$OLD"; do
+      echo "=== profile, $v, run $i"
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 python3 bench/profile_overhead.py --synthetic 7b --device cuda \
+          --dtype bfloat16 --n-samples 16 --seq-len 2048 --batch-sizes 4,1 --repeats 3 2>&1
+    done
+  done
+} > "$LOG" 2>&1
+grep -E "^===|ratio|stats_pass|candidates|gatherTopK" "$LOG" | cut -c1-160
