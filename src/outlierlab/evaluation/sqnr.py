@@ -90,11 +90,18 @@ class QuantErrorReport:
     kv: list[dict] = field(default_factory=list)
     windows: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, doc: dict) -> QuantErrorReport:
+        """A report back from quant_error.json (or compare's ``sqnr`` section)."""
+        return cls(doc.get("config") or {}, [LinearError.from_json(r) for r in doc.get("linears") or []],
+                   doc.get("kv") or [], doc.get("windows") or {})
+
     def worst(self, n: int = 10, key: str = "rel_mse") -> list[LinearError]:
-        """The ``n`` linears with the largest error by ``key`` (``rel_mse``; ``sqnr_db``: the lowest SQNR)."""
-        if key.startswith("sqnr"):
-            return sorted(self.rows, key=lambda r: getattr(r, key))[:n]
-        return sorted(self.rows, key=lambda r: getattr(r, key), reverse=True)[:n]
+        """The ``n`` linears with the largest error by ``key`` (``rel_mse``; ``sqnr_db``: the lowest SQNR);
+        rows without a number (NaN, as read back from JSON) come last."""
+        known = [r for r in self.rows if not math.isnan(getattr(r, key))]
+        unknown = [r for r in self.rows if math.isnan(getattr(r, key))]
+        return (sorted(known, key=lambda r: getattr(r, key), reverse=not key.startswith("sqnr")) + unknown)[:n]
 
     def get(self, layer: int, role: str) -> LinearError:
         return next(r for r in self.rows if r.layer == layer and r.role == role)

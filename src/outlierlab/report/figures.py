@@ -571,15 +571,17 @@ def compare_figure(doc: Mapping | None, name: str = "compare") -> Figure | None:
 def quant_error_matrix(doc: Mapping | None) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
     """(roles, layers, rel MSE [role, layer], activation share [role, layer]) of a quant_error.json; NaN where a
     layer has no linear of that role. The share is act / (act + weight) of the one-sided errors."""
-    rows = [r for r in (doc or {}).get("linears") or [] if r.get("layer") is not None]
-    roles = list(dict.fromkeys(r["role"] for r in rows))
-    layers = sorted({int(r["layer"]) for r in rows})
+    from ..evaluation.sqnr import QuantErrorReport
+
+    rows = [r for r in QuantErrorReport.from_json(doc or {}).rows if r.layer is not None]
+    roles = list(dict.fromkeys(r.role for r in rows))
+    layers = sorted({int(r.layer) for r in rows})
     err = np.full((len(roles), len(layers)), np.nan)
     share = np.full_like(err, np.nan)
     for r in rows:
-        i, j = roles.index(r["role"]), layers.index(int(r["layer"]))
-        err[i, j] = float(r.get("rel_mse") or 0.0)
-        a, w = float(r.get("rel_mse_act") or 0.0), float(r.get("rel_mse_weight") or 0.0)
+        i, j = roles.index(r.role), layers.index(int(r.layer))
+        err[i, j] = r.rel_mse
+        a, w = r.rel_mse_act, r.rel_mse_weight
         share[i, j] = a / (a + w) if a + w > 0 else np.nan
     return roles, layers, err, share
 

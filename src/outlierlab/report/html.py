@@ -25,7 +25,6 @@ import datetime as _dt
 import html
 import io
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutlierlabError
-from ..evaluation.sqnr import QUANT_ERROR_FILE, LinearError
+from ..evaluation.sqnr import QUANT_ERROR_FILE, QuantErrorReport
 from ..fmt import change, num, pct, quoted, signed_pct, site
 from ..paths import atomic_write_text
 from . import figures as F
@@ -543,12 +542,12 @@ def section_compare(doc: Mapping | None) -> str:
 def section_quant_error(doc: Mapping | None, worst: int = 10) -> str:
     """``outlierlab quant-error``'s result: the setting, the worst linears and what causes their error, the KV
     cache, every linear in a fold-out."""
-    rows = [LinearError.from_json(r) for r in (doc or {}).get("linears") or []]
-    if not rows:
+    rep = QuantErrorReport.from_json(doc or {})
+    if not rep.rows:
         return ""
-    ranked = sorted(rows, key=lambda r: -1.0 if math.isnan(r.rel_mse) else r.rel_mse, reverse=True)
+    ranked = rep.worst(len(rep.rows))
     methods = "+".join(doc.get("methods") or ["none"])
-    win = doc.get("windows") or {}
+    win = rep.windows
     med = (doc.get("summary") or {}).get("median_sqnr_db")
     top = ranked[0]
     causes = Counter(r.cause for r in ranked[:worst])
@@ -566,9 +565,8 @@ def section_quant_error(doc: Mapping | None, worst: int = 10) -> str:
 
     head = ["linear (input)", "rel MSE", "activations only", "weights only", "SQNR dB", "input |x| max", "cause"]
     parts.append(table(head, [line(r) for r in ranked[:worst]]))
-    kv_rows = doc.get("kv") or []
-    if kv_rows:
-        low = min(kv_rows, key=lambda d: d.get("sqnr_db") if d.get("sqnr_db") is not None else float("inf"))
+    if rep.kv:
+        low = min(rep.kv, key=lambda d: d.get("sqnr_db") if d.get("sqnr_db") is not None else float("inf"))
         parts.append(f"<p>KV cache: lowest SQNR {esc(num(low.get('sqnr_db')))} dB at layer {esc(low.get('layer'))} "
                      f"({esc(low.get('state'))}).</p>")
     parts.append("<details><summary>every linear</summary>" + table(head, [line(r) for r in ranked]) + "</details>")
