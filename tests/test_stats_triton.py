@@ -165,7 +165,6 @@ def test_cuda_graph_path_equals_cpu_path(device):
         _assert_same(a, b)
 
 
-
 def test_kernels_pass_the_gpu_compilers_front_end():
     """What the interpreter does not check, checked without a GPU: Triton's front end (Python -> TTIR) for an
     sm_90 target accepts the kernels at the 7B shape (e.g. a name bound to tensors of two shapes in the two
