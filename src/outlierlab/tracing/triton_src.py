@@ -10,12 +10,112 @@ hist] in float64. ``part`` is a float32 scratch [2, n_rg, C] of per-row-group ch
 updates: the last program of a group resets its own).
 """
 
+import triton
 import triton.language as tl
 
 from .kernels import FLAT_BITS, WIN_BITS
 
 _MAXF = tl.constexpr((1 << FLAT_BITS) - 1)
 _WIN_BITS = tl.constexpr(WIN_BITS)
+
+
+@triton.jit
+def _group_rows(rg, i, TB: tl.constexpr, B: tl.constexpr, S: tl.constexpr):
+    """Rows ``i`` of row group ``rg`` (window-major: window i // TB, token rg * TB + i % TB) and which exist."""
+    b = i // TB
+    t = rg * TB + i % TB
+    return b * S + t, (b < B) & (t < S)
+
+
+@triton.jit
+def _histogram(pid, x_ptr, hist_ptr, elem_idx_ptr, stride_r: tl.constexpr, stride_c: tl.constexpr,
+               C: tl.constexpr, n_elem: tl.constexpr, lo: tl.constexpr, hi: tl.constexpr, log2_min: tl.constexpr,
+               bins_per_octave: tl.constexpr, n_bins: tl.constexpr, NE: tl.constexpr):
+    """log2 histogram of NE sampled elements (as torch.histc over the clamped log2 |x|)."""
+    e = pid * NE + tl.arange(0, NE)
+    ok = e < n_elem
+    flat = tl.load(elem_idx_ptr + e, mask=ok, other=0)
+    a = tl.load(x_ptr + (flat // C) * stride_r + (flat % C) * stride_c, mask=ok, other=0.0)
+    a = tl.minimum(tl.maximum(tl.abs(a.to(tl.float32)), lo), hi)
+    idx = ((tl.log2(a) - log2_min) * bins_per_octave).to(tl.int32)
+    idx = tl.minimum(tl.maximum(idx, 0), n_bins - 1)
+    tl.atomic_add(hist_ptr + idx, tl.full([NE], 1.0, tl.float64), mask=ok)
+
+
+@triton.jit
+def _fold_tokens(rg, max_ptr, sum_ptr, tokmax_ptr, rpart_ptr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr,
+                 n_cb: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, CBF: tl.constexpr):
+    """Row group ``rg``'s token statistics from every block's part of its row maxima (run by the group's last
+    program, when all parts are written)."""
+    rows, row_ok = _group_rows(rg, tl.arange(0, BP * TB), TB, B, S)
+    rmax = tl.zeros([BP * TB], dtype=tl.float32)
+    for f0 in range(0, n_cb, CBF):
+        f = f0 + tl.arange(0, CBF)
+        v = tl.load(rpart_ptr + f[:, None] * (B * S) + rows[None, :], mask=(f < n_cb)[:, None] & row_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
+        rmax = tl.maximum(rmax, tl.max(v, axis=0))
+    per_window = tl.reshape(rmax, (BP, TB))
+    tmax = tl.max(per_window, axis=0)
+    tsum = tl.sum(per_window, axis=0)
+    tt = rg * TB + tl.arange(0, TB)
+    ok = tt < S
+    # every group owns its tokens: plain read-modify-write of the token state
+    tok_max = max_ptr + C + tt
+    tok_sum = sum_ptr + C + tt
+    tl.store(tok_max, tl.maximum(tl.load(tok_max, mask=ok, other=0.0), tmax), mask=ok)
+    tl.store(tok_sum, tl.load(tok_sum, mask=ok, other=0.0) + tsum.to(tl.float64), mask=ok)
+    tl.store(tokmax_ptr + tt, tmax, mask=ok)
+
+
+@triton.jit
+def _tile(p, x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rpart_ptr, ticket_ptr, stride_r: tl.constexpr,
+          stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, n_rg: tl.constexpr,
+          n_cb: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
+          CBF: tl.constexpr):
+    """Tile ``p`` = (row group, block of BC channels): the group's channel max and sum of |x| and this block's
+    part of its row maxima, R rows at a time; the group's last tile to finish (a ticket) folds its tokens."""
+    rg = p // n_cb
+    cb = p % n_cb
+    c = cb * BC + tl.arange(0, BC)
+    c_ok = c < C
+    col = c[None, :].to(tl.int64) * stride_c
+    acc_max = tl.zeros([R, BC], dtype=tl.float32)
+    acc_sum = tl.zeros([R, BC], dtype=tl.float32)
+    for r0 in range(0, BP * TB, R):
+        rows, row_ok = _group_rows(rg, r0 + tl.arange(0, R), TB, B, S)
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + col, mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        a = tl.abs(a.to(tl.float32))
+        acc_max = tl.maximum(acc_max, a)
+        acc_sum += a
+        # this block's part of every row's max: plain stores, read back by the group's last tile
+        tl.store(rpart_ptr + cb * (B * S) + rows, tl.max(a, axis=1), mask=row_ok)
+    # per-group channel max and sum: plain stores, reduced over the groups by `candidates`
+    tl.store(part_ptr + rg * C + c, tl.max(acc_max, axis=0), mask=c_ok)
+    tl.store(part_ptr + (n_rg + rg) * C + c, tl.sum(acc_sum, axis=0), mask=c_ok)
+    tl.debug_barrier()  # every thread's stores precede the ticket (a gpu-scope acq_rel atomic)
+    if tl.atomic_add(ticket_ptr + rg, 1) == n_cb - 1:
+        _fold_tokens(rg, max_ptr, sum_ptr, tokmax_ptr, rpart_ptr, B, S, C, n_cb, BP, TB, CBF)
+        tl.atomic_xchg(ticket_ptr + rg, 0)  # ready for the next update
+
+
+@triton.jit
+def _medians(q, x_ptr, med_ptr, rows_idx_ptr, stride_r: tl.constexpr, stride_c: tl.constexpr, C: tl.constexpr,
+             KR: tl.constexpr, KRP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Channel medians of block ``q`` over the KR sampled rows, added to the running sums: the entry of each
+    channel whose rank (ties by row) is the lower median's, found by counting instead of sorting."""
+    c = q * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_ok = c < C
+    r = tl.arange(0, KRP)
+    r_ok = r < KR
+    row = tl.load(rows_idx_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    a = tl.load(x_ptr + row[None, :] * stride_r + c[:, None].to(tl.int64) * stride_c,
+                mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.where(r_ok[None, :], tl.abs(a.to(tl.float32)), float("inf"))
+    before = (a[:, None, :] < a[:, :, None]) | ((a[:, None, :] == a[:, :, None]) & (r[None, None, :] < r[None, :, None]))
+    rank = tl.sum(before.to(tl.int32), axis=2)
+    med = tl.max(tl.where(rank == (KR - 1) // 2, a, -1.0), axis=1)
+    tl.store(med_ptr + c, tl.load(med_ptr + c, mask=c_ok, other=0.0) + med.to(tl.float64), mask=c_ok)
 
 
 def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem_idx_ptr, args_ptr, rpart_ptr,
@@ -25,98 +125,23 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
                lo: tl.constexpr, hi: tl.constexpr, log2_min: tl.constexpr, bins_per_octave: tl.constexpr,
                n_bins: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
                CBF: tl.constexpr, KRP: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr):
-    """Programs 0..n_hist-1: the histogram, NE sampled elements each; then one program per (row group, block
-    of BC channels): the group is TB tokens of every window (BP x TB rows), read R rows at a time; the last
-    program of a row group to finish (a ticket counter) folds the group's row maxima into the token state;
-    the rest: channel medians. With INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA
-    graph replays it)."""
+    """Programs 0..n_hist-1: the histogram, NE sampled elements each; then one tile per (row group, block of BC
+    channels): the group is TB tokens of every window (BP x TB rows); the rest: channel medians. With
+    INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
     if INDIRECT:
         x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
         max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
         sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
     pid = tl.program_id(0)
     if pid < n_hist:
-        # log2 histogram of the sampled elements (as torch.histc over the clamped log2 |x|)
-        h_hist_ptr = sum_ptr + 2 * C + S
-        h_e = pid * NE + tl.arange(0, NE)
-        h_ok = h_e < n_elem
-        h_flat = tl.load(elem_idx_ptr + h_e, mask=h_ok, other=0)
-        h_a = tl.load(x_ptr + (h_flat // C) * stride_r + (h_flat % C) * stride_c, mask=h_ok, other=0.0)
-        h_a = tl.minimum(tl.maximum(tl.abs(h_a.to(tl.float32)), lo), hi)
-        h_idx = ((tl.log2(h_a) - log2_min) * bins_per_octave).to(tl.int32)
-        h_idx = tl.minimum(tl.maximum(h_idx, 0), n_bins - 1)
-        tl.atomic_add(h_hist_ptr + h_idx, tl.full([NE], 1.0, tl.float64), mask=h_ok)
+        _histogram(pid, x_ptr, sum_ptr + 2 * C + S, elem_idx_ptr, stride_r, stride_c, C, n_elem, lo, hi, log2_min,
+                   bins_per_octave, n_bins, NE)
     elif pid < n_hist + n_rg * n_cb:
-        p = pid - n_hist
-        rg = p // n_cb
-        cb = p % n_cb
-        c = cb * BC + tl.arange(0, BC)
-        c_ok = c < C
-        col = c[None, :].to(tl.int64) * stride_c
-        acc_max = tl.zeros([R, BC], dtype=tl.float32)
-        acc_sum = tl.zeros([R, BC], dtype=tl.float32)
-        for r0 in range(0, BP * TB, R):
-            # rows r0..r0+R of the group, window-major: window i // TB, token rg * TB + i % TB
-            i = r0 + tl.arange(0, R)
-            b = i // TB
-            t = rg * TB + i % TB
-            row_ok = (b < B) & (t < S)
-            rows = b * S + t
-            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + col, mask=row_ok[:, None] & c_ok[None, :],
-                        other=0.0)
-            a = tl.abs(a.to(tl.float32))
-            acc_max = tl.maximum(acc_max, a)
-            acc_sum += a
-            # this block's part of every row's max: plain stores, read back by the group's last program
-            tl.store(rpart_ptr + cb * (B * S) + rows, tl.max(a, axis=1), mask=row_ok)
-        # per-group channel max and sum: plain stores, reduced over the groups by `candidates`
-        tl.store(part_ptr + rg * C + c, tl.max(acc_max, axis=0), mask=c_ok)
-        tl.store(part_ptr + (n_rg + rg) * C + c, tl.sum(acc_sum, axis=0), mask=c_ok)
-        tl.debug_barrier()  # every thread's stores precede the ticket (a gpu-scope acq_rel atomic)
-        if tl.atomic_add(ticket_ptr + rg, 1) == n_cb - 1:
-            # the group's last program: every block's row maxima are written
-            f_i = tl.arange(0, BP * TB)
-            f_b = f_i // TB
-            f_t = rg * TB + f_i % TB
-            f_row_ok = (f_b < B) & (f_t < S)
-            f_rows = f_b * S + f_t
-            rmax = tl.zeros([BP * TB], dtype=tl.float32)
-            for f0 in range(0, n_cb, CBF):
-                f_f = f0 + tl.arange(0, CBF)
-                f_m = (f_f < n_cb)[:, None] & f_row_ok[None, :]
-                f_v = tl.load(rpart_ptr + f_f[:, None] * (B * S) + f_rows[None, :], mask=f_m, other=0.0,
-                              cache_modifier=".cg")
-                rmax = tl.maximum(rmax, tl.max(f_v, axis=0))
-            per_window = tl.reshape(rmax, (BP, TB))
-            tmax = tl.max(per_window, axis=0)
-            tsum = tl.sum(per_window, axis=0)
-            tt = rg * TB + tl.arange(0, TB)
-            ok = tt < S
-            # every group owns its tokens: plain read-modify-write of the token state
-            tok_max = max_ptr + C + tt
-            tok_sum = sum_ptr + C + tt
-            tl.store(tok_max, tl.maximum(tl.load(tok_max, mask=ok, other=0.0), tmax), mask=ok)
-            tl.store(tok_sum, tl.load(tok_sum, mask=ok, other=0.0) + tsum.to(tl.float64), mask=ok)
-            tl.store(tokmax_ptr + tt, tmax, mask=ok)
-            tl.atomic_xchg(ticket_ptr + rg, 0)  # ready for the next update
+        _tile(pid - n_hist, x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rpart_ptr, ticket_ptr, stride_r,
+              stride_c, B, S, C, n_rg, n_cb, BP, TB, R, BC, CBF)
     else:
-        # channel medians over the KR sampled rows: the entry of each channel whose rank (ties by row) is the
-        # lower median's, found by counting instead of sorting
-        m_c = (pid - n_hist - n_rg * n_cb) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_c_ok = m_c < C
-        m_r = tl.arange(0, KRP)
-        m_r_ok = m_r < KR
-        m_row = tl.load(rows_idx_ptr + m_r, mask=m_r_ok, other=0).to(tl.int64)
-        m_a = tl.load(x_ptr + m_row[None, :] * stride_r + m_c[:, None].to(tl.int64) * stride_c,
-                      mask=m_c_ok[:, None] & m_r_ok[None, :], other=0.0)
-        m_a = tl.where(m_r_ok[None, :], tl.abs(m_a.to(tl.float32)), float("inf"))
-        m_ai = m_a[:, :, None]
-        m_aj = m_a[:, None, :]
-        m_before = (m_aj < m_ai) | ((m_aj == m_ai) & (m_r[None, None, :] < m_r[None, :, None]))
-        m_rank = tl.sum(m_before.to(tl.int32), axis=2)
-        m_med = tl.max(tl.where(m_rank == (KR - 1) // 2, m_a, -1.0), axis=1)
-        m_med_ptr = sum_ptr + C + S + m_c
-        tl.store(m_med_ptr, tl.load(m_med_ptr, mask=m_c_ok, other=0.0) + m_med.to(tl.float64), mask=m_c_ok)
+        _medians(pid - n_hist - n_rg * n_cb, x_ptr, sum_ptr + C + S, rows_idx_ptr, stride_r, stride_c, C, KR, KRP,
+                 BLOCK_M)
 
 
 def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ticket_ptr, tokw_ptr, max_ptr, sum_ptr,
@@ -196,25 +221,37 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ti
         if n <= TOP:  # the usual case: the list is the answer
             tl.store(top_ptr + t, tl.load(list_ptr + t, mask=t < n, other=0, cache_modifier=".cg"))
         elif n <= CAP:
-            s_e = tl.arange(0, CAP)
-            ranked = tl.sort(tl.load(list_ptr + s_e, mask=s_e < n, other=0, cache_modifier=".cg"),
-                             descending=True)
-            tl.store(list_ptr + s_e, ranked, mask=s_e < n)  # the list holds n_cand * TOP >= n keys
-            tl.debug_barrier()
-            tl.store(top_ptr + t, tl.load(list_ptr + t))
-        else:  # a long list (ties above the floor): TOP passes, each the largest key below the previous one
-            # (names of their own in each branch: the compiler merges same-named values of both branches)
-            p_prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
-            for p_i in range(TOP):
-                p_max = tl.zeros([1], dtype=tl.int64)
-                for p_e0 in range(0, n, CAP):
-                    p_e = p_e0 + tl.arange(0, CAP)
-                    p_k = tl.load(list_ptr + p_e, mask=p_e < n, other=0, cache_modifier=".cg")
-                    p_max = tl.maximum(p_max, tl.max(tl.where(p_k < p_prev, p_k, 0), axis=0))
-                tl.store(top_ptr + p_i + tl.arange(0, 1), p_max)
-                p_prev = p_max
+            _top_by_sort(n, list_ptr, top_ptr, TOP, CAP)
+        else:  # a long list (ties above the floor)
+            _top_by_passes(n, list_ptr, top_ptr, TOP, CAP)
         tl.atomic_xchg(count_ptr, 0)  # ready for the next update
         tl.atomic_xchg(ticket_ptr, 0)
+
+
+@triton.jit
+def _top_by_sort(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
+    """The best TOP of the list's ``n`` <= CAP keys: one sort, written back to the list (which holds
+    n_cand * TOP >= n keys), then its head copied."""
+    e = tl.arange(0, CAP)
+    ranked = tl.sort(tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg"), descending=True)
+    tl.store(list_ptr + e, ranked, mask=e < n)
+    tl.debug_barrier()
+    t = tl.arange(0, TOP)
+    tl.store(top_ptr + t, tl.load(list_ptr + t))
+
+
+@triton.jit
+def _top_by_passes(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
+    """The best TOP of the list's ``n`` > CAP keys: TOP passes, each the largest key below the previous one."""
+    prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for i in range(TOP):
+        best = tl.zeros([1], dtype=tl.int64)
+        for e0 in range(0, n, CAP):
+            e = e0 + tl.arange(0, CAP)
+            k = tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg")
+            best = tl.maximum(best, tl.max(tl.where(k < prev, k, 0), axis=0))
+        tl.store(top_ptr + i + tl.arange(0, 1), best)
+        prev = best
 
 
 def stash(args_ptr, keys_ptr, tokw_ptr, TOP: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr, R: tl.constexpr):
