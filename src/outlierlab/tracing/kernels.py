@@ -63,6 +63,9 @@ def _kernels():
             triton.jit(triton_src.stash))
 
 
+#: the graph path's kernels assume the traced tensor's address is a multiple of this (bytes): its loads are
+#: as wide as a direct launch's, which Triton specializes on the real address; other tensors launch directly
+ALIGN = 16
 BLOCK_M = 16  # channels per median program
 HIST_BLOCK = 1024  # sampled elements per histogram program
 KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)

@@ -294,7 +294,7 @@ class PositionStats:
         mode = resolve_mode(x.device, c.compile)
         if mode in ("triton", "graphs") and kernels.fits(batch, seq_len, channels, c.top_k):
             args = (batch, seq_len, rows_idx, elem_idx, c.top_k, c.log2_min, c.log2_max, c.bins_per_octave)
-            if mode == "graphs" and x.device.type == "cuda":
+            if mode == "graphs" and x.device.type == "cuda" and x.data_ptr() % kernels.ALIGN == 0:
                 if self._ring is None:
                     self._ring = kernels.new_ring(c.merge_every, seq_len, c.top_k, x.device)
                 kernels.graphed(x, *args, ring=c.merge_every).replay(

@@ -129,7 +129,9 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
     channels): the group is TB tokens of every window (BP x TB rows); the rest: channel medians. With
     INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
     if INDIRECT:
-        x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
+        # the host replays the graph only for a 16-byte aligned tensor (kernels.ALIGN): say so, or the tile loads
+        # lose their vector width (a pointer read from memory has no known alignment)
+        x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)
         max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
         sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
     pid = tl.program_id(0)
@@ -154,7 +156,7 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ti
     window0 * S + token per slot); the last program to finish (a ticket) writes the list's best TOP to
     ``top`` and resets the count and the ticket."""
     if INDIRECT:
-        x_ptr = tl.load(args_ptr).to(tl.pointer_type(XDT))
+        x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)  # as in stats_pass
         window0 = tl.load(args_ptr + 1)
         max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
         sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
