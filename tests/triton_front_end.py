@@ -6,6 +6,7 @@ compiler API is not the one used here (the test then skips).
 """
 
 import inspect
+import re
 import sys
 
 import triton.language as tl
@@ -27,16 +28,31 @@ BACKEND = CUDABackend(TARGET)
 OPTIONS = BACKEND.parse_options({"num_warps": 4})
 
 
-def front_end(fn, types: dict, consts: dict) -> None:
+def front_end(fn, types: dict, consts: dict, lower: bool = False):
+    """The kernel through the front end; with ``lower``, on to TTGIR (the layouts the GPU code will use),
+    its pointer arguments 16-byte aligned as Triton specializes them at a launch."""
     params = inspect.signature(fn).parameters
     consts = {k: v for k, v in consts.items() if k in params}
     sig = {n: "constexpr" if n in consts else types[n] for n in params}
     ctx = ir.context()
     ir.load_dialects(ctx)
     BACKEND.load_dialects(ctx)
-    source = ASTSource(JITFunction(fn), sig, constexprs=consts)
-    source.make_ir(TARGET, OPTIONS, BACKEND.get_codegen_implementation(OPTIONS), BACKEND.get_module_map(), ctx)
-    print(fn.__name__, flush=True)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n.endswith("_ptr")} if lower else None
+    source = ASTSource(JITFunction(fn), sig, constexprs=consts, attrs=attrs)
+    mod = source.make_ir(TARGET, OPTIONS, BACKEND.get_codegen_implementation(OPTIONS), BACKEND.get_module_map(),
+                         ctx)
+    if not lower:
+        return None
+    meta: dict = {}
+    mod = BACKEND.make_ttgir(BACKEND.make_ttir(mod, meta, OPTIONS, TARGET.arch), meta, OPTIONS, TARGET.arch)
+    return str(mod)
+
+
+def load_layouts(ttgir: str, dtype: str = "bf16") -> list[str]:
+    """The layout of every load of a ``dtype`` tensor, in program order."""
+    layouts = dict(re.findall(r"(#blocked\d*) = (#ttg\.blocked<\{[^}]*\}>)", ttgir))
+    return [layouts[m] for line in ttgir.splitlines() if "tt.load" in line and f"tt.ptr<{dtype}>" in line
+            for m in re.findall(r"#blocked\d*", line)[-1:]]
 
 
 def main() -> None:
@@ -55,7 +71,16 @@ def main() -> None:
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
             "RB": 32, "n_cand": g["n_cand"], "CAP": 1024}
     front_end(triton_src.stats_pass, types, stats)
+    print("stats_pass", flush=True)
     front_end(triton_src.candidates, types, cand)
+    print("candidates", flush=True)
+    # a graph replays the kernels with the tensor's address read from memory: they must still load as widely
+    # as a direct launch, which Triton specializes on the (16-byte aligned) address it is given
+    for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):
+        direct = load_layouts(front_end(fn, types, {**consts, "INDIRECT": False}, lower=True))
+        graphed = load_layouts(front_end(fn, types, {**consts, "INDIRECT": True}, lower=True))
+        assert direct and graphed == direct, (fn.__name__, direct, graphed)
+    print("layouts", flush=True)
 
 
 if __name__ == "__main__":
@@ -63,8 +88,8 @@ if __name__ == "__main__":
 
     try:
         main()
-    except CompilationError:
-        raise  # a kernel the front end rejects: the test fails
+    except (CompilationError, AssertionError):
+        raise  # a kernel the front end rejects, or graphed loads narrower than direct ones: the test fails
     except Exception as e:  # noqa: BLE001 - any other error is this Triton's API, not the kernels
         print(f"Triton's front end API differs here: {type(e).__name__}: {e}")
         sys.exit(3)
