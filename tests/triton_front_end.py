@@ -1,4 +1,6 @@
-"""Triton's front end (Python AST -> TTIR) on the statistics kernels for an sm_90 target, without a GPU.
+"""Triton's front end (Python AST -> TTIR) on the statistics kernels for an sm_90 target, without a GPU, and
+the graphed kernels' load layouts against a direct launch's (TTGIR). ``--ptx``: compile both to PTX here
+and count their global loads by width.
 
 Run by tests/test_stats_triton.py in a process without ``TRITON_INTERPRET``. Prints each kernel's name once
 it passes; a kernel the front end rejects raises its CompilationError; exits 3 when this Triton's internal
@@ -28,9 +30,10 @@ BACKEND = CUDABackend(TARGET)
 OPTIONS = BACKEND.parse_options({"num_warps": 4})
 
 
-def front_end(fn, types: dict, consts: dict, lower: bool = False):
-    """The kernel through the front end; with ``lower``, on to TTGIR (the layouts the GPU code will use),
-    its pointer arguments 16-byte aligned as Triton specializes them at a launch."""
+def front_end(fn, types: dict, consts: dict, lower: bool = False, ptx: bool = False):
+    """The kernel through the front end; with ``lower``, on to TTGIR (the layouts the GPU code will use), or
+    with ``ptx`` on to PTX, its pointer arguments 16-byte aligned as Triton specializes them at a launch."""
+    lower = lower or ptx
     params = inspect.signature(fn).parameters
     consts = {k: v for k, v in consts.items() if k in params}
     sig = {n: "constexpr" if n in consts else types[n] for n in params}
@@ -45,7 +48,15 @@ def front_end(fn, types: dict, consts: dict, lower: bool = False):
         return None
     meta: dict = {}
     mod = BACKEND.make_ttgir(BACKEND.make_ttir(mod, meta, OPTIONS, TARGET.arch), meta, OPTIONS, TARGET.arch)
+    if ptx:
+        return BACKEND.make_ptx(BACKEND.make_llir(mod, meta, OPTIONS, TARGET.arch), meta, OPTIONS, TARGET.arch)
     return str(mod)
+
+
+def global_loads(ptx: str) -> dict[str, int]:
+    """Global loads in the PTX by width: 16-byte vectors, 8-byte vectors, and 2-byte scalars."""
+    return {w: len(re.findall(rf"ld\.global(?:\.\w+)*\.{p}\s", ptx))
+            for w, p in (("16 B", r"v4\.b32"), ("8 B", r"v2\.b32"), ("2 B", "b16"))}
 
 
 def load_layouts(ttgir: str, dtype: str = "bf16") -> list[str]:
@@ -70,6 +81,12 @@ def main() -> None:
              "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True}
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
             "RB": 32, "n_cand": g["n_cand"], "CAP": 1024}
+    if "--ptx" in sys.argv:  # what a graphed and a direct launch load, compiled for sm_90 here
+        for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):
+            for indirect in (False, True):
+                loads = global_loads(front_end(fn, types, {**consts, "INDIRECT": indirect}, ptx=True))
+                print(f"{fn.__name__:11s} {'graphed' if indirect else 'direct ':8s} global loads {loads}")
+        return
     front_end(triton_src.stats_pass, types, stats)
     print("stats_pass", flush=True)
     front_end(triton_src.candidates, types, cand)
