@@ -40,7 +40,7 @@ def _planted(family="llama"):
 #: scoring runs before gamma and tma, which keep every score, so the profile serves it; smoothquant changes the
 #: scores (its up -> down rows), so otc traces again after it; prefix leaves the model unchanged
 PASSES = {"smoothquant": (1, 0), "prefix": (1, 0), "tma": (0, 0), "paper": (1, 0), "prefix,smoothquant": (2, 0),
-          "smoothquant,otc": (2, 1), "gamma,otc": (1, 0)}
+          "smoothquant,otc": (2, 1), "gamma,otc": (1, 0), "prefix,otc": (2, 0)}
 
 
 def _rounded(obj):

@@ -217,7 +217,8 @@ def mitigate(model, methods, calib=None, tokenizer=None, log: Callable[[str], No
                 result.install(name, method.entry(params))
             record["seconds"] = time.perf_counter() - t0
             result.applied.append(record)
-            ctx.pristine = ctx.pristine and not method.alters_model and not getattr(cfg, "scores_only", False)
+            alters = method.alters_model and not getattr(cfg, "scores_only", False)
+            ctx.pristine = ctx.pristine and not alters
     except BaseException:
         result.remove()
         raise
