@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of a change to the statistics kernels, each part fitting one device call (carry [".whl"]):
+# The GPU checks of a change to the statistics kernels, each part fitting one device call (carry [".whl"];
+# pytest-xdist and execnet wheels in .whl let the lane run on 4 workers: `pip download --no-deps -d .whl
+# pytest-xdist execnet`):
 #
 #   bash bench/ab_gpu.sh lane                 # the CUDA lane on this tree (tests/test_lane.py + test_stats_triton.py)
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
@@ -13,8 +15,12 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$PART" = lane ]; then
-  PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly -p no:xdist \
-      -p no:benchmark --device cuda tests/test_lane.py tests/test_stats_triton.py > "$OUT/lane.log" 2>&1
+  # Four pytest workers share the GPU when pytest-xdist travelled in .whl (the tiny models leave it idle most of
+  # the time: 545 s in one process in session 9); otherwise one process.
+  WORKERS=()
+  PYTHONPATH=/tmp/site python3 -c "import xdist" 2>/dev/null && WORKERS=(-n "${LANE_WORKERS:-4}")
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly "${WORKERS[@]}" \
+      -p no:benchmark --durations=10 --device cuda tests/test_lane.py tests/test_stats_triton.py > "$OUT/lane.log" 2>&1
   tail -5 "$OUT/lane.log"
   exit 0
 fi
