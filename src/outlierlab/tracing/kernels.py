@@ -140,28 +140,23 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
 
 
 def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.device, fresh: bool) -> dict:
-    """The update's buffers: the scratch ones shared (stream order), the outputs fresh unless ``fresh`` is
-    False (a graph owns all of them)."""
+    """The update's buffers. Direct launches (``fresh``) share the scratch ones (stream order) and get fresh
+    outputs; a graph owns all of them."""
     g = _geometry(batch, seq_len, channels, top_k)
-    i64 = {"device": device, "dtype": torch.int64}
-    if fresh:
-        bufs = {"tokmax": scratch((seq_len,), device, 0), "part": scratch((2, g["n_rg"], channels), device, 1),
-                "rpart": scratch((g["n_cb"], batch * seq_len), device, 6),
-                "ticket": scratch((g["n_rg"],), device, 7, torch.int32, zero=True),
-                "tok_val": scratch((g["KT"],), device, 3), "tok_idx": scratch((g["KT"],), device, 4, torch.int64),
-                "keys": scratch((g["n_cand"] * g["TOP"],), device, 2, torch.int64),
-                "count": scratch((1,), device, 8, torch.int64, zero=True),
-                "cticket": scratch((1,), device, 9, torch.int32, zero=True),
-                "top": torch.empty(g["TOP"], **i64)}  # the update's own output
-    else:
-        f32 = {"device": device, "dtype": torch.float32}
-        bufs = {"tokmax": torch.empty(seq_len, **f32), "part": torch.empty(2, g["n_rg"], channels, **f32),
-                "rpart": torch.empty(g["n_cb"], batch * seq_len, **f32),
-                "ticket": torch.zeros(g["n_rg"], device=device, dtype=torch.int32),
-                "tok_val": torch.empty(g["KT"], **f32), "tok_idx": torch.empty(g["KT"], **i64),
-                "keys": torch.empty(g["n_cand"] * g["TOP"], **i64), "top": torch.empty(g["TOP"], **i64),
-                "count": torch.zeros(1, **i64), "cticket": torch.zeros(1, device=device, dtype=torch.int32)}
-    bufs["tokw"] = torch.empty(g["KT"], **i64)
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    # name: (shape, dtype, zeroed when made, scratch slot or None for the update's own outputs)
+    table = {"tokmax": ((seq_len,), f32, False, 0), "part": ((2, g["n_rg"], channels), f32, False, 1),
+             "keys": ((g["n_cand"] * g["TOP"],), i64, False, 2), "tok_val": ((g["KT"],), f32, False, 3),
+             "tok_idx": ((g["KT"],), i64, False, 4), "rpart": ((g["n_cb"], batch * seq_len), f32, False, 6),
+             "ticket": ((g["n_rg"],), i32, True, 7), "count": ((1,), i64, True, 8),
+             "cticket": ((1,), i32, True, 9), "top": ((g["TOP"],), i64, False, None),
+             "tokw": ((g["KT"],), i64, False, None)}
+    bufs = {}
+    for name, (shape, dtype, zeroed, slot) in table.items():
+        if fresh and slot is not None:
+            bufs[name] = scratch(shape, device, slot, dtype, zero=zeroed)
+        else:
+            bufs[name] = (torch.zeros if zeroed else torch.empty)(shape, device=device, dtype=dtype)
     return bufs
 
 

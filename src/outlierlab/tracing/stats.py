@@ -354,8 +354,11 @@ class PositionStats:
 
     def _candidates(self) -> list[tuple[torch.Tensor, ...]]:
         """The pending candidates as (|x|, x, window, token, channel) blocks, taken out of the state."""
+        return self._blocks(self._take_keys())
+
+    def _blocks(self, keys: tuple[torch.Tensor, torch.Tensor] | None) -> list[tuple[torch.Tensor, ...]]:
+        """:meth:`_candidates` with the device paths' keys already taken out (:meth:`_take_keys`)."""
         out = []
-        keys = self._take_keys()
         if keys is not None:
             out.append(tuple(t.flatten() for t in kernels.decode_keys(*keys, self.channels, self.seq_len)))
         if self._pending:
@@ -513,14 +516,11 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
             decoded = kernels.decode_keys(torch.cat([k for k, _ in keyed]), torch.cat([t for _, t in keyed]),
                                           channels, seq_len)
             top = [torch.cat([t, d.reshape(n_pos, -1).to(t.dtype)], 1) for t, d in zip(top, decoded)]
-        else:  # put them back: each position decodes its own in _candidates below
-            for st, k in zip(members, keyed):
-                if k is not None:
-                    st._pending_keys.append(k)
-        if any(st._pending or st._pending_keys for st in members):
-            rows = [[t[i] for t in top] for i in range(n_pos)]
-            for row, st in zip(rows, members):
-                for block in st._candidates():
+            keyed = [None] * n_pos
+        if any(k is not None for k in keyed) or any(st._pending for st in members):
+            rows = [[t[i] for t in top] for i in range(n_pos)]  # each position decodes its own keys
+            for row, st, k in zip(rows, members, keyed):
+                for block in st._blocks(k):
                     for j, t in enumerate(block):
                         row[j] = torch.cat([row[j], t.to(row[j].dtype)])
             fills = (EMPTY, 0.0, 0, 0, 0)
