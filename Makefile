@@ -43,7 +43,7 @@ test-fast: $(TEST_STAMP)
 # the device lane on a machine with a GPU: every stage on tiny planted models of all 12 families, float32 and
 # bfloat16, checked against the CPU (tests/test_lane.py)
 test-gpu: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q --device cuda tests/test_lane.py
+	$(BIN)/python -m pytest -q --device cuda tests/test_lane.py tests/test_stats_triton.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/profile_overhead.py
