@@ -5,6 +5,10 @@
 #
 #   bash bench/ab_gpu.sh lane                 # the CUDA lane on this tree (tests/test_lane.py + test_stats_triton.py)
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
+#   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
+#                                             # (issue 11's acceptance rows), one call of ~400 s with 4 workers
+#   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
+#                                             # one CUDA graph, and what would it save at batch 1 and 4
 #
 # OLD is a src folder of the code to compare with, inside the repository so that it travels (untracked, not
 # ignored), e.g. `mkdir old_src && git archive main src | tar -x -C old_src`. Logs go to $OUT (ab.log, lane.log).
@@ -14,7 +18,13 @@ OUT=${OUT:-/tmp/ab_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-if [ "$PART" = lane ]; then
+if [ "$PART" = graph ]; then
+  PYTHONPATH=/tmp/site:$PWD/src timeout "${GRAPH_TIMEOUT:-300}" python3 bench/forward_graph.py --synthetic 7b \
+      --batch-sizes 1,4 2>&1 | tee "$OUT/graph.log" | grep -E "^model|^batch"
+  exit 0
+fi
+[ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
+if [ "$PART" = lane ] || [ "$PART" = final ]; then
   # Four pytest workers share the GPU when pytest-xdist travelled in .whl (the tiny models leave it idle most of
   # the time: 545 s in one process in session 9); otherwise one process.
   WORKERS=()
@@ -22,6 +32,13 @@ if [ "$PART" = lane ]; then
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly "${WORKERS[@]}" \
       -p no:benchmark --durations=10 --device cuda tests/test_lane.py tests/test_stats_triton.py > "$OUT/lane.log" 2>&1
   tail -5 "$OUT/lane.log"
+  [ "$PART" = lane ] && exit 0
+  export PYTHONPATH=/tmp/site:$PWD/src
+  timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
+  tail -1 "$OUT/consistency.log"
+  timeout 150 python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --n-samples 16 \
+      --seq-len 2048 --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
+  grep -E "ratio|memory" "$OUT/overhead.log"
   exit 0
 fi
 : "${OLD:?set OLD to the src folder of the code to compare with}"
