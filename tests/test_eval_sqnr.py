@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from outlierlab.evaluation import EvalConfig, perplexity
-from outlierlab.evaluation.sqnr import quant_error
+from outlierlab.evaluation.sqnr import QuantErrorReport, quant_error
 from outlierlab.quantization import quantize_
 from outlierlab.testing import plant_gain, random_windows, tiny_model
 
@@ -73,6 +73,11 @@ def test_kv_error_and_files(tmp_path):
     rep = quant_error(model, "w4a4kv4", ids)
     assert len(rep.kv) == 2 * model.config.n_layer
     assert all(math.isfinite(d["sqnr_db"]) and 0 < d["sqnr_db"] < 60 for d in rep.kv)
+    low = rep.lowest_kv()
+    assert low["sqnr_db"] == min(d["sqnr_db"] for d in rep.kv)
+    # read back from JSON an entry without a number (an error-free one's inf) never ranks lowest
+    doc = {**rep.to_json(), "kv": [{**low, "sqnr_db": None}, *(d for d in rep.kv if d is not low)]}
+    assert QuantErrorReport.from_json(doc).lowest_kv()["sqnr_db"] == min(d["sqnr_db"] for d in rep.kv if d is not low)
     assert torch.equal(_out(model.lm_head, model, ids), ref)  # KV probe removed, attention restored
     assert model.config._attn_implementation == "eager"
     rep.save_csv(tmp_path / "e.csv")

@@ -93,8 +93,8 @@ def quant_error_cmd(
         table.add_row(r.operator, f"{r.rel_mse:.4f}", f"{r.rel_mse_act:.4f}", f"{r.rel_mse_weight:.4f}",
                       f"{r.sqnr_db:.1f}", f"{r.input_absmax:,.1f}", r.cause)
     out.print(table)
-    if report.kv:
-        worst_kv = min(report.kv, key=lambda d: d["sqnr_db"])
+    worst_kv = report.lowest_kv()
+    if worst_kv is not None:
         out.print(f"KV cache: lowest SQNR {worst_kv['sqnr_db']:.1f} dB at layer {worst_kv['layer']} "
                   f"({worst_kv['state']})")
     out.print(f"wrote {out_dir / QUANT_ERROR_FILE} and {out_dir / 'quant_error.csv'} in "

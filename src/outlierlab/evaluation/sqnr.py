@@ -103,6 +103,14 @@ class QuantErrorReport:
         unknown = [r for r in self.rows if math.isnan(getattr(r, key))]
         return (sorted(known, key=lambda r: getattr(r, key), reverse=not key.startswith("sqnr")) + unknown)[:n]
 
+    def lowest_kv(self) -> dict | None:
+        """The KV cache entry (layer, state) with the lowest SQNR (one without a number, as read back from JSON,
+        counts as error-free); None without a KV quantizer."""
+        def sqnr(d: dict) -> float:
+            return math.inf if d.get("sqnr_db") is None else float(d["sqnr_db"])
+
+        return min(self.kv, key=sqnr) if self.kv else None
+
     def get(self, layer: int, role: str) -> LinearError:
         return next(r for r in self.rows if r.layer == layer and r.role == role)
 

@@ -565,8 +565,8 @@ def section_quant_error(doc: Mapping | None, worst: int = 10) -> str:
 
     head = ["linear (input)", "rel MSE", "activations only", "weights only", "SQNR dB", "input |x| max", "cause"]
     parts.append(table(head, [line(r) for r in ranked[:worst]]))
-    if rep.kv:
-        low = min(rep.kv, key=lambda d: d.get("sqnr_db") if d.get("sqnr_db") is not None else float("inf"))
+    low = rep.lowest_kv()
+    if low is not None:
         parts.append(f"<p>KV cache: lowest SQNR {esc(num(low.get('sqnr_db')))} dB at layer {esc(low.get('layer'))} "
                      f"({esc(low.get('state'))}).</p>")
     parts.append("<details><summary>every linear</summary>" + table(head, [line(r) for r in ranked]) + "</details>")
