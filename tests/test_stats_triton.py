@@ -82,6 +82,48 @@ def test_strided_input_and_planted_top_entries(device):
     assert (b["top_window"][0].item(), b["top_token"][0].item(), b["top_channel"][0].item()) == (2, 9, 4)
 
 
+@pytest.mark.parametrize("token_block", [2048, 16])
+def test_tied_token_maxima_take_the_first_tokens(device, monkeypatch, token_block):
+    """The candidates pick the top_k tokens by bisection on the token maxima: with every |x| equal but two
+    planted tokens, the tokens tied at the threshold are taken in token order, and the result is the CPU
+    path's to the last entry (equal |x| ranked by (token, channel)). Token block 16: the selection steps over
+    3 blocks of the 40 maxima."""
+    monkeypatch.setattr(kernels, "TOKEN_BLOCK", token_block)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.where(torch.rand(4, 40, 24, generator=gen) < 0.5, -1.0, 1.0)
+    x[1, 17, 9] = 3.0
+    x[0, 5, 2] = -2.0
+    a, b = _run("never", x, 2, top_k=8), _run("triton", x.to(device), 2, top_k=8)
+    _assert_same(a, b)
+    assert b["top_token"][:2].tolist() == [17, 5]
+    # the six ties: the first tokens' first channels, the smallest window of each
+    assert b["top_token"][2:].tolist() == [0] * 6 and b["top_channel"][2:].tolist() == list(range(6))
+    assert b["top_window"][2:].tolist() == [0] * 6
+
+
+def test_positions_merged_together_equal_positions_merged_alone(device):
+    """merge_pending (what the tracer runs when the positions' candidates are due) gives every position the
+    top-k it gets merging its own candidates, for positions of two shapes and several merges."""
+    from outlierlab.tracing.stats import merge_pending
+
+    mode = "graphs" if device == "cuda" else "triton"
+    xs = [_planted(6, 16, 24 + 16 * (i % 2), torch.float32, seed=i) for i in range(4)]
+
+    def fed(merge_every: int, together: bool) -> list[dict]:
+        stats = [PositionStats(StatsConfig(compile=mode, top_k=4, merge_every=merge_every)) for _ in xs]
+        for b in range(0, 6, 2):
+            if together and stats[0].due():
+                merge_pending(stats)
+                assert not any(st.due() for st in stats)
+            for st, x in zip(stats, xs):
+                st.update(x[b:b + 2].to(device), b)
+        return [st.finalize() for st in stats]
+
+    for a, b, c in zip(fed(100, False), fed(1, True), fed(1, False)):
+        _assert_same(a, b)
+        _assert_same(a, c)
+
+
 def test_shapes_the_keys_cannot_hold_take_another_path():
     assert kernels.fits(256, 2048, 11008, 32)
     assert not kernels.fits(257, 16, 8, 4)  # the window index has 8 bits

@@ -72,6 +72,7 @@ def main() -> None:
               "n_rg": g["n_rg"]}
     types = {"x_ptr": "*bf16", "sum_ptr": "*fp64", "window0": "i64", "ticket_ptr": "*i32"}
     types.update({n: "*fp32" for n in ("max_ptr", "part_ptr", "tokmax_ptr", "rpart_ptr", "tok_val_ptr")})
+    types["tok_ptr"] = "*i32"
     types.update({n: "*i64" for n in ("rows_idx_ptr", "elem_idx_ptr", "args_ptr", "tok_idx_ptr", "keys_ptr",
                                       "tokw_ptr", "tokkey_ptr", "list_ptr", "top_ptr", "count_ptr")})
     # every constant either kernel version takes; each kernel gets the ones in its signature
@@ -80,7 +81,7 @@ def main() -> None:
              "TB": g["TB"], "R": g["R"], "BC": g["BC"], "CBF": g["CBF"], "KRP": 16, "BLOCK_M": 16, "NE": 1024,
              "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True}
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
-            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024}
+            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SB": 2048}
     if "--ptx" in sys.argv:  # what a graphed and a direct launch load, compiled for sm_90 here
         for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):
             for indirect in (False, True):

@@ -69,6 +69,7 @@ ALIGN = 16
 BLOCK_M = 16  # channels per median program
 HIST_BLOCK = 1024  # sampled elements per histogram program
 KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)
+TOKEN_BLOCK = 2048  # token maxima per step of the candidates' token selection
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
@@ -131,11 +132,11 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
         bins_per_octave=float(bins_per_octave), n_bins=(log2_max - log2_min) * bins_per_octave,
         BP=g["BP"], TB=g["TB"], R=g["R"], BC=g["BC"], CBF=g["CBF"], KRP=_next_pow2(rows_idx.numel()),
         BLOCK_M=BLOCK_M, NE=HIST_BLOCK, num_warps=4)
-    torch.topk(bufs["tokmax"], g["KT"], sorted=False, out=(bufs["tok_val"], bufs["tok_idx"]))
-    candidates[(g["n_cand"],)](x, bufs["tok_idx"], bufs["tok_val"], bufs["keys"], bufs["top"], bufs["count"],
+    candidates[(g["n_cand"],)](x, bufs["tokmax"], bufs["tok"], bufs["keys"], bufs["top"], bufs["count"],
                                bufs["cticket"], bufs["tokw"], max_state, sum_state, bufs["part"], window0, args,
                                **common, KT=g["KT"], use_floor=int(g["KT"] == top_k), n_cand=g["n_cand"],
-                               KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32, CAP=KEY_CAP)
+                               KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32, CAP=KEY_CAP,
+                               SB=min(TOKEN_BLOCK, _next_pow2(seq_len)))
     return bufs["top"]
 
 
@@ -146,8 +147,8 @@ def _buffers(batch: int, seq_len: int, channels: int, top_k: int, device: torch.
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     # name: (shape, dtype, zeroed when made, scratch slot or None for the update's own outputs)
     table = {"tokmax": ((seq_len,), f32, False, 0), "part": ((2, g["n_rg"], channels), f32, False, 1),
-             "keys": ((g["n_cand"] * g["TOP"],), i64, False, 2), "tok_val": ((g["KT"],), f32, False, 3),
-             "tok_idx": ((g["KT"],), i64, False, 4), "rpart": ((g["n_cb"], batch * seq_len), f32, False, 6),
+             "keys": ((g["n_cand"] * g["TOP"],), i64, False, 2), "tok": ((g["n_cand"] * g["KTP"],), i32, False, 3),
+             "rpart": ((g["n_cb"], batch * seq_len), f32, False, 6),
              "ticket": ((g["n_rg"],), i32, True, 7), "count": ((1,), i64, True, 8),
              "cticket": ((1,), i32, True, 9), "top": ((g["TOP"],), i64, False, None),
              "tokw": ((g["KT"],), i64, False, None)}

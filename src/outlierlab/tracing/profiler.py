@@ -17,7 +17,7 @@ from ..runtime import ORDER, BatchInfo, Entry, input_device, installed, run, win
 from .distributed import rank_world, shard
 from .hooks import attach_positions
 from .result import PositionResult, Profile
-from .stats import PositionStats, StatsConfig, finalize_all, median_error
+from .stats import PositionStats, StatsConfig, finalize_all, median_error, merge_pending
 from .weights import weight_stats
 
 
@@ -60,6 +60,8 @@ class Tracer(Entry):
         st = self.stats.get(key)
         if st is None:
             st = self.stats[key] = PositionStats(self.config.stats)
+        elif st.due():  # every position has merge_every updates pending: merge them all at once
+            merge_pending(list(self.stats.values()))
         st.update(x, self.batch.window0)
 
     def attach(self, model: nn.Module, hooks, reg) -> None:
@@ -71,6 +73,7 @@ class Tracer(Entry):
 
     def all_reduce_(self, group=None) -> None:
         """Merge statistics across torch.distributed ranks (call on every rank, same positions)."""
+        merge_pending(list(self.stats.values()))
         for key in sorted(self.stats):
             self.stats[key].all_reduce_(group)
 

@@ -235,6 +235,7 @@ class PositionStats:
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
         self._ring: tuple[torch.Tensor, ...] | None = None  # the graph path's device rings (keys, slots, counter)
         self._ring_n = 0  # rows of the rings written since the last flush
+        self._n_pending = 0  # updates whose candidates are not merged into the top-k yet
         self._floor = EMPTY  # smallest |x| in the running top-k once it is full (host path only)
 
     # named views into the packed states
@@ -281,6 +282,8 @@ class PositionStats:
                 f"now {x.shape[1]} x {seq_len}"
             )
         c = self.config
+        if self.due():  # the rings hold merge_every updates: merge them before the next one is written
+            self._flush()
         rows, channels = x.shape
         k_rows = min(c.channel_median_rows, rows)
         k = min(c.median_samples, rows * channels)
@@ -300,13 +303,11 @@ class PositionStats:
                 kernels.graphed(x, *args, ring=c.merge_every).replay(
                     x, window0, self.max_state, self.sum_state, *self._ring)
                 self._ring_n += 1
-                if self._ring_n >= c.merge_every:
-                    self._flush()
+                self._n_pending += 1
                 return
             keys, tokw = kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state, *args[2:])
             self._pending_keys.append((keys[None], tokw[None]))
-            if len(self._pending_keys) >= c.merge_every:
-                self._flush()
+            self._n_pending += 1
             return
         fn = update_fn(x.device, "fused" if mode in ("triton", "graphs") else mode)
         host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
@@ -316,11 +317,15 @@ class PositionStats:
             x, self.max_state, self.sum_state, rows_idx, elem_idx, batch, seq_len, k_rows, kk,
             min(c.top_k * batch, kk * channels), float(c.log2_min), float(c.log2_max), c.n_bins, *eager)
         self._pending.append((vals, signed, r + window0 * seq_len, ch))
+        self._n_pending += 1
         if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
             # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
             self._floor = float(vals.min())
-        if len(self._pending) >= c.merge_every:
-            self._flush()
+
+    def due(self) -> bool:
+        """Whether ``merge_every`` updates' candidates are pending (the next update merges them first; a driver
+        of many positions merges them all at once with :func:`merge_pending` before that)."""
+        return self.channels is not None and self._n_pending >= self.config.merge_every
 
     def _drain_ring(self) -> None:
         """The graph path's candidates, appended to the pending ones (views of the rings: read them before the
@@ -333,9 +338,7 @@ class PositionStats:
                 counter.zero_()
 
     def _flush(self) -> None:
-        blocks = self._candidates()
-        if blocks:
-            self._merge_top(*(torch.cat(t) for t in zip(*blocks)))
+        merge_pending([self])
 
     def _merge_top(self, abs_v, val, window, token, channel) -> None:
         """Merge candidates into the running top-k (see :func:`merge_rows`)."""
@@ -352,18 +355,16 @@ class PositionStats:
         if abs_v.device.type == "cpu":
             self._floor = max(self._floor, float(abs_v.min()))  # EMPTY while a slot is unused
 
-    def _candidates(self) -> list[tuple[torch.Tensor, ...]]:
-        """The pending candidates as (|x|, x, window, token, channel) blocks, taken out of the state."""
-        return self._blocks(self._take_keys())
-
     def _blocks(self, keys: tuple[torch.Tensor, torch.Tensor] | None) -> list[tuple[torch.Tensor, ...]]:
-        """:meth:`_candidates` with the device paths' keys already taken out (:meth:`_take_keys`)."""
+        """The pending candidates as (|x|, x, window, token, channel) blocks, taken out of the state, with the
+        device paths' keys already taken out (:meth:`_take_keys`)."""
         out = []
         if keys is not None:
             out.append(tuple(t.flatten() for t in kernels.decode_keys(*keys, self.channels, self.seq_len)))
         if self._pending:
             vals, signed, grow, ch = (torch.cat(t) for t in zip(*self._pending))
             self._pending.clear()
+            self._n_pending = 0
             out.append((vals, signed, grow // self.seq_len, grow % self.seq_len, ch))
         return out
 
@@ -374,6 +375,7 @@ class PositionStats:
             return None
         keys, tokw = (torch.cat(t) for t in zip(*self._pending_keys))
         self._pending_keys.clear()
+        self._n_pending = 0
         return keys, tokw
 
     # -- merging ---------------------------------------------------------------------------------------
@@ -491,22 +493,14 @@ def _padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
     return out
 
 
-def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str, torch.Tensor | float]]:
-    """The results of many positions on the host, computed together: with ``move``, the states first go to the
-    host in one copy per dtype (:func:`to_host`); then every statistic is computed for all positions of one
-    shape at once (a profile of a 7B model has ~450 positions of a few shapes: one position at a time this took
-    ~0.5 s of host time on the H200 machine). Pending candidates are merged into each position's top-k."""
+def merge_pending(stats: list[PositionStats]) -> None:
+    """Merge the pending candidates of many positions into their running top-k, the positions of one shape
+    together (on their device: a few batched kernels, where one merge per position costs ~20 small ones)."""
+    groups: dict[tuple, list[PositionStats]] = {}
     for st in stats:
-        if st.channels is None:
-            raise ValueError("no data was traced at this position")
-    if move:
-        to_host(stats)
-    out: list = [None] * len(stats)
-    groups: dict[tuple, list[int]] = {}
-    for i, st in enumerate(stats):
-        groups.setdefault((st.channels, st.seq_len, st.config, st.max_state.device), []).append(i)
-    for (channels, seq_len, c, _), idx in groups.items():
-        members = [stats[i] for i in idx]
+        if st.channels is not None:
+            groups.setdefault((st.channels, st.seq_len, st.config.top_k, st.max_state.device), []).append(st)
+    for (channels, seq_len, top_k, _), members in groups.items():
         # the running top-k and every pending candidate, one row per position (padded with empty slots); the
         # device paths' keys are decoded for all positions together where they hold as many updates
         n_pos = len(members)
@@ -525,9 +519,29 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
                         row[j] = torch.cat([row[j], t.to(row[j].dtype)])
             fills = (EMPTY, 0.0, 0, 0, 0)
             top = [_padded([r[j] for r in rows], fills[j]) for j in range(5)]
-        top = merge_rows(*top, channels=channels, top_k=c.top_k)
+        top = merge_rows(*top, channels=channels, top_k=top_k)
         for i, st in enumerate(members):
             st._set_top(*(t[i] for t in top))
+
+
+def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str, torch.Tensor | float]]:
+    """The results of many positions on the host, computed together: with ``move``, the states first go to the
+    host in one copy per dtype (:func:`to_host`); then the pending candidates are merged into each position's
+    top-k (:func:`merge_pending`) and every statistic is computed for all positions of one shape at once (a
+    profile of a 7B model has ~450 positions of a few shapes: one position at a time this took ~0.5 s of host
+    time on the H200 machine)."""
+    for st in stats:
+        if st.channels is None:
+            raise ValueError("no data was traced at this position")
+    if move:
+        to_host(stats)
+    merge_pending(stats)
+    out: list = [None] * len(stats)
+    groups: dict[tuple, list[int]] = {}
+    for i, st in enumerate(stats):
+        groups.setdefault((st.channels, st.seq_len, st.config, st.max_state.device), []).append(i)
+    for (channels, seq_len, c, _), idx in groups.items():
+        members = [stats[i] for i in idx]
         max_state = torch.stack([st.max_state for st in members])
         sum_state = torch.stack([st.sum_state for st in members])
         count = {name: torch.tensor([float(getattr(st, name)) for st in members], dtype=torch.float64,
@@ -546,7 +560,7 @@ def finalize_all(stats: list[PositionStats], move: bool = True) -> list[dict[str
         chan_mean = (sum_state[:, at["chan_abssum"]] / count["rows"]).float()
         chan_median = (sum_state[:, at["chan_median_sum"]] / count["n_updates"]).float()
         tok_absmax_mean = (sum_state[:, at["tok_absmax_sum"]] / count["tok_windows"].clamp(min=1.0)).float()
-        n_valid = (top[0] >= 0).sum(1).tolist()
+        n_valid = (torch.stack([st.top_abs for st in members]) >= 0).sum(1).tolist()
         for i, (j, st) in enumerate(zip(idx, members)):
             n = n_valid[i]  # the merged top-k is sorted by score: its used slots come first
             out[j] = {

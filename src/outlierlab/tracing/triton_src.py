@@ -146,15 +146,57 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
                  BLOCK_M)
 
 
-def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ticket_ptr, tokw_ptr, max_ptr, sum_ptr,
+@triton.jit
+def _top_tokens(tokmax_ptr, tok_ptr, S: tl.constexpr, KT: tl.constexpr, SB: tl.constexpr, KTP: tl.constexpr):
+    """The KT tokens with the largest max (ties to the smaller token), in token order, as a [KTP] vector (its
+    last KTP - KT entries 0), and the KT-th largest max. Found by bisection on the maxima's bits (|x| >= 0
+    orders like its int32 bits): the largest t with at least KT maxima >= t, 31 counting passes over the S
+    maxima; then the tokens above t and the first ties at t are written to ``tok_ptr`` (this program's own
+    KTP slots) in token order and read back."""
+    lo = 0
+    hi = 2147483647  # 2 ** 31 - 1: no finite or NaN |x| has these bits, so count(>= hi) < KT
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        n = 0
+        for s0 in range(0, S, SB):
+            s = s0 + tl.arange(0, SB)
+            bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
+            n += tl.sum((bits >= mid).to(tl.int32), axis=0)
+        big = n >= KT
+        lo = tl.where(big, mid, lo)
+        hi = tl.where(big, hi, mid)
+    # lo = the KT-th largest max's bits: every max above it is taken, and the first ties at it up to KT
+    base = 0
+    ties = 0
+    n_above = 0
+    for s0 in range(0, S, SB):
+        s = s0 + tl.arange(0, SB)
+        bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
+        n_above += tl.sum((bits > lo).to(tl.int32), axis=0)
+    for s0 in range(0, S, SB):
+        s = s0 + tl.arange(0, SB)
+        bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
+        tie = (bits == lo).to(tl.int32)
+        take = (bits > lo) | ((bits == lo) & (ties + tl.cumsum(tie, axis=0) <= KT - n_above))
+        slot = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(tok_ptr + slot, s, mask=take)
+        base += tl.sum(take.to(tl.int32), axis=0)
+        ties += tl.sum(tie, axis=0)
+    tl.debug_barrier()  # the program's own stores, read back by all its threads
+    j = tl.arange(0, KTP)
+    return tl.load(tok_ptr + j, mask=j < KT, other=0), lo.to(tl.float32, bitcast=True)
+
+
+def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_ptr, tokw_ptr, max_ptr, sum_ptr,
                part_ptr, window0, args_ptr, INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr,
                stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, KT: tl.constexpr,
                use_floor: tl.constexpr, n_rg: tl.constexpr, n_cand: tl.constexpr, KTP: tl.constexpr,
-               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr):
-    """One block of channels: fold the row groups' channel max/sum into the state, then append the block's
-    best TOP candidate keys among the KT selected tokens to the update's list (and, program 0, write ``tokw`` =
-    window0 * S + token per slot); the last program to finish (a ticket) writes the list's best TOP to
-    ``top`` and resets the count and the ticket."""
+               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr, SB: tl.constexpr):
+    """One block of channels: fold the row groups' channel max/sum into the state, pick the KT tokens with the
+    largest max over the batch (``tokmax``, written by ``stats_pass``), then append the block's best TOP
+    candidate keys among them to the update's list (and, program 0, write ``tokw`` = window0 * S + token per
+    slot); the last program to finish (a ticket) writes the list's best TOP to ``top`` and resets the count
+    and the ticket."""
     if INDIRECT:
         x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)  # as in stats_pass
         window0 = tl.load(args_ptr + 1)
@@ -177,13 +219,14 @@ def candidates(x_ptr, tok_idx_ptr, tok_val_ptr, list_ptr, top_ptr, count_ptr, ti
 
     j = tl.arange(0, KTP)
     j_ok = j < KT
-    tok = tl.load(tok_idx_ptr + j, mask=j_ok, other=0).to(tl.int64)
+    tok, kth = _top_tokens(tokmax_ptr, tok_ptr + pid * KTP, S, KT, SB, KTP)
+    tok = tok.to(tl.int64)
     if pid == 0:  # the slots' tokens with the batch's first window folded in: window0 * S + token
         tl.store(tokw_ptr + j, tok + window0.to(tl.int64) * S, mask=j_ok)
     # with KT = top_k tokens, each one's max is a distinct key >= the smallest of them: no key below that
     # floor can be among the top_k
     if use_floor:
-        floor = tl.min(tl.load(tok_val_ptr + j, mask=j_ok, other=float("inf")), axis=0)
+        floor = kth
     else:
         floor = 0.0
     m = j_ok[:, None] & c_ok[None, :]
