@@ -60,13 +60,27 @@ def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
     _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))
 
 
-@pytest.mark.parametrize("cap", [1024, 32])
+@pytest.mark.parametrize("cap", [1024, 64, 32])
 def test_long_candidate_lists_are_ranked_on_the_device(device, monkeypatch, cap):
     """Fewer tokens than top_k (no floor) over 3 blocks of channels: every block appends its best 16 keys, and
-    the last program ranks the 48 of them by one sort (cap 1024) or by 16 passes (cap 32 < 48)."""
+    the last program ranks the 48 of them by one sort of 128 slots (cap 1024) or of 64 (the cap), or by 16
+    passes (cap 32 < 48)."""
     monkeypatch.setattr(kernels, "KEY_CAP", cap)
     x = _planted(6, 12, 300, torch.float32)
     _assert_same(_run("never", x, 3, top_k=16), _run("triton", x.to(device), 3, top_k=16))
+
+
+def test_a_few_keys_above_the_floor_take_the_short_sort(device):
+    """Gaussian activations over 4 blocks of 256 channels: the keys above the token floor number between TOP and
+    2 TOP (computed here as the kernel counts them; the usual case at real shapes), ranked with a sort of 2 TOP."""
+    x = torch.randn(2, 24, 1024, generator=torch.Generator().manual_seed(7))
+    g = kernels._geometry(2, 24, 1024, 8)
+    best = x.abs().amax(0)  # [tokens, channels]: each key's largest |x| over the batch
+    tokens = best.amax(1).topk(8).indices
+    floor = best.amax(1)[tokens].min()
+    blocks = (best[tokens] >= floor).view(8, -1, g["BLOCK_CB"]).sum((0, 2)).clamp(max=g["TOP"])
+    assert g["TOP"] < int(blocks.sum()) <= 2 * g["TOP"]
+    _assert_same(_run("never", x, 2, top_k=8), _run("triton", x.to(device), 2, top_k=8))
 
 
 def test_strided_input_and_planted_top_entries(device):

@@ -263,8 +263,14 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
         # the last program: the update's best TOP keys of the list into ``top`` (keys are distinct, 0 = empty)
         n = tl.atomic_add(count_ptr, 0)
         t = tl.arange(0, TOP)
-        if n <= TOP:  # the usual case: the list is the answer
+        if n <= TOP:  # the list is the answer
             tl.store(top_ptr + t, tl.load(list_ptr + t, mask=t < n, other=0, cache_modifier=".cg"))
+        # the usual case: a few keys above the floor besides the tokens' maxima, sorted in the shortest
+        # power-of-two slots that hold them (a sort's cost grows with its slots, not with n)
+        elif n <= 2 * TOP and 2 * TOP <= CAP:
+            _top_by_sort(n, list_ptr, top_ptr, TOP, 2 * TOP)
+        elif n <= 8 * TOP and 8 * TOP <= CAP:
+            _top_by_sort(n, list_ptr, top_ptr, TOP, 8 * TOP)
         elif n <= CAP:
             _top_by_sort(n, list_ptr, top_ptr, TOP, CAP)
         else:  # a long list (ties above the floor)
@@ -275,7 +281,7 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
 
 @triton.jit
 def _top_by_sort(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
-    """The best TOP of the list's ``n`` <= CAP keys: one sort, written back to the list (which holds
+    """The best TOP of the list's ``n`` <= CAP keys: one sort of CAP slots, written back to the list (which holds
     n_cand * TOP >= n keys), then its head copied."""
     e = tl.arange(0, CAP)
     ranked = tl.sort(tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg"), descending=True)
