@@ -144,12 +144,13 @@ def test_shapes_the_keys_cannot_hold_take_another_path():
     assert not kernels.fits(1, 2048, 1 << 20, 32)  # 32 token slots x 2^20 channels > 22 bits
 
 
-def test_finalize_after_moving_many_positions_to_the_host(device):
-    """to_host moves every position's state and pending candidates in one copy per dtype; the results are
-    those of finalizing each position where it lives."""
-    from outlierlab.tracing.stats import to_host
+def test_finalizing_many_device_positions_together_equals_one_at_a_time(device):
+    """finalize_all computes the results of many positions where their states live, positions of one shape
+    together, and moves only the results (one copy per dtype): each position gets what finalizing it alone
+    gives, and its result tensors share no storage with its state."""
+    from outlierlab.tracing.stats import finalize_all
 
-    xs = [_planted(4, 16, 24 + 8 * i, torch.float32, seed=i) for i in range(3)]
+    xs = [_planted(4, 16, 24 + 8 * (i % 2), torch.float32, seed=i) for i in range(3)]
 
     def fed():
         out = []
@@ -160,13 +161,15 @@ def test_finalize_after_moving_many_positions_to_the_host(device):
             out.append(st)
         return out
 
-    direct = [st.finalize() for st in fed()]
-    moved = fed()
-    assert all(st._pending_keys for st in moved)  # candidates still pending when moved
-    to_host(moved)
-    assert all(t.device.type == "cpu" for st in moved for t in st._tensors())
-    for a, st in zip(direct, moved):
-        _assert_same(a, st.finalize())
+    alone = [st.finalize() for st in fed()]
+    stats = fed()
+    assert all(st._pending_keys for st in stats)  # candidates still pending when finalized
+    together = finalize_all(stats)
+    states = {st.max_state.untyped_storage().data_ptr() for st in stats}
+    for a, b in zip(alone, together):
+        _assert_same(a, b)
+        assert all(t.device.type == "cpu" and t.untyped_storage().data_ptr() not in states
+                   for t in b.values() if isinstance(t, torch.Tensor))
 
 
 def test_indirect_launch_reads_the_addresses_from_its_argument_buffer(device):

@@ -123,7 +123,7 @@ class Profile:
             if r.same_as:
                 continue
             for key in ARRAY_KEYS:
-                out[f"L{layer}.{pos}.{key}"] = r.stats[key].contiguous()
+                out[f"L{layer}.{pos}.{key}"] = _alone(r.stats[key])
         for key, t in (self.weights or {}).items():
             out[f"weights.{key}"] = t.contiguous()
         return out
@@ -146,3 +146,11 @@ def load_report(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     report = json.loads((out_dir / REPORT_FILE).read_text())
     arrays = load_file(out_dir / ARRAYS_FILE) if (out_dir / ARRAYS_FILE).is_file() else {}
     return report, arrays
+
+
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a storage of its own (safetensors refuses tensors that share one, and finalized statistics
+    are views of one block per shape)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
