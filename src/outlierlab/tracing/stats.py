@@ -213,7 +213,8 @@ class PositionStats:
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
         self._ring: tuple[torch.Tensor, ...] | None = None  # the graph path's device rings (keys, slots, counter)
-        self._ring_n = 0  # rows of the rings written since the last flush
+        self._ring_n = 0  # rows of the rings written since the last flush, from row _ring_start on
+        self._ring_start = 0
         self._n_pending = 0  # updates whose candidates are not merged into the top-k yet
         self._floor = EMPTY  # smallest |x| in the running top-k once it is full (host path only)
 
@@ -310,11 +311,14 @@ class PositionStats:
         """The graph path's candidates, appended to the pending ones (views of the rings: read them before the
         next replay, which the stream order of the flush guarantees)."""
         if self._ring_n:
-            keys, slots, counter = self._ring
-            self._pending_keys.append((keys[:self._ring_n], slots[:self._ring_n]))
-            self._ring_n = 0
-            with torch.inference_mode(counter.is_inference()):  # the rings may be made inside a forward's mode
-                counter.zero_()
+            keys, slots, _ = self._ring  # the device counter runs on: row n % rows is written by update n
+            lo, n, rows = self._ring_start, self._ring_n, len(keys)
+            if lo + n <= rows:
+                self._pending_keys.append((keys[lo:lo + n], slots[lo:lo + n]))
+            else:  # wrapped around (only a partial ring, at the end, can start elsewhere than row 0)
+                self._pending_keys.append((torch.cat([keys[lo:], keys[:lo + n - rows]]),
+                                           torch.cat([slots[lo:], slots[:lo + n - rows]])))
+            self._ring_start, self._ring_n = (lo + n) % rows, 0
 
     def _flush(self) -> None:
         merge_pending([self])
@@ -493,7 +497,7 @@ def merge_pending(stats: list[PositionStats]) -> None:
                         row[j] = torch.cat([row[j], t.to(row[j].dtype)])
             fills = (EMPTY, 0.0, 0, 0, 0)
             top = [_padded([r[j] for r in rows], fills[j]) for j in range(5)]
-        top = merge_rows(*top, channels=channels, top_k=top_k)
+        top = [t.unbind(0) for t in merge_rows(*top, channels=channels, top_k=top_k)]
         for i, st in enumerate(members):
             st._set_top(*(t[i] for t in top))
 
