@@ -96,13 +96,10 @@ def test_strided_input_and_planted_top_entries(device):
     assert (b["top_window"][0].item(), b["top_token"][0].item(), b["top_channel"][0].item()) == (2, 9, 4)
 
 
-@pytest.mark.parametrize("token_block", [2048, 16])
-def test_tied_token_maxima_take_the_first_tokens(device, monkeypatch, token_block):
+def test_tied_token_maxima_take_the_first_tokens(device):
     """The candidates pick the top_k tokens by bisection on the token maxima: with every |x| equal but two
     planted tokens, the tokens tied at the threshold are taken in token order, and the result is the CPU
-    path's to the last entry (equal |x| ranked by (token, channel)). Token block 16: the selection steps over
-    3 blocks of the 40 maxima."""
-    monkeypatch.setattr(kernels, "TOKEN_BLOCK", token_block)
+    path's to the last entry (equal |x| ranked by (token, channel))."""
     gen = torch.Generator().manual_seed(3)
     x = torch.where(torch.rand(4, 40, 24, generator=gen) < 0.5, -1.0, 1.0)
     x[1, 17, 9] = 3.0

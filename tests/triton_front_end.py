@@ -81,7 +81,7 @@ def main() -> None:
              "TB": g["TB"], "R": g["R"], "BC": g["BC"], "CBF": g["CBF"], "KRP": 16, "BLOCK_M": 16, "NE": 1024,
              "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True}
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
-            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SB": 2048}
+            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SP": 2048}
     if "--ptx" in sys.argv:  # what a graphed and a direct launch load, compiled for sm_90 here
         for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):
             for indirect in (False, True):

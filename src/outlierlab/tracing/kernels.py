@@ -69,7 +69,6 @@ ALIGN = 16
 BLOCK_M = 16  # channels per median program
 HIST_BLOCK = 1024  # sampled elements per histogram program
 KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)
-TOKEN_BLOCK = 2048  # token maxima per step of the candidates' token selection
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
@@ -101,7 +100,9 @@ def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     block_cb = max(_next_pow2(-(-top // ktp)), min(_next_pow2(channels), max(1, 2048 // ktp)))
     return {"BP": bp, "TB": tb, "R": min(16, bp * tb), "BC": bc, "CBF": min(16, _next_pow2(n_cb)),
             "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb, "n_rg": -(-seq_len // tb), "n_cb": n_cb,
-            "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb)}
+            "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb),
+            # every candidates program holds the seq_len token maxima in registers: <= 64 per thread
+            "cand_warps": max(4, min(16, _next_pow2(seq_len) // 2048))}
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -136,7 +137,7 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
                                bufs["cticket"], bufs["tokw"], max_state, sum_state, bufs["part"], window0, args,
                                **common, KT=g["KT"], use_floor=int(g["KT"] == top_k), n_cand=g["n_cand"],
                                KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32, CAP=KEY_CAP,
-                               SB=min(TOKEN_BLOCK, _next_pow2(seq_len)))
+                               SP=_next_pow2(seq_len), num_warps=g["cand_warps"])
     return bufs["top"]
 
 

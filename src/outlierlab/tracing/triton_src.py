@@ -147,41 +147,27 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
 
 
 @triton.jit
-def _top_tokens(tokmax_ptr, tok_ptr, S: tl.constexpr, KT: tl.constexpr, SB: tl.constexpr, KTP: tl.constexpr):
+def _top_tokens(tokmax_ptr, tok_ptr, S: tl.constexpr, KT: tl.constexpr, SP: tl.constexpr, KTP: tl.constexpr):
     """The KT tokens with the largest max (ties to the smaller token), in token order, as a [KTP] vector (its
-    last KTP - KT entries 0), and the KT-th largest max. Found by bisection on the maxima's bits (|x| >= 0
-    orders like its int32 bits): the largest t with at least KT maxima >= t, 31 counting passes over the S
-    maxima; then the tokens above t and the first ties at t are written to ``tok_ptr`` (this program's own
-    KTP slots) in token order and read back."""
+    last KTP - KT entries 0), and the KT-th largest max. The S maxima are read once into registers; the KT-th
+    largest is found by bisection on their bits (|x| >= 0 orders like its int32 bits): the largest t with at
+    least KT maxima >= t, 31 counting passes; then the tokens above t and the first ties at t are written to
+    ``tok_ptr`` (this program's own KTP slots) in token order and read back."""
+    s = tl.arange(0, SP)
+    bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)  # padding: below any t
     lo = 0
-    hi = 2147483647  # 2 ** 31 - 1: no finite or NaN |x| has these bits, so count(>= hi) < KT
+    hi = 2147483647  # 2 ** 31 - 1: no finite or NaN |x| has these bits, so fewer than KT maxima are >= hi
     for _ in range(31):
         mid = lo + (hi - lo) // 2
-        n = 0
-        for s0 in range(0, S, SB):
-            s = s0 + tl.arange(0, SB)
-            bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
-            n += tl.sum((bits >= mid).to(tl.int32), axis=0)
-        big = n >= KT
+        big = tl.sum((bits >= mid).to(tl.int32), axis=0) >= KT
         lo = tl.where(big, mid, lo)
         hi = tl.where(big, hi, mid)
     # lo = the KT-th largest max's bits: every max above it is taken, and the first ties at it up to KT
-    base = 0
-    ties = 0
-    n_above = 0
-    for s0 in range(0, S, SB):
-        s = s0 + tl.arange(0, SB)
-        bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
-        n_above += tl.sum((bits > lo).to(tl.int32), axis=0)
-    for s0 in range(0, S, SB):
-        s = s0 + tl.arange(0, SB)
-        bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)
-        tie = (bits == lo).to(tl.int32)
-        take = (bits > lo) | ((bits == lo) & (ties + tl.cumsum(tie, axis=0) <= KT - n_above))
-        slot = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(tok_ptr + slot, s, mask=take)
-        base += tl.sum(take.to(tl.int32), axis=0)
-        ties += tl.sum(tie, axis=0)
+    n_above = tl.sum((bits > lo).to(tl.int32), axis=0)
+    tie = (bits == lo).to(tl.int32)
+    take = (bits > lo) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= KT - n_above))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(tok_ptr + slot, s, mask=take)
     tl.debug_barrier()  # the program's own stores, read back by all its threads
     j = tl.arange(0, KTP)
     return tl.load(tok_ptr + j, mask=j < KT, other=0), lo.to(tl.float32, bitcast=True)
@@ -191,7 +177,7 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
                part_ptr, window0, args_ptr, INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr,
                stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, KT: tl.constexpr,
                use_floor: tl.constexpr, n_rg: tl.constexpr, n_cand: tl.constexpr, KTP: tl.constexpr,
-               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr, SB: tl.constexpr):
+               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr, SP: tl.constexpr):
     """One block of channels: fold the row groups' channel max/sum into the state, pick the KT tokens with the
     largest max over the batch (``tokmax``, written by ``stats_pass``), then append the block's best TOP
     candidate keys among them to the update's list (and, program 0, write ``tokw`` = window0 * S + token per
@@ -219,7 +205,7 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
 
     j = tl.arange(0, KTP)
     j_ok = j < KT
-    tok, kth = _top_tokens(tokmax_ptr, tok_ptr + pid * KTP, S, KT, SB, KTP)
+    tok, kth = _top_tokens(tokmax_ptr, tok_ptr + pid * KTP, S, KT, SP, KTP)
     tok = tok.to(tl.int64)
     if pid == 0:  # the slots' tokens with the batch's first window folded in: window0 * S + token
         tl.store(tokw_ptr + j, tok + window0.to(tl.int64) * S, mask=j_ok)
