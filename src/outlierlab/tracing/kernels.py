@@ -1,17 +1,18 @@
-"""Triton kernels of one statistics update on a GPU: two kernels and one ``topk`` (of the token maxima) per
-traced tensor, no host synchronization.
+"""Triton kernels of one statistics update on a GPU: two kernels per traced tensor, no host synchronization
+and no other launch.
 
 ``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
 reads: per-group channel max and sum of |x| (folded into the state by ``candidates``), each block's part of
 the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
 by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
 compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample.
-``candidates`` reads the rows of the ``top_k`` tokens with the largest max (a ``topk`` of the token maxima),
-keeps for every (token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries
-as packed int64 keys: ``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot *
-channels + channel`` (0 = empty), which sort like |x| and, among equal |x|, prefer the smaller (token slot,
-channel), appended to one list per update; the last ``candidates`` program to finish keeps the list's best
-``TOP`` (no ``topk`` launch), and :func:`decode_keys` unpacks them.
+``candidates`` picks the ``top_k`` tokens with the largest max (every program by itself: a bisection on the
+token maxima's bits, ties to the smaller token), reads their rows, keeps for every (token, channel) the largest
+|x| over the batch and writes each program's ``TOP`` best entries as packed int64 keys: ``(|x| bits + 1) << 31
+| (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot * channels + channel`` (0 = empty; slots in
+token order), which sort like |x| and, among equal |x|, prefer the smaller (token, channel), appended to one
+list per update; the last ``candidates`` program to finish keeps the list's best ``TOP`` (a sort of the
+shortest power-of-two slots that hold the list), and :func:`decode_keys` unpacks them.
 
 The top ``top_k`` distinct (token, channel) keys of an update lie in its ``top_k`` tokens with the largest max
 over the batch: a key outside them is beaten by the best key of each of those tokens. So the work of the
@@ -77,7 +78,7 @@ def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch
     """A buffer reused by every update on ``device`` that asks for the same ``slot`` (updates run in stream
     order, each consumes its scratch before the next one writes it; the CPU path's slot names its thread).
     ``zero``: zeroed when made (the kernels that use it leave it zero)."""
-    # a buffer made under inference mode cannot be written by torch ops outside it (topk's out=)
+    # a buffer made under inference mode cannot be written by torch ops outside it
     key = (shape, device, slot, torch.is_inference_mode_enabled())
     buf = _SCRATCH.get(key)
     if buf is None:
@@ -114,7 +115,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx, top_k, log2_min, log2_max,
            bins_per_octave, bufs: dict, args: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch one update (stats_pass, topk of the token maxima, candidates) writing into ``bufs``; returns its best
+    """Launch one update (stats_pass, candidates) writing into ``bufs``; returns its best
     keys. With ``args`` (device int64: x address, window0, max_state and sum_state addresses), the kernels
     read those from it: the launch sequence of a CUDA graph, replayed for any tensor of the same layout."""
     stats_pass, candidates, _ = _kernels()
