@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of a change to the statistics kernels, each part fitting one device call (carry [".whl"];
-# pytest-xdist and execnet wheels in .whl let the lane run on 4 workers: `pip download --no-deps -d .whl
+# pytest-xdist and execnet wheels in .whl let the lane run on 6 workers: `pip download --no-deps -d .whl
 # pytest-xdist execnet`):
 #
 #   bash bench/ab_gpu.sh lane                 # the CUDA lane on this tree (tests/test_lane.py + test_stats_triton.py)
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
 #   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
-#                                             # (issue 11's acceptance rows), one call of ~400 s with 4 workers
+#                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #
@@ -25,11 +25,11 @@ if [ "$PART" = graph ]; then
 fi
 [ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
 if [ "$PART" = lane ] || [ "$PART" = final ]; then
-  # Four pytest workers share the GPU when pytest-xdist travelled in .whl (the tiny models leave it idle most of
-  # the time: 545 s in one process in session 9); otherwise one process.
+  # Six pytest workers (2 threads each) share the GPU when pytest-xdist travelled in .whl (the tiny models leave
+  # it idle most of the time): 207 s in session 10; 4 workers 215-263 s, one process 545 s (session 9)
   WORKERS=()
-  PYTHONPATH=/tmp/site python3 -c "import xdist" 2>/dev/null && WORKERS=(-n "${LANE_WORKERS:-4}")
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly "${WORKERS[@]}" \
+  PYTHONPATH=/tmp/site python3 -c "import xdist" 2>/dev/null && WORKERS=(-n "${LANE_WORKERS:-6}")
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONPATH=/tmp/site:$PWD/src timeout "${LANE_TIMEOUT:-560}" python3 -m pytest -q -p no:randomly "${WORKERS[@]}" \
       -p no:benchmark --durations=10 --device cuda tests/test_lane.py tests/test_stats_triton.py > "$OUT/lane.log" 2>&1
   tail -5 "$OUT/lane.log"
   [ "$PART" = lane ] && exit 0
