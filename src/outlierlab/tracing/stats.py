@@ -407,24 +407,6 @@ class PositionStats:
         return self
 
     # -- results ---------------------------------------------------------------------------------------
-    _STATE = ("max_state", "sum_state", "top_abs", "top_val", "top_window", "top_token", "top_channel")
-
-    def _tensors(self) -> list[torch.Tensor]:
-        self._drain_ring()
-        out = [getattr(self, name) for name in self._STATE]
-        for p in self._pending:
-            out += p
-        for p in self._pending_keys:
-            out += p
-        return out
-
-    def _set_tensors(self, tensors: list[torch.Tensor]) -> None:
-        it = iter(tensors)
-        for name in self._STATE:
-            setattr(self, name, next(it))
-        self._pending = [tuple(next(it) for _ in p) for p in self._pending]
-        self._pending_keys = [(next(it), next(it)) for _ in self._pending_keys]
-
     def finalize(self) -> dict[str, torch.Tensor | float]:
         """The results on the host (see :func:`finalize_all`); the state stays where it is."""
         return finalize_all([self])[0]
