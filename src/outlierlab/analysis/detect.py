@@ -46,9 +46,9 @@ def channel_outliers(stats: dict, cfg: DetectConfig) -> list[dict]:
     ratio = chan / med
     hits = torch.nonzero((ratio >= cfg.co_k) & (chan > cfg.co_min)).flatten()
     rows = [
-        {"channel": int(c), "ratio": float(ratio[c]), "median": float(chan[c]),
-         "absmax": float(stats["chan_absmax"][c])}
-        for c in hits
+        {"channel": c, "ratio": r, "median": m, "absmax": a}
+        for c, r, m, a in zip(hits.tolist(), ratio[hits].tolist(), chan[hits].tolist(),
+                              stats["chan_absmax"][hits].tolist())
     ]
     return sorted(rows, key=lambda r: -r["ratio"])
 
