@@ -58,8 +58,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         cfg = ProfileConfig(batch_size=batch, weights=False)
         for rep in range(args.repeats):
-            bare = timed(lambda: run(model, ids, batch, logits=False))
-            whole = timed(lambda: profile(model, ids, cfg))
+            bare = timed(lambda b=batch: run(model, ids, b, logits=False))
+            whole = timed(lambda c=cfg: profile(model, ids, c))
             tracer = Tracer(get_adapter(model), cfg)
             phases: dict[str, float] = {}
             forwards = []
@@ -69,20 +69,21 @@ def main() -> None:
                 sync()
                 phases["install"] = time.perf_counter() - t
                 for s in range(0, len(ids), batch):
-                    forwards.append(timed(lambda s=s: call(model, ids[s:s + batch], s, logits=False)))
+                    forwards.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
                 t = time.perf_counter()
             sync()
             phases["uninstall"] = time.perf_counter() - t
             raw: dict = {}
-            phases["results"] = timed(lambda: raw.update(tracer.results()))
-            phases["detect"] = timed(lambda: build_profile(tracer.adapter, raw, cfg, ids, None, None, {}, {}, {}))
+            phases["results"] = timed(lambda r=raw, tr=tracer: r.update(tr.results()))
+            phases["detect"] = timed(lambda r=raw, tr=tracer, c=cfg: build_profile(tr.adapter, r, c, ids, None, None, {}, {},
+                                                                                   {}))
             print(f"batch {batch} repeat {rep}: bare {bare:.3f} s, profile {whole:.3f} s ({whole / bare:.3f}x) | "
                   f"traced forwards {' '.join(f'{f * 1e3:.1f}' for f in forwards)} ms | "
                   + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
         bare_each = []
         with torch.inference_mode():
             for s in range(0, len(ids), batch):
-                bare_each.append(timed(lambda s=s: call(model, ids[s:s + batch], s, logits=False)))
+                bare_each.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
         print(f"batch {batch}: bare forwards {' '.join(f'{f * 1e3:.1f}' for f in bare_each)} ms")
 
 
