@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from profile_overhead import synthetic_model
+from profile_overhead import synthetic_setup
 
 
 def _timed(fn, repeats: int, sync) -> float:
@@ -56,30 +56,16 @@ def _captured(fn, device: torch.device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--synthetic", choices=["7b", "1b", "tiny"], default="7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-sizes", default="1,4")
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
+    args, model, info, device, sync = synthetic_setup(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]), batch_sizes="1,4", repeats=10)
 
     from outlierlab.adapters import get_adapter
-    from outlierlab.models.loader import resolve_device, resolve_dtype
     from outlierlab.runtime import installed
     from outlierlab.runtime.forward import call
     from outlierlab.tracing import ProfileConfig, StatsConfig
     from outlierlab.tracing.profiler import Tracer
 
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, info = synthetic_model(args.synthetic, str(device), dtype)
     cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     where = torch.cuda.get_device_name(device) if cuda else str(device)
     print(f"model {info['id']} | {args.seq_len} tokens per window, {args.dtype} | {where} | torch {torch.__version__}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):

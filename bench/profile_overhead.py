@@ -40,6 +40,30 @@ def synthetic_model(shape: str, device: str, dtype: torch.dtype):
     return model.eval(), {"id": f"synthetic-llama-{shape}", "model_type": "llama"}
 
 
+
+def synthetic_setup(ap: argparse.ArgumentParser, batch_sizes: str, repeats: int):
+    """The options every bench of a synthetic model takes (shape, device, dtype, tokens per window, batch
+    sizes, repeats; a caller adds its own to ``ap`` first), parsed, and the model built on the device: returns
+    (args, model, info, device, sync), ``sync`` waiting for the device (nothing on a CPU)."""
+    ap.add_argument("--synthetic", choices=["7b", "1b", "tiny"], default="7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-sizes", default=batch_sizes)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    args = ap.parse_args()
+
+    from outlierlab.models.loader import resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model, info = synthetic_model(args.synthetic, str(device), dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return args, model, info, device, sync
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")

@@ -16,35 +16,22 @@ import argparse
 import time
 
 import torch
-from profile_overhead import synthetic_model
+from profile_overhead import synthetic_setup
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--synthetic", choices=["7b", "1b", "tiny"], default="7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--n-samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-sizes", default="4,1")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=3)
 
     from outlierlab.adapters import get_adapter
-    from outlierlab.models.loader import resolve_device, resolve_dtype
     from outlierlab.runtime import installed, run
     from outlierlab.runtime.forward import call
     from outlierlab.tracing import ProfileConfig, profile
     from outlierlab.tracing.profiler import Tracer, build_profile
 
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model, info = synthetic_model(args.synthetic, str(device), dtype)
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def timed(fn) -> float:
         sync()
