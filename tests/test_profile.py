@@ -142,3 +142,39 @@ def test_subset_of_layers_and_positions():
     model = tiny_model("llama")
     p = profile(model, random_windows(model), ProfileConfig(layers=(2,), positions=("block.out", "mlp.down_in")))
     assert set(p.results) == {(2, "block.out"), (2, "mlp.down_in")}
+
+
+def test_detection_shortcuts_give_the_full_rules_answer():
+    """massive_activations returns early when absmax is under the threshold and channel_outliers when the
+    largest channel median is under co_k x median (float32, as the per-channel rule divides): at the float32
+    boundary, and without the precomputed maximum (a profile read back from disk), the answer is the rule's."""
+    import numpy as np
+
+    from outlierlab.analysis.detect import (
+        DetectConfig,
+        channel_outliers,
+        massive_activations,
+    )
+
+    cfg = DetectConfig(co_k=10.0)
+    med = 0.3  # not a power of two: the division rounds
+    f32 = np.float32
+    at_k = f32(10.0) * f32(med)  # the smallest float32 whose ratio to med is >= 10 in float32
+    while at_k / f32(med) >= f32(10.0):
+        at_k = np.nextafter(at_k, f32(0.0))
+    while at_k / f32(med) < f32(10.0):
+        at_k = np.nextafter(at_k, f32(np.inf))
+    at_k, below = float(at_k), float(np.nextafter(at_k, f32(0.0)))
+    for top, hit in ((at_k, True), (below, False)):
+        chan = torch.tensor([0.1, top, 0.2], dtype=torch.float32)
+        stats = {"median": med, "chan_median": chan, "chan_absmax": chan * 2, "chan_median_max": float(chan.max())}
+        with_max = channel_outliers(stats, cfg)
+        del stats["chan_median_max"]
+        assert with_max == channel_outliers(stats, cfg)
+        assert [c["channel"] for c in with_max] == ([1] if hit else [])
+    top = {"top_value": torch.tensor([150.0, -90.0]), "top_window": torch.tensor([0, 1]),
+           "top_token": torch.tensor([3, 4]), "top_channel": torch.tensor([5, 6])}
+    ma_cfg = DetectConfig(ma_abs=100.0, ma_rel=1000.0)
+    assert [m["channel"] for m in massive_activations({**top, "median": 0.01, "absmax": 150.0}, ma_cfg)] == [5]
+    assert massive_activations({**top, "median": 0.01, "absmax": 100.0}, ma_cfg) == []  # absmax at the threshold
+    assert [m["channel"] for m in massive_activations({**top, "median": 0.01}, ma_cfg)] == [5]

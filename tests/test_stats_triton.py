@@ -60,6 +60,26 @@ def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
     _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))
 
 
+@pytest.mark.parametrize("tune", [{"group": 512}, {"group": 512, "stages": 1}, {"stages": 4, "r": 8}])
+def test_row_group_geometries_equal_the_cpu_path(device, monkeypatch, tune):
+    """Row groups of 512 rows (two per window pair here, the second one partial), with and without the
+    pipelined loop, and shorter steps: the same statistics."""
+    monkeypatch.setattr(kernels, "TUNE", tune)
+    kernels._geometry.cache_clear()
+    try:
+        x = _planted(6, 300, 520, torch.bfloat16)
+        _assert_same(_run("never", x, 2, top_k=8), _run("triton", x.to(device), 2, top_k=8))
+    finally:
+        kernels._geometry.cache_clear()
+
+
+def test_row_groups_shrink_where_tiles_would_not_fill_the_gpu():
+    g = kernels._geometry(4, 2048, 4096, 32)  # 16 groups of 512 rows x 16 blocks: 256 tiles
+    assert (g["BP"] * g["TB"], g["n_rg"] * g["n_cb"]) == (512, 256)
+    g = kernels._geometry(1, 2048, 4096, 32)  # 512-row groups would make 64 tiles: 256 rows, 128 tiles
+    assert (g["BP"] * g["TB"], g["n_rg"] * g["n_cb"]) == (256, 128)
+
+
 @pytest.mark.parametrize("cap", [1024, 64, 32])
 def test_long_candidate_lists_are_ranked_on_the_device(device, monkeypatch, cap):
     """Fewer tokens than top_k (no floor) over 3 blocks of channels: every block appends its best 16 keys, and

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -27,6 +29,8 @@ class DetectConfig:
 def massive_activations(stats: dict, cfg: DetectConfig) -> list[dict]:
     """MAs among the retained top entries of one finalized position, largest first."""
     threshold = max(cfg.ma_abs, cfg.ma_rel * stats["median"])
+    if stats.get("absmax", math.inf) <= threshold:  # no entry of the tensor passes (a profile's usual case)
+        return []
     out = []
     for value, window, token, channel in zip(
         stats["top_value"].tolist(), stats["top_window"].tolist(), stats["top_token"].tolist(),
@@ -41,6 +45,10 @@ def channel_outliers(stats: dict, cfg: DetectConfig) -> list[dict]:
     """CO channels of one finalized position, by decreasing ratio."""
     med = stats["median"]
     if med <= 0:
+        return []
+    # no channel passes when the largest one does not: the same float32 division as below, monotonic in chan
+    top = stats.get("chan_median_max")
+    if top is not None and np.float32(top) / np.float32(med) < np.float32(cfg.co_k):
         return []
     chan = stats["chan_median"]
     ratio = chan / med

@@ -513,47 +513,52 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
         top = [torch.stack(t) for t in zip(*(st._top() for st in members))]
         # float32: per-channel and per-token statistics and the top values; float64: the per-position scalars
         # (sums of counts, exact); int64: where the top entries are, how many, and the histogram's median bin
+        chan_median = (sum_state[:, at["chan_median_sum"]] / counts[:, 1:2]).float()
         blocks[torch.float32].append(torch.cat([
             max_state[:, at["chan_absmax"]],
             (sum_state[:, at["chan_abssum"]] / counts[:, :1]).float(),
-            (sum_state[:, at["chan_median_sum"]] / counts[:, 1:2]).float(),
+            chan_median,
             max_state[:, at["tok_absmax"]],
             (sum_state[:, at["tok_absmax_sum"]] / counts[:, 2:].clamp(min=1.0)).float(),
             top[1]], 1).reshape(-1))
         blocks[torch.float64].append(torch.cat([
             max_state[:, at["chan_absmax"]].amax(1, keepdim=True).double(),
-            hist[:, :1] / hist.sum(1, keepdim=True).clamp(min=1.0), cdf[:, -1:]], 1).reshape(-1))
+            hist[:, :1] / hist.sum(1, keepdim=True).clamp(min=1.0), cdf[:, -1:],
+            chan_median.amax(1, keepdim=True).double()], 1).reshape(-1))
         blocks[torch.int64].append(torch.cat([*top[2:], (top[0] >= 0).sum(1, keepdim=True), 1 + half_bin],
                                              1).reshape(-1))
     host = {dtype: _to_host_at_once(parts) for dtype, parts in blocks.items()}
     out: list = [None] * len(stats)
     for g, ((channels, seq_len, c, _), idx) in enumerate(groups.items()):
         n, k = len(idx), c.top_k
-        f32 = host[torch.float32][g].view(n, -1)
-        f64 = host[torch.float64][g].view(n, 3).tolist()
-        i64 = host[torch.int64][g].view(n, -1)
-        meta = i64[:, 3 * k:].tolist()
+        # every field of every position of the group: views made by split/unbind (a few calls per group, not
+        # a dozen per position: ~450 positions on a slow host)
+        f32 = [t.unbind(0) for t in host[torch.float32][g].view(n, -1).split(
+            [channels, channels, channels, seq_len, seq_len, k], 1)]
+        ints = [t.unbind(0) for t in host[torch.int64][g].view(n, -1)[:, :3 * k].split(k, 1)]
+        f64 = host[torch.float64][g].view(n, 4).tolist()
+        meta = host[torch.int64][g].view(n, -1)[:, 3 * k:].tolist()
         for i, j in enumerate(idx):
-            st, row, ints = stats[j], f32[i], i64[i]
-            absmax, zero_fraction, total = f64[i]
+            st = stats[j]
+            absmax, zero_fraction, total, chan_median_max = f64[i]
             n_valid, median_bin = meta[i]  # the merged top-k is sorted by score: its used slots come first
-            chan = row[:3 * channels].view(3, channels)
-            tok = row[3 * channels:3 * channels + 2 * seq_len].view(2, seq_len)
+            top = [t[i] if n_valid == k else t[i][:n_valid] for t in (f32[5], *ints)]
             out[j] = {
                 "rows": float(st.rows),
                 "samples": float(st.samples),
                 "absmax": absmax,
                 "median": 2.0 ** (c.log2_min + (median_bin + 0.5) / c.bins_per_octave) if total > 0 else 0.0,
                 "zero_fraction": zero_fraction,
-                "chan_absmax": chan[0],
-                "chan_mean": chan[1],
-                "chan_median": chan[2],
-                "tok_absmax": tok[0],
-                "tok_absmax_mean": tok[1],
-                "top_value": row[3 * channels + 2 * seq_len:][:n_valid],
-                "top_window": ints[:k][:n_valid],
-                "top_token": ints[k:2 * k][:n_valid],
-                "top_channel": ints[2 * k:3 * k][:n_valid],
+                "chan_absmax": f32[0][i],
+                "chan_mean": f32[1][i],
+                "chan_median": f32[2][i],
+                "chan_median_max": chan_median_max,
+                "tok_absmax": f32[3][i],
+                "tok_absmax_mean": f32[4][i],
+                "top_value": top[0],
+                "top_window": top[1],
+                "top_token": top[2],
+                "top_channel": top[3],
             }
     return out
 
