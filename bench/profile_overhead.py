@@ -104,16 +104,21 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    gc_clock = GcClock()
+    gc_runs: list[float] = []  # the garbage collector's time in each timed run, in run order
+
     def timed(fn) -> tuple[float, float]:
         """(seconds, peak GPU memory in GiB above what was allocated before; 0 on a CPU)."""
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
+        gc_clock.reset()
         t = time.perf_counter()
         fn()
         sync()
         elapsed = time.perf_counter() - t
+        gc_runs.append(gc_clock.seconds)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
         return elapsed, peak
 
@@ -146,6 +151,8 @@ def main() -> None:
         print(f"batch {batch}: bare forward median {mb:8.3f} s  runs {[round(t, 3) for t, _ in t_bare]}")
         print(f"batch {batch}: full forward median {mf:8.3f} s  runs {[round(t, 3) for t, _ in t_full]}")
         print(f"batch {batch}: profile      median {mp:8.3f} s  runs {[round(t, 3) for t, _ in t_prof]}")
+        print(f"batch {batch}: Python's garbage collector in the timed runs (bare, full, profile per repeat): "
+              f"{' '.join(f'{g * 1e3:.0f}' for g in gc_runs[-3 * args.repeats:])} ms")
         print(f"batch {batch}: overhead ratio (profile / bare) = {mp / mb:.3f}; against the full forward "
               f"(every position's logits) {mp / mf:.3f}")
         if device.type == "cuda":
@@ -154,6 +161,26 @@ def main() -> None:
                   f"(tracing adds {mem_p - mem_b:+.3f} GiB for {args.n_samples} x {args.seq_len} tokens)")
         if args.breakdown:
             breakdown(lambda config=config: profile(model, ids, config), sync, batch)
+
+
+class GcClock:
+    """Seconds Python's cyclic garbage collector ran since :meth:`reset` (a collection of the oldest generation
+    walks every object of the process: a candidate for a timed run that is slower than its repeats)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.seconds, self._start = 0.0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
 
 
 def breakdown(fn, sync, batch: int, top: int = 25) -> None:

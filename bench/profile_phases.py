@@ -2,6 +2,7 @@
 
     python bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes 4,1     # bf16, 16 x 2048
     python bench/profile_phases.py --synthetic tiny --device cpu --dtype float32 --seq-len 64 --n-samples 4
+    python bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes 4 --repeats 2 --timeline
 
 Per batch size and repeat: the bare forwards and a whole ``profile()`` (their ratio, as in profile_overhead.py),
 then the same profile taken apart: installing the tracer, every traced forward, removing it, ``Tracer.results()``
@@ -22,6 +23,9 @@ from profile_overhead import synthetic_setup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--timeline", action="store_true",
+                    help="then, per batch size, the device's time in one traced and one bare forward (CUDA): busy "
+                         "in the model's kernels, in the statistics kernels, in copies, and idle")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=3)
 
     from outlierlab.adapters import get_adapter
@@ -72,6 +76,63 @@ def main() -> None:
             for s in range(0, len(ids), batch):
                 bare_each.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
         print(f"batch {batch}: bare forwards {' '.join(f'{f * 1e3:.1f}' for f in bare_each)} ms")
+        if args.timeline and device.type == "cuda":
+            tracer = Tracer(get_adapter(model), cfg)
+            with installed(model, tracer), torch.inference_mode():
+                print(f"batch {batch}: traced forward: {timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))}")
+            with torch.inference_mode():
+                print(f"batch {batch}: bare forward:   {timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))}")
+
+
+#: kernels of the statistics update (tracing/kernels.py), as the profiler names them
+STATS_KERNELS = ("stats_pass", "candidates", "stash")
+
+
+def timeline(fn) -> str:
+    """Where the device's time goes in one call of ``fn`` (torch.profiler, CUDA activity): the wall time from the
+    first device activity to the last, split into the model's kernels, the statistics kernels, copies and
+    idle (no activity; overlapping activities count once, in the order of that list)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans: dict[str, list[tuple[float, float]]] = {"model": [], "stats": [], "copies": []}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = ("copies" if "memcpy" in e.name.lower() or "memset" in e.name.lower()
+                else "stats" if any(k in e.name for k in STATS_KERNELS) else "model")
+        spans[kind].append((e.time_range.start, e.time_range.end))
+    every = [s for v in spans.values() for s in v]
+    if not every:
+        return "no device activity recorded"
+    t0, t1 = min(s for s, _ in every), max(e for _, e in every)
+    covered: list[tuple[float, float]] = []
+    parts = {}
+    for kind, intervals in spans.items():  # time of this kind not already covered by an earlier kind
+        new = _union(covered + intervals)
+        parts[kind] = _length(new) - _length(_union(covered))
+        covered = new
+    parts["idle"] = (t1 - t0) - _length(covered)
+    counts = {k: len(v) for k, v in spans.items()}
+    return f"{(t1 - t0) / 1e3:.1f} ms: " + ", ".join(
+        f"{k} {v / 1e3:.1f} ms" + (f" ({counts[k]})" if k in counts else "") for k, v in parts.items())
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in intervals)
 
 
 if __name__ == "__main__":
