@@ -9,6 +9,9 @@
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
+#   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
+#                                             # statistics kernels, copies, idle) at batch 4 and 1, and the
+#                                             # kernels' geometry sweep at batch 4 (~150 s)
 #
 # OLD is a src folder of the code to compare with, inside the repository so that it travels (untracked, not
 # ignored), e.g. `mkdir old_src && git archive main src | tar -x -C old_src`. Logs go to $OUT (ab.log, lane.log).
@@ -21,6 +24,13 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$PART" = graph ]; then
   PYTHONPATH=/tmp/site:$PWD/src timeout "${GRAPH_TIMEOUT:-300}" python3 bench/forward_graph.py --synthetic 7b \
       --batch-sizes 1,4 2>&1 | tee "$OUT/graph.log" | grep -E "^model|^batch"
+  exit 0
+fi
+if [ "$PART" = timeline ]; then
+  export PYTHONPATH=/tmp/site:$PWD/src
+  timeout 150 python3 bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes 4,1 --repeats 2 \
+      --timeline 2>&1 | tee "$OUT/timeline.log" | grep -E "^batch"
+  timeout 100 python3 bench/kernel_sweep.py --shapes 4x4096,4x11008 2>&1 | tee "$OUT/sweep.log" | grep -v -i warn
   exit 0
 fi
 [ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
