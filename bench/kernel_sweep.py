@@ -5,7 +5,8 @@ checked against the default geometry's results, next to ``torch.amax(x, 0)`` (on
     python bench/kernel_sweep.py --shapes 4x4096 --variants '{}' '{"stages": 1, "group": 256}'
 
 A variant is a JSON dict of :data:`outlierlab.tracing.kernels.TUNE` keys (group: rows per row group; bc:
-channels per tile; r: rows per step; stages: pipelined steps; warps; cand_warps). Times are CUPTI's (torch.profiler) over ``--n`` direct launches.
+channels per tile; r: rows per step; stages: pipelined steps; warps; cand_warps). Times are CUPTI's
+(torch.profiler, ``stats_update.device_times``) over ``--n`` direct launches.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 
 import torch
+from stats_update import device_times
 
 from outlierlab.tracing import kernels
 from outlierlab.tracing.stats import StatsConfig, _fixed_sample
@@ -31,8 +33,6 @@ def launch(x, batch, seq_len, state, c: StatsConfig):
 
 def run_variant(tune: dict, x, batch: int, seq_len: int, n: int):
     """(the first update's states and sorted keys, {kernel: us per update}) under ``tune``."""
-    from torch.profiler import ProfilerActivity, profile
-
     kernels.TUNE.clear()
     kernels.TUNE.update(tune)
     kernels._geometry.cache_clear()
@@ -45,16 +45,11 @@ def run_variant(tune: dict, x, batch: int, seq_len: int, n: int):
     first = (state[0].clone(), state[1].clone(), keys.sort(descending=True).values, tokw.clone())
     for _ in range(3):
         launch(x, batch, seq_len, state, c)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            launch(x, batch, seq_len, state, c)
-        torch.cuda.synchronize()
     times: dict[str, float] = {}
-    for e in prof.key_averages():
+    for key, (us, _) in device_times(lambda: launch(x, batch, seq_len, state, c), n).items():
         for name in ("stats_pass", "candidates"):
-            if name in e.key:
-                times[name] = times.get(name, 0.0) + e.device_time_total / n
+            if name in key:
+                times[name] = times.get(name, 0.0) + us
     return first, times
 
 
@@ -80,14 +75,7 @@ def main() -> None:
         batch, channels = (int(v) for v in shape.split("x"))
         x = torch.randn(batch * args.seq_len, channels, device="cuda", dtype=torch.bfloat16, generator=gen)
         x[5, 7] = 300.0  # one massive entry
-        torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.n):
-                torch.amax(x, dim=0)
-            torch.cuda.synchronize()
-        read = sum(e.device_time_total for e in prof.key_averages()) / args.n
+        read = sum(us for us, _ in device_times(lambda x=x: torch.amax(x, dim=0), args.n).values())
         print(f"== batch {batch} x {args.seq_len} tokens, {channels} channels: torch.amax(x, 0) {read:.1f} us "
               f"({x.numel() * x.element_size() / read / 1e6:.2f} TB/s)", flush=True)
         base = None

@@ -66,8 +66,8 @@ def main() -> None:
             phases["uninstall"] = time.perf_counter() - t
             raw: dict = {}
             phases["results"] = timed(lambda r=raw, tr=tracer: r.update(tr.results()))
-            phases["detect"] = timed(lambda r=raw, tr=tracer, c=cfg: build_profile(tr.adapter, r, c, ids, None, None, {}, {},
-                                                                                   {}))
+            phases["detect"] = timed(lambda r=raw, tr=tracer, c=cfg: build_profile(
+                tr.adapter, r, c, ids, None, None, {}, {}, {}))
             print(f"batch {batch} repeat {rep}: bare {bare:.3f} s, profile {whole:.3f} s ({whole / bare:.3f}x) | "
                   f"traced forwards {' '.join(f'{f * 1e3:.1f}' for f in forwards)} ms | "
                   + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
@@ -79,9 +79,10 @@ def main() -> None:
         if args.timeline and device.type == "cuda":
             tracer = Tracer(get_adapter(model), cfg)
             with installed(model, tracer), torch.inference_mode():
-                print(f"batch {batch}: traced forward: {timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))}")
+                on_traced = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))
             with torch.inference_mode():
-                print(f"batch {batch}: bare forward:   {timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))}")
+                on_bare = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))
+            print(f"batch {batch}: traced forward: {on_traced}\nbatch {batch}: bare forward:   {on_bare}")
 
 
 #: kernels of the statistics update (tracing/kernels.py), as the profiler names them

@@ -51,22 +51,28 @@ def measure(x: torch.Tensor, mode: str, n: int, batch: int) -> dict:
     return {"wall": wall, "host": host, "device": device}
 
 
+def device_times(fn, n: int) -> dict[str, tuple[float, float]]:
+    """Per kernel name, (device us, launches) per call of ``fn``, over ``n`` calls after the device is idle, as
+    CUPTI reports them (torch.profiler; a replayed CUDA graph's kernels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.device_time_total / n, e.count / n) for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def kernel_times(x: torch.Tensor, n: int, batch: int, mode: str) -> None:
     """Device time per update of every kernel an update launches (mode ``triton``: plain launches; ``graphs``:
     the kernels of the replayed CUDA graph, as CUPTI reports them)."""
-    from torch.profiler import ProfilerActivity, profile
-
     st = PositionStats(StatsConfig(compile=mode))
     x = x.view(batch, -1, x.shape[-1])
     for _ in range(3):
         st.update(x)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            st.update(x)
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / n, e.count / n) for e in prof.key_averages() if e.device_time_total > 0]
-    for name, us, calls in sorted(rows, key=lambda r: -r[1]):
+    times = device_times(lambda: st.update(x), n)
+    for name, (us, calls) in sorted(times.items(), key=lambda r: -r[1][0]):
         print(f"    {us:8.1f} us  x{calls:4.1f}  {name[:90]}")
 
 
