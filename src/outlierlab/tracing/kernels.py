@@ -4,8 +4,8 @@ and no other launch.
 ``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
 reads (row groups of 512 rows, or 256 where 512 would leave fewer than :data:`MIN_TILES` programs; each
 program's loop over its rows is software-pipelined three steps deep, which took the 7B shapes' pass from
-41 to 30 us at 4096 channels and from 103 to 67 us at 11008 on an H200, bench/kernel_sweep.py): per-group channel max and sum of |x| (folded into the state by ``candidates``), each block's part of
-the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
+41 to 30 us at 4096 channels and from 103 to 67 us at 11008 on an H200, bench/kernel_sweep.py): per-group
+channel max and sum of |x| (folded into the state by ``candidates``), each block's part of the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
 by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
 compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample.
 ``candidates`` picks the ``top_k`` tokens with the largest max (every program by itself: a bisection on the
