@@ -27,9 +27,11 @@ if [ "$PART" = graph ]; then
   exit 0
 fi
 if [ "$PART" = timeline ]; then
-  export PYTHONPATH=/tmp/site:$PWD/src
-  timeout 150 python3 bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes 4,1 --repeats 2 \
-      --timeline 2>&1 | tee "$OUT/timeline.log" | grep -E "^batch"
+  # SRC=old_src/src times another src folder; SWEEP=0 leaves out the kernel sweep, BATCHES picks the batch sizes
+  export PYTHONPATH=/tmp/site:$PWD/${SRC:-src}
+  timeout 150 python3 bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes "${BATCHES:-4,1}" \
+      --repeats 2 --timeline 2>&1 | tee "$OUT/timeline${SRC:+-old}.log" | grep -E "^batch"
+  [ "${SWEEP:-1}" = 1 ] || exit 0
   timeout 100 python3 bench/kernel_sweep.py --shapes 4x4096,4x11008 2>&1 | tee "$OUT/sweep.log" | grep -v -i warn
   exit 0
 fi

@@ -49,7 +49,7 @@ def _assert_same(a: dict, b: dict) -> None:
             assert got == pytest.approx(want, rel=1e-6), key
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("batch", "seq_len", "channels", "top_k"),
                          [(2, 24, 40, 8),    # KT = top_k tokens: candidates above the token floor
                           (3, 12, 20, 16),   # fewer tokens than top_k: no floor, the one-max-at-a-time path
@@ -190,9 +190,10 @@ def test_finalizing_many_device_positions_together_equals_one_at_a_time(device):
 
 
 def test_indirect_launch_reads_the_addresses_from_its_argument_buffer(device):
-    """What a CUDA graph replays: the kernels take the tensor's and the states' addresses and the window offset
-    from a device buffer, and a last kernel appends the candidates to the position's rings; the result equals
-    the direct launch's."""
+    """What a CUDA graph replays: a first kernel copies the update's row of host staging rows (the tensor's,
+    the states' and the rings' addresses, the window offset) to a device buffer, the kernels read them there,
+    and the update's keys and token slots are appended to the position's rings; the result equals the direct
+    launch's."""
     from outlierlab.tracing import kernels as K
 
     x = _planted(4, 16, 40, torch.bfloat16).to(device)
@@ -214,19 +215,20 @@ def test_indirect_launch_reads_the_addresses_from_its_argument_buffer(device):
     bufs = K._buffers(2, 16, channels, cfg.top_k, torch.device(device), fresh=False)
     ring = K.new_ring(4, 16, cfg.top_k, torch.device(device))
     indirect = state()
-    _, _, stash = K._kernels()
+    _, _, fetch = K._kernels()
+    staging = torch.zeros(3, 8, dtype=torch.int64, pin_memory=device == "cuda")  # 3 rows: the second lap's
+    slot = torch.full((1,), 5, dtype=torch.int64, device=device)  # row is row 5 % 3 = 2, then row 0
     args = torch.zeros(8, dtype=torch.int64, device=device)
     like = torch.zeros(rows, channels, dtype=x.dtype, device=device)
-    for w in (0, 2):
+    for row, w in ((2, 0), (0, 2)):
         xb = x[w:w + 2].reshape(rows, channels)
-        args.copy_(torch.tensor([xb.data_ptr(), w, indirect[0].data_ptr(), indirect[1].data_ptr(),
-                                 ring[0].data_ptr(), ring[1].data_ptr(), ring[2].data_ptr(), 0]))
-        keys = K._issue(like, 2, 16, 0, like, like, rows_idx, elem_idx, *consts, bufs, args=args)
-        stash[(1,)](args, keys, bufs["tokw"], TOP=ring[0].shape[1], KT=ring[1].shape[1],
-                    KTP=K._next_pow2(ring[1].shape[1]), R=4)
+        staging[row] = torch.tensor([xb.data_ptr(), w, indirect[0].data_ptr(), indirect[1].data_ptr(),
+                                     ring[0].data_ptr(), ring[1].data_ptr(), ring[2].data_ptr(), 0])
+        fetch[(1,)](staging, slot, args, ROWS=3)
+        K._issue(like, 2, 16, 0, like, like, rows_idx, elem_idx, *consts, bufs, args=args, ring=4)
     torch.testing.assert_close(indirect[0], direct[0])
     torch.testing.assert_close(indirect[1], direct[1], rtol=1e-6, atol=1e-6)
-    assert int(ring[2]) == 2  # two rows appended
+    assert int(slot) == 7 and int(ring[2]) == 2  # two rows fetched, two appended to the rings
     assert sorted(ring[0][1].tolist()) == sorted(keys_d.tolist())
     assert ring[1][1].tolist() == tokw_d.tolist()
 
@@ -249,6 +251,18 @@ def test_cuda_graph_path_equals_cpu_path(device):
     for b, part in ((0, odd[0:2]), (2, x.to(device)[2:4]), (4, odd[4:6])):
         st.update(part, b)
     _assert_same(_run("never", x, 2, top_k=8), st.finalize())
+    # after a graphed update the same layout replays without the checks (the fast path); the same shape with
+    # other strides (a slice of a wider tensor) takes the checked path and its own graph
+    wide = torch.zeros(6, 24, 80, dtype=x.dtype, device=device)
+    wide[..., :40] = x.to(device)
+    st = PositionStats(StatsConfig(compile="graphs", merge_every=2, top_k=8))
+    for b, part in ((0, x.to(device)[0:2]), (2, wide[2:4, :, :40]), (4, x.to(device)[4:6]), (0, x.to(device)[0:2])):
+        st.update(part, b)
+        assert st._fast is not None and st._fast[1] == part.stride()
+    ref = PositionStats(StatsConfig(compile="never", merge_every=2, top_k=8))
+    for b in (0, 2, 4, 0):
+        ref.update(x[b:b + 2], b)
+    _assert_same(ref.finalize(), st.finalize())
     # the rings' rows after a partial read: a finalize after 2 of 3 graphed updates, then 5 more (the rows of the
     # next merges wrap around the ring's end)
     ref = PositionStats(StatsConfig(compile="never", merge_every=3, top_k=8))
@@ -279,4 +293,4 @@ def test_kernels_pass_the_gpu_compilers_front_end():
     if done.returncode == 3:
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.split() == ["stats_pass", "candidates", "layouts"]
+    assert done.stdout.split() == ["stats_pass", "candidates", "fetch", "layouts"]

@@ -81,7 +81,7 @@ def main() -> None:
              "TB": g["TB"], "R": g["R"], "BC": g["BC"], "CBF": g["CBF"], "KRP": 16, "BLOCK_M": 16, "NE": 1024,
              "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True, "NS": g["NS"]}
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
-            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SP": 2048}
+            "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SP": 2048, "RING": 16, "TZ": 16}
     if "--ptx" in sys.argv:  # what a graphed and a direct launch load, compiled for sm_90 here
         for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):
             for indirect in (False, True):
@@ -92,6 +92,9 @@ def main() -> None:
     print("stats_pass", flush=True)
     front_end(triton_src.candidates, types, cand)
     print("candidates", flush=True)
+    front_end(triton_src.fetch, {"staging_ptr": "*i64", "slot_ptr": "*i64", "args_ptr": "*i64"}, {"ROWS": 4096},
+              ptx=True)
+    print("fetch", flush=True)
     # a graph replays the kernels with the tensor's address read from memory: they must still load as widely
     # as a direct launch, which Triton specializes on the (16-byte aligned) address it is given
     for fn, consts in ((triton_src.stats_pass, stats), (triton_src.candidates, cand)):

@@ -54,7 +54,7 @@ def _next_pow2(n: int) -> int:
 
 @functools.cache
 def _kernels():
-    """(stats_pass, candidates, stash) as Triton kernels: compiled on CUDA, or run by Triton's interpreter when
+    """(stats_pass, candidates, fetch) as Triton kernels: compiled on CUDA, or run by Triton's interpreter when
     ``TRITON_INTERPRET=1`` was set before Triton was first imported (CPU tensors; the tests do this)."""
     import triton
 
@@ -63,13 +63,15 @@ def _kernels():
     # the window offset changes every update: not specialized (no recompiles for multiples of 16 or 1)
     return (triton.jit(triton_src.stats_pass),
             triton.jit(triton_src.candidates, do_not_specialize=["window0"]),
-            triton.jit(triton_src.stash))
+            triton.jit(triton_src.fetch))
 
 
 #: the graph path's kernels assume the traced tensor's address is a multiple of this (bytes): its loads are
 #: as wide as a direct launch's, which Triton specializes on the real address; other tensors launch directly
 ALIGN = 16
 BLOCK_M = 16  # channels per median program
+#: low bits of a float32 that are zero in every value of a narrower input dtype (23 mantissa bits less its own)
+ZERO_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 HIST_BLOCK = 1024  # sampled elements per histogram program
 KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -126,10 +128,11 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx, top_k, log2_min, log2_max,
-           bins_per_octave, bufs: dict, args: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch one update (stats_pass, candidates) writing into ``bufs``; returns its best
-    keys. With ``args`` (device int64: x address, window0, max_state and sum_state addresses), the kernels
-    read those from it: the launch sequence of a CUDA graph, replayed for any tensor of the same layout."""
+           bins_per_octave, bufs: dict, args: torch.Tensor | None = None, ring: int = 0) -> torch.Tensor:
+    """Launch one update (stats_pass, candidates) writing into ``bufs``; returns its best keys. With ``args``
+    (device int64: x address, window0, max_state and sum_state addresses, the position's rings of ``ring``
+    rows: keys, token slots, counter), the kernels read those from it and append the update's keys and slots
+    to the rings: the launch sequence of a CUDA graph, replayed for any tensor of the same layout."""
     stats_pass, candidates, _ = _kernels()
     channels = x.shape[1]
     g = _geometry(batch, seq_len, channels, top_k)
@@ -150,7 +153,8 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
                                bufs["cticket"], bufs["tokw"], max_state, sum_state, bufs["part"], window0, args,
                                **common, KT=g["KT"], use_floor=int(g["KT"] == top_k), n_cand=g["n_cand"],
                                KTP=g["KTP"], BLOCK_C=g["BLOCK_CB"], TOP=g["TOP"], RB=32, CAP=KEY_CAP,
-                               SP=_next_pow2(seq_len), num_warps=g["cand_warps"])
+                               SP=_next_pow2(seq_len), RING=ring, TZ=ZERO_LOW_BITS.get(x.dtype, 0),
+                               num_warps=g["cand_warps"])
     return bufs["top"]
 
 
@@ -194,16 +198,19 @@ def update(x: torch.Tensor, batch: int, seq_len: int, window0: int, max_state: t
 
 
 class _Staging:
-    """Pinned host rows from which the per-update arguments of graph replays are copied to the device.
+    """Pinned host rows holding the per-update arguments of graph replays on one device, in replay order: the
+    graph's first kernel (``fetch``) copies row ``slot % ROWS`` to the device and advances ``slot``, a device
+    counter that every graph of the device shares, as the host's ``cursor`` follows the same replays.
 
-    A row is written by the host and read by an asynchronous copy: a half of the ring is reused only after an
-    event recorded when the host last left it has completed (the host cannot overwrite a pending row)."""
+    A row is written by the host and read by a later replay: a half of the ring is reused only after an event
+    recorded when the host last left it has completed (the host cannot overwrite a row not yet read)."""
 
     ROWS = 4096
 
     def __init__(self, device: torch.device):
         self.rows = torch.zeros(self.ROWS, 8, dtype=torch.int64).pin_memory()
         self.np = self.rows.numpy()
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
         self.cursor = 0
         self.events: list = [None, None]
         self.device = device
@@ -226,9 +233,10 @@ _STAGING: dict[torch.device, _Staging] = {}
 
 class GraphedUpdate:
     """:func:`update` captured once as a CUDA graph for one layout (dtype, shape, strides, constants) and
-    replayed for any tensor and any position of that layout: the kernels read the tensor's and the states'
-    addresses from a device buffer copied from pinned memory, and a last kernel appends the candidates to the
-    position's own rings. A replay costs the host two operations, where the launches cost it ~10."""
+    replayed for any tensor and any position of that layout: a first kernel copies the tensor's, the states'
+    and the rings' addresses from pinned host memory (:class:`_Staging`) to a device buffer, the kernels read
+    them there, and ``candidates`` appends the update's keys to the position's own rings. A replay costs the
+    host a row of numbers and one graph launch."""
 
     def __init__(self, x: torch.Tensor, batch: int, seq_len: int, rows_idx: torch.Tensor, elem_idx: torch.Tensor,
                  top_k: int, log2_min: int, log2_max: int, bins_per_octave: int, ring: int):
@@ -267,17 +275,15 @@ class GraphedUpdate:
             torch.zeros(1, device=dev, dtype=torch.int64))
 
     def _launch(self) -> None:
-        _, _, stash = _kernels()
-        keys = _issue(self.like, *self.consts[:2], 0, self.like, self.like, self.rows_idx, self.elem_idx,
-                      *self.consts[2:], self.bufs, args=self.args)
-        stash[(1,)](self.args, keys, self.bufs["tokw"], TOP=self.top, KT=self.kt, KTP=_next_pow2(self.kt),
-                    R=self.ring)
+        _, _, fetch = _kernels()
+        fetch[(1,)](self.staging.rows, self.staging.slot, self.args, ROWS=_Staging.ROWS)
+        _issue(self.like, *self.consts[:2], 0, self.like, self.like, self.rows_idx, self.elem_idx,
+               *self.consts[2:], self.bufs, args=self.args, ring=self.ring)
 
     def _write_args(self, x, window0, max_state, sum_state, ring_keys, ring_tokw, counter) -> None:
-        i = self.staging.next()
-        self.staging.np[i, :7] = (x.data_ptr(), window0, max_state.data_ptr(), sum_state.data_ptr(),
-                                  ring_keys.data_ptr(), ring_tokw.data_ptr(), counter.data_ptr())
-        self.args.copy_(self.staging.rows[i], non_blocking=True)
+        self.staging.np[self.staging.next(), :7] = (
+            x.data_ptr(), window0, max_state.data_ptr(), sum_state.data_ptr(), ring_keys.data_ptr(),
+            ring_tokw.data_ptr(), counter.data_ptr())
 
     def replay(self, x, window0, max_state, sum_state, ring_keys, ring_tokw, counter) -> None:
         if torch.cuda.current_device() != x.device.index:  # a model placed on several GPUs

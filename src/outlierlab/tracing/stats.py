@@ -195,6 +195,8 @@ class PositionStats:
         self.channels: int | None = None
         self.seq_len: int | None = None
         self.rows = self.n_updates = self.samples = self.tok_windows = 0.0
+        # the last graphed update's layout (shape, strides, dtype, device of the given tensor), graph and counts
+        self._fast: tuple | None = None
 
     # -- streaming -------------------------------------------------------------------------------------
     def _allocate(self, channels: int, seq_len: int, device: torch.device) -> None:
@@ -248,8 +250,15 @@ class PositionStats:
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.update(x, window0)
+        fast = self._fast
+        if (fast is not None and x.shape == fast[0] and x.stride() == fast[1] and x.dtype == fast[2]
+                and x.device == fast[3] and x.data_ptr() % kernels.ALIGN == 0
+                and self._n_pending < self.config.merge_every):
+            self._count(*fast[5:])
+            return self._replay(x, window0, fast[4])
         if x.dim() < 2:
             return
+        given = x
         if x.dim() == 2:  # [tokens, channels] without batch
             x = x.unsqueeze(0)
         batch, seq_len = x.shape[0], x.shape[1]
@@ -270,21 +279,18 @@ class PositionStats:
         kk = min(c.top_k * batch, rows)
         rows_idx = _fixed_sample(rows, k_rows, c.seed, x.device)
         elem_idx = _fixed_sample(rows * channels, k, c.seed + 1, x.device)
-        self.rows += rows
-        self.n_updates += 1
-        self.samples += k
-        self.tok_windows += batch
+        self._count(rows, k, batch)
         mode = resolve_mode(x.device, c.compile)
         if mode in ("triton", "graphs") and kernels.fits(batch, seq_len, channels, c.top_k):
             args = (batch, seq_len, rows_idx, elem_idx, c.top_k, c.log2_min, c.log2_max, c.bins_per_octave)
             if mode == "graphs" and x.device.type == "cuda" and x.data_ptr() % kernels.ALIGN == 0:
                 if self._ring is None:
                     self._ring = kernels.new_ring(c.merge_every, seq_len, c.top_k, x.device)
-                kernels.graphed(x, *args, ring=c.merge_every).replay(
-                    x, window0, self.max_state, self.sum_state, *self._ring)
-                self._ring_n += 1
-                self._n_pending += 1
-                return
+                graph = kernels.graphed(x, *args, ring=c.merge_every)
+                if x.data_ptr() == given.data_ptr():  # a view of the given tensor: the next update of the same
+                    # layout replays the graph without the checks above (the host cost of a small update)
+                    self._fast = (given.shape, given.stride(), given.dtype, given.device, graph, rows, k, batch)
+                return self._replay(x, window0, graph)
             keys, tokw = kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state, *args[2:])
             self._pending_keys.append((keys[None], tokw[None]))
             self._n_pending += 1
@@ -301,6 +307,18 @@ class PositionStats:
         if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
             # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
             self._floor = float(vals.min())
+
+    def _count(self, rows: int, samples: int, batch: int) -> None:
+        self.rows += rows
+        self.n_updates += 1
+        self.samples += samples
+        self.tok_windows += batch
+
+    def _replay(self, x: torch.Tensor, window0: int, graph) -> None:
+        """One graphed update of ``x`` (the layout ``graph`` was captured for); its candidates go to the rings."""
+        graph.replay(x, window0, self.max_state, self.sum_state, *self._ring)
+        self._ring_n += 1
+        self._n_pending += 1
 
     def due(self) -> bool:
         """Whether ``merge_every`` updates' candidates are pending (the next update merges them first; a driver
@@ -500,6 +518,7 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
     for i, st in enumerate(stats):
         groups.setdefault((st.channels, st.seq_len, st.config, st.max_state.device), []).append(i)
     blocks: dict[torch.dtype, list[torch.Tensor]] = {torch.float32: [], torch.float64: [], torch.int64: []}
+    widths: list[dict] = []  # per group: {dtype: {column: width}}
     for (channels, seq_len, c, dev), idx in groups.items():
         members = [stats[i] for i in idx]
         max_state = torch.stack([st.max_state for st in members])
@@ -511,56 +530,58 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
         cdf = hist[:, 1:].cumsum(1)  # bin 0 is the underflow bin: entries below 2 ** log2_min, i.e. zeros
         half_bin = torch.searchsorted(cdf, cdf[:, -1:] / 2)
         top = [torch.stack(t) for t in zip(*(st._top() for st in members))]
-        # float32: per-channel and per-token statistics and the top values; float64: the per-position scalars
-        # (sums of counts, exact); int64: where the top entries are, how many, and the histogram's median bin
         chan_median = (sum_state[:, at["chan_median_sum"]] / counts[:, 1:2]).float()
-        blocks[torch.float32].append(torch.cat([
-            max_state[:, at["chan_absmax"]],
-            (sum_state[:, at["chan_abssum"]] / counts[:, :1]).float(),
-            chan_median,
-            max_state[:, at["tok_absmax"]],
-            (sum_state[:, at["tok_absmax_sum"]] / counts[:, 2:].clamp(min=1.0)).float(),
-            top[1]], 1).reshape(-1))
-        blocks[torch.float64].append(torch.cat([
-            max_state[:, at["chan_absmax"]].amax(1, keepdim=True).double(),
-            hist[:, :1] / hist.sum(1, keepdim=True).clamp(min=1.0), cdf[:, -1:],
-            chan_median.amax(1, keepdim=True).double()], 1).reshape(-1))
-        blocks[torch.int64].append(torch.cat([*top[2:], (top[0] >= 0).sum(1, keepdim=True), 1 + half_bin],
-                                             1).reshape(-1))
+        # named columns [positions, width] per dtype, one block each. float32: per-channel and per-token
+        # statistics and the top values; float64: per-position scalars (sums of counts, exact); int64: where
+        # the top entries are, how many, and the histogram's median bin
+        columns = {
+            torch.float32: {
+                "chan_absmax": max_state[:, at["chan_absmax"]],
+                "chan_mean": (sum_state[:, at["chan_abssum"]] / counts[:, :1]).float(),
+                "chan_median": chan_median,
+                "tok_absmax": max_state[:, at["tok_absmax"]],
+                "tok_absmax_mean": (sum_state[:, at["tok_absmax_sum"]] / counts[:, 2:].clamp(min=1.0)).float(),
+                "top_value": top[1]},
+            torch.float64: {
+                "absmax": max_state[:, at["chan_absmax"]].amax(1, keepdim=True).double(),
+                "zero_fraction": hist[:, :1] / hist.sum(1, keepdim=True).clamp(min=1.0),
+                "total": cdf[:, -1:],
+                "chan_median_max": chan_median.amax(1, keepdim=True).double()},
+            torch.int64: {
+                "top_window": top[2], "top_token": top[3], "top_channel": top[4],
+                "n_valid": (top[0] >= 0).sum(1, keepdim=True), "median_bin": 1 + half_bin}}
+        for dtype, cols in columns.items():
+            blocks[dtype].append(torch.cat(list(cols.values()), 1).reshape(-1))
+        widths.append({dtype: {name: t.shape[1] for name, t in cols.items()} for dtype, cols in columns.items()})
     host = {dtype: _to_host_at_once(parts) for dtype, parts in blocks.items()}
     out: list = [None] * len(stats)
-    for g, ((channels, seq_len, c, _), idx) in enumerate(groups.items()):
-        n, k = len(idx), c.top_k
-        # every field of every position of the group: views made by split/unbind (a few calls per group, not
-        # a dozen per position: ~450 positions on a slow host)
-        f32 = [t.unbind(0) for t in host[torch.float32][g].view(n, -1).split(
-            [channels, channels, channels, seq_len, seq_len, k], 1)]
-        ints = [t.unbind(0) for t in host[torch.int64][g].view(n, -1)[:, :3 * k].split(k, 1)]
-        f64 = host[torch.float64][g].view(n, 4).tolist()
-        meta = host[torch.int64][g].view(n, -1)[:, 3 * k:].tolist()
+    for g, ((_, _, c, _), idx) in enumerate(groups.items()):
+        n = len(idx)
+        # every column of the group as per-position views (split/unbind: a few calls per group, not a dozen
+        # per position: ~450 positions on a slow host), the scalars as Python numbers
+        col: dict = {}
+        for dtype, width in widths[g].items():
+            for name, t in zip(width, host[dtype][g].view(n, -1).split(list(width.values()), 1)):
+                col[name] = t[:, 0].tolist() if name in _SCALARS else t.unbind(0)
         for i, j in enumerate(idx):
             st = stats[j]
-            absmax, zero_fraction, total, chan_median_max = f64[i]
-            n_valid, median_bin = meta[i]  # the merged top-k is sorted by score: its used slots come first
-            top = [t[i] if n_valid == k else t[i][:n_valid] for t in (f32[5], *ints)]
+            n_valid = col["n_valid"][i]  # the merged top-k is sorted by score: its used slots come first
             out[j] = {
                 "rows": float(st.rows),
                 "samples": float(st.samples),
-                "absmax": absmax,
-                "median": 2.0 ** (c.log2_min + (median_bin + 0.5) / c.bins_per_octave) if total > 0 else 0.0,
-                "zero_fraction": zero_fraction,
-                "chan_absmax": f32[0][i],
-                "chan_mean": f32[1][i],
-                "chan_median": f32[2][i],
-                "chan_median_max": chan_median_max,
-                "tok_absmax": f32[3][i],
-                "tok_absmax_mean": f32[4][i],
-                "top_value": top[0],
-                "top_window": top[1],
-                "top_token": top[2],
-                "top_channel": top[3],
+                "absmax": col["absmax"][i],
+                "median": (2.0 ** (c.log2_min + (col["median_bin"][i] + 0.5) / c.bins_per_octave)
+                           if col["total"][i] > 0 else 0.0),
+                **{name: col[name][i] for name in ("zero_fraction", "chan_absmax", "chan_mean", "chan_median",
+                                                   "chan_median_max", "tok_absmax", "tok_absmax_mean")},
+                **{name: col[name][i] if n_valid == c.top_k else col[name][i][:n_valid]
+                   for name in ("top_value", "top_window", "top_token", "top_channel")},
             }
     return out
+
+
+#: finalize_all's per-position scalar columns (read as Python numbers; the others stay tensors)
+_SCALARS = frozenset({"absmax", "zero_fraction", "total", "chan_median_max", "n_valid", "median_bin"})
 
 
 def _to_host_at_once(parts: list[torch.Tensor]) -> list[torch.Tensor]:

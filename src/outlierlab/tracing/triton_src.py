@@ -20,6 +20,16 @@ _WIN_BITS = tl.constexpr(WIN_BITS)
 
 
 @triton.jit
+def _replayed(args_ptr, XDT: tl.constexpr):
+    """A graph replay's traced tensor, window offset and states, read from ``args`` (see kernels.GraphedUpdate).
+    The host replays the graph only for a 16-byte aligned tensor (kernels.ALIGN): said here, or the loads lose
+    their vector width (a pointer read from memory has no known alignment)."""
+    x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)
+    return (x_ptr, tl.load(args_ptr + 1), tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32)),
+            tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64)))
+
+
+@triton.jit
 def _group_rows(rg, i, TB: tl.constexpr, B: tl.constexpr, S: tl.constexpr):
     """Rows ``i`` of row group ``rg`` (window-major: window i // TB, token rg * TB + i % TB) and which exist."""
     b = i // TB
@@ -129,11 +139,7 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
     channels): the group is TB tokens of every window (BP x TB rows); the rest: channel medians. With
     INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
     if INDIRECT:
-        # the host replays the graph only for a 16-byte aligned tensor (kernels.ALIGN): say so, or the tile loads
-        # lose their vector width (a pointer read from memory has no known alignment)
-        x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)
-        max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
-        sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
+        x_ptr, _, max_ptr, sum_ptr = _replayed(args_ptr, XDT)
     pid = tl.program_id(0)
     if pid < n_hist:
         _histogram(pid, x_ptr, sum_ptr + 2 * C + S, elem_idx_ptr, stride_r, stride_c, C, n_elem, lo, hi, log2_min,
@@ -147,22 +153,31 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
 
 
 @triton.jit
-def _top_tokens(tokmax_ptr, tok_ptr, S: tl.constexpr, KT: tl.constexpr, SP: tl.constexpr, KTP: tl.constexpr):
+def _top_tokens(tokmax_ptr, tok_ptr, S: tl.constexpr, KT: tl.constexpr, SP: tl.constexpr, KTP: tl.constexpr,
+                TZ: tl.constexpr):
     """The KT tokens with the largest max (ties to the smaller token), in token order, as a [KTP] vector (its
     last KTP - KT entries 0), and the KT-th largest max. The S maxima are read once into registers; the KT-th
     largest is found by bisection on their bits (|x| >= 0 orders like its int32 bits): the largest t with at
-    least KT maxima >= t, 31 counting passes; then the tokens above t and the first ties at t are written to
+    least KT maxima >= t, over the multiples of 2 ** TZ (the low bits that the input dtype leaves zero in a
+    float32: 16 for bfloat16, 13 for float16), 31 - TZ counting passes or fewer where a pass finds exactly KT
+    maxima above its threshold; then the tokens above t and the first ties at t are written to
     ``tok_ptr`` (this program's own KTP slots) in token order and read back."""
     s = tl.arange(0, SP)
     bits = tl.load(tokmax_ptr + s, mask=s < S, other=-1.0).to(tl.int32, bitcast=True)  # padding: below any t
-    lo = 0
-    hi = 2147483647  # 2 ** 31 - 1: no finite or NaN |x| has these bits, so fewer than KT maxima are >= hi
-    for _ in range(31):
+    # thresholds in units of 2 ** TZ (the maxima's low TZ bits are zero: they are values of the input dtype);
+    # (2 ** 31 - 1) >> TZ units: no finite |x| reaches it, so fewer than KT maxima are >= hi
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 2147483647 >> TZ, tl.int32)
+    more = hi > lo
+    while more:
         mid = lo + (hi - lo) // 2
-        big = tl.sum((bits >= mid).to(tl.int32), axis=0) >= KT
-        lo = tl.where(big, mid, lo)
-        hi = tl.where(big, hi, mid)
-    # lo = the KT-th largest max's bits: every max above it is taken, and the first ties at it up to KT
+        n = tl.sum((bits >= (mid << TZ)).to(tl.int32), axis=0)
+        lo = tl.where(n >= KT, mid, lo)
+        hi = tl.where(n >= KT, hi, mid)
+        more = (hi - lo > 1) & (n != KT)  # exactly KT maxima >= mid: they are the answer, stop early
+    # raised to the smallest max >= lo (after an early stop lo may lie below it): the KT-th largest max's bits.
+    # Every max above it is taken, and the first ties at it up to KT
+    lo = tl.min(tl.where(bits >= (lo << TZ), bits, 2147483647), axis=0)
     n_above = tl.sum((bits > lo).to(tl.int32), axis=0)
     tie = (bits == lo).to(tl.int32)
     take = (bits > lo) | ((tie != 0) & (tl.cumsum(tie, axis=0) <= KT - n_above))
@@ -177,17 +192,21 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
                part_ptr, window0, args_ptr, INDIRECT: tl.constexpr, XDT: tl.constexpr, stride_r: tl.constexpr,
                stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, KT: tl.constexpr,
                use_floor: tl.constexpr, n_rg: tl.constexpr, n_cand: tl.constexpr, KTP: tl.constexpr,
-               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr, SP: tl.constexpr):
+               BLOCK_C: tl.constexpr, TOP: tl.constexpr, RB: tl.constexpr, CAP: tl.constexpr, SP: tl.constexpr,
+               RING: tl.constexpr, TZ: tl.constexpr):
     """One block of channels: fold the row groups' channel max/sum into the state, pick the KT tokens with the
     largest max over the batch (``tokmax``, written by ``stats_pass``), then append the block's best TOP
     candidate keys among them to the update's list (and, program 0, write ``tokw`` = window0 * S + token per
     slot); the last program to finish (a ticket) writes the list's best TOP to ``top`` and resets the count
-    and the ticket."""
-    if INDIRECT:
-        x_ptr = tl.multiple_of(tl.load(args_ptr).to(tl.pointer_type(XDT)), 16)  # as in stats_pass
-        window0 = tl.load(args_ptr + 1)
-        max_ptr = tl.load(args_ptr + 2).to(tl.pointer_type(tl.float32))
-        sum_ptr = tl.load(args_ptr + 3).to(tl.pointer_type(tl.float64))
+    and the ticket. With INDIRECT (a graph replay), ``top`` and ``tokw`` are row ``counter % RING`` of the
+    position's rings, whose addresses ``args`` holds (4: keys, 5: token slots, 6: counter), and the last
+    program advances the counter."""
+    if INDIRECT:  # and the outputs go to row `counter % RING` of the position's rings
+        x_ptr, window0, max_ptr, sum_ptr = _replayed(args_ptr, XDT)
+        counter = tl.load(args_ptr + 6).to(tl.pointer_type(tl.int64))
+        ring_row = tl.load(counter) % RING
+        top_ptr = tl.load(args_ptr + 4).to(tl.pointer_type(tl.int64)) + ring_row * TOP
+        tokw_ptr = tl.load(args_ptr + 5).to(tl.pointer_type(tl.int64)) + ring_row * KT
     pid = tl.program_id(0)
     cl = tl.arange(0, BLOCK_C)
     c = pid * BLOCK_C + cl
@@ -205,7 +224,7 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
 
     j = tl.arange(0, KTP)
     j_ok = j < KT
-    tok, kth = _top_tokens(tokmax_ptr, tok_ptr + pid * KTP, S, KT, SP, KTP)
+    tok, kth = _top_tokens(tokmax_ptr, tok_ptr + pid * KTP, S, KT, SP, KTP, TZ)
     tok = tok.to(tl.int64)
     if pid == 0:  # the slots' tokens with the batch's first window folded in: window0 * S + token
         tl.store(tokw_ptr + j, tok + window0.to(tl.int64) * S, mask=j_ok)
@@ -263,6 +282,8 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
             _top_by_passes(n, list_ptr, top_ptr, TOP, CAP)
         tl.atomic_xchg(count_ptr, 0)  # ready for the next update
         tl.atomic_xchg(ticket_ptr, 0)
+        if INDIRECT:  # every program has read the counter (before its ticket): the row is appended
+            tl.store(counter, tl.load(counter) + 1)
 
 
 @triton.jit
@@ -291,17 +312,11 @@ def _top_by_passes(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
         prev = best
 
 
-def stash(args_ptr, keys_ptr, tokw_ptr, TOP: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr, R: tl.constexpr):
-    """Copy an update's keys and token slots into row ``counter % R`` of the position's rings (addresses in
-    ``args``: 4 keys ring, 5 token-slot ring, 6 counter) and advance the counter."""
-    ring_keys = tl.load(args_ptr + 4).to(tl.pointer_type(tl.int64))
-    ring_tokw = tl.load(args_ptr + 5).to(tl.pointer_type(tl.int64))
-    counter = tl.load(args_ptr + 6).to(tl.pointer_type(tl.int64))
-    n = tl.load(counter)
-    slot = n % R
-    t = tl.arange(0, TOP)
-    tl.store(ring_keys + slot * TOP + t, tl.load(keys_ptr + t))
-    j = tl.arange(0, KTP)
-    tl.store(ring_tokw + slot * KT + j, tl.load(tokw_ptr + j, mask=j < KT), mask=j < KT)
-    tl.debug_barrier()
-    tl.store(counter, n + 1)
+def fetch(staging_ptr, slot_ptr, args_ptr, ROWS: tl.constexpr):
+    """A graph replay's first kernel: copy row ``slot % ROWS`` of the host's pinned staging rows (read through
+    the unified address space, uncached: the host rewrites a row every ROWS replays) to ``args``, and advance
+    ``slot``. The host writes the rows in the same order (kernels._Staging)."""
+    i = tl.load(slot_ptr)
+    k = tl.arange(0, 8)
+    tl.store(args_ptr + k, tl.load(staging_ptr + (i % ROWS) * 8 + k, volatile=True))
+    tl.store(slot_ptr, i + 1)
