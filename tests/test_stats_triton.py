@@ -60,10 +60,11 @@ def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
     _assert_same(_run("never", x, batch, top_k=top_k), _run("triton", x.to(device), batch, top_k=top_k))
 
 
-@pytest.mark.parametrize("tune", [{"group": 512}, {"group": 512, "stages": 1}, {"stages": 4, "r": 8}])
+@pytest.mark.parametrize("tune", [{"group": 512}, {"group": 512, "stages": 1}, {"group": 1024, "stages": 3},
+                                  {"stages": 4, "r": 8}])
 def test_row_group_geometries_equal_the_cpu_path(device, monkeypatch, tune):
-    """Row groups of 512 rows (two per window pair here, the second one partial), with and without the
-    pipelined loop, and shorter steps: the same statistics."""
+    """Row groups of 512 rows (two per window pair here, the second one partial) or of 1024 (one, partial),
+    with and without the pipelined loop, and shorter steps: the same statistics."""
     monkeypatch.setattr(kernels, "TUNE", tune)
     kernels._geometry.cache_clear()
     try:
@@ -73,11 +74,15 @@ def test_row_group_geometries_equal_the_cpu_path(device, monkeypatch, tune):
         kernels._geometry.cache_clear()
 
 
-def test_row_groups_shrink_where_tiles_would_not_fill_the_gpu():
-    g = kernels._geometry(4, 2048, 4096, 32)  # 16 groups of 512 rows x 16 blocks: 256 tiles
-    assert (g["BP"] * g["TB"], g["n_rg"] * g["n_cb"]) == (512, 256)
-    g = kernels._geometry(1, 2048, 4096, 32)  # 512-row groups would make 64 tiles: 256 rows, 128 tiles
-    assert (g["BP"] * g["TB"], g["n_rg"] * g["n_cb"]) == (256, 128)
+@pytest.mark.parametrize("batch, channels, rows, tiles", [
+    (4, 11008, 1024, 344),  # 8 groups of 1024 rows x 43 blocks of 256 channels
+    (16, 4096, 1024, 512),
+    (4, 4096, 512, 256),    # 1024-row groups would make 128 tiles
+    (1, 4096, 256, 128),    # none leaves 256 tiles: the shortest group
+])
+def test_row_groups_are_the_longest_that_fill_the_gpu(batch, channels, rows, tiles):
+    g = kernels._geometry(batch, 2048, channels, 32)
+    assert (g["BP"] * g["TB"], g["n_rg"] * g["n_cb"]) == (rows, tiles)
 
 
 @pytest.mark.parametrize("cap", [1024, 64, 32])

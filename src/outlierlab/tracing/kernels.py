@@ -2,9 +2,9 @@
 and no other launch.
 
 ``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
-reads (row groups of 512 rows, or 256 where 512 would leave fewer than :data:`MIN_TILES` programs; each
-program's loop over its rows is software-pipelined three steps deep, which took the 7B shapes' pass from
-41 to 30 us at 4096 channels and from 103 to 67 us at 11008 on an H200, bench/kernel_sweep.py): per-group
+reads (row groups of 1024, 512 or 256 rows, the longest that leaves :data:`MIN_TILES` programs; each
+program's loop over its rows is software-pipelined four steps deep; at the 7B shapes' batch 4 on an H200 this
+took the pass from 41 to 28 us at 4096 channels and from 103 to 59 us at 11008, bench/kernel_sweep.py): per-group
 channel max and sum of |x| (folded into the state by ``candidates``), each block's part of the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
 by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
 compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample.
@@ -95,29 +95,34 @@ def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch
 #: geometry overrides (keys of :func:`_geometry`'s knobs: group, bc, r, stages, warps, cand_warps), for
 #: kernel benchmarks only (bench/kernel_sweep.py); empty in normal runs
 TUNE: dict = {}
-MIN_TILES = 256  # stats_pass halves its row groups until it has at least this many tiles (~2 per SM of an H200)
+#: stats_pass takes the largest row group of GROUPS rows that leaves at least MIN_TILES tiles (~2 per SM of an
+#: H200), else the smallest
+MIN_TILES = 256
+GROUPS = (1024, 512, 256)
 
 
 @functools.cache
 def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     bp = _next_pow2(batch)
-    # stats_pass: row groups of TB tokens x every window (512 rows, or 256 where that leaves too few tiles to
+    # stats_pass: row groups of TB tokens x every window (the longest of GROUPS that leaves enough tiles to
     # fill the GPU), blocks of BC channels, R rows per step of a loop pipelined over `stages` steps
     bc = max(16, min(TUNE.get("bc", 256), _next_pow2(channels)))
     n_cb = -(-channels // bc)
-    tb = min(_next_pow2(seq_len), max(1, TUNE.get("group", 512) // bp))
-    if "group" not in TUNE and tb > 1 and -(-seq_len // tb) * n_cb < MIN_TILES:
-        tb = min(_next_pow2(seq_len), max(1, 256 // bp))
+    for group in (TUNE["group"],) if "group" in TUNE else GROUPS:
+        tb = min(_next_pow2(seq_len), max(1, group // bp))
+        if -(-seq_len // tb) * n_cb >= MIN_TILES:
+            break
     kt = min(top_k, seq_len)
     ktp = _next_pow2(kt)
     top = _next_pow2(top_k)
     block_cb = max(_next_pow2(-(-top // ktp)), min(_next_pow2(channels), max(1, 2048 // ktp)))
     return {"BP": bp, "TB": tb, "R": min(TUNE.get("r", 16), bp * tb), "BC": bc, "CBF": min(16, _next_pow2(n_cb)),
-            "NS": TUNE.get("stages", 3), "warps": TUNE.get("warps", 4),
+            "NS": TUNE.get("stages", 4), "warps": TUNE.get("warps", 4),
             "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb, "n_rg": -(-seq_len // tb), "n_cb": n_cb,
             "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb),
-            # every candidates program holds the seq_len token maxima in registers: <= 64 per thread
-            "cand_warps": TUNE.get("cand_warps", max(4, min(16, _next_pow2(seq_len) // 2048)))}
+            # every candidates program holds the seq_len token maxima in registers: <= 64 per thread; and
+            # gathers its tokens' rows in every window: 8 warps from 4 windows
+            "cand_warps": TUNE.get("cand_warps", max(4 if bp < 4 else 8, min(16, _next_pow2(seq_len) // 2048)))}
 
 
 def _tl_dtype(dtype: torch.dtype):
