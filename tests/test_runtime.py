@@ -3,6 +3,8 @@ removal on every exit path, nothing left on the model)."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from outlierlab.runtime import (
     Entry,
     FunctionEntry,
     call,
+    frozen_gc,
     input_device,
     install,
     installed,
@@ -131,6 +134,28 @@ def test_a_pass_that_reads_no_logits_skips_the_output_layer_and_traces_the_same(
         run(model, ids, 2)
     traced = {(layer, name): r.stats["absmax"] for (layer, name), r in prof.results.items() if not r.same_as}
     assert traced and all(v == pytest.approx(seen[k], rel=1e-6) for k, v in traced.items())
+
+
+def test_runs_leave_what_existed_before_them_out_of_the_collector():
+    """Objects that exist when the outermost run starts are frozen (not walked by the collector) until it ends,
+    also when it fails; objects created inside stay tracked, and nothing stays frozen after the run."""
+    model = tiny_model("llama")
+    ids = random_windows(model, n=2, seq_len=8)
+    assert gc.get_freeze_count() == 0
+    seen = []
+    with frozen_gc():
+        before = gc.get_freeze_count()
+        assert before > 0
+        run(model, ids, 1, on_batch=lambda b, out: seen.append(gc.get_freeze_count()))
+        # the nested block neither froze more nor unfroze (frozen objects freed by refcount leave the count)
+        assert len(seen) == 2 and all(0 < n <= before for n in seen)
+        assert 0 < gc.get_freeze_count() <= before
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), frozen_gc():
+        raise RuntimeError("a failing stage")
+    assert gc.get_freeze_count() == 0
+    profile(model, ids, ProfileConfig(weights=False))
+    assert gc.get_freeze_count() == 0
 
 
 def test_mitigation_and_quantization_share_the_registry():

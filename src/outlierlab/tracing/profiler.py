@@ -13,7 +13,16 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..analysis.detect import DetectConfig, channel_outliers, massive_activations
 from ..errors import NonFiniteActivation
-from ..runtime import ORDER, BatchInfo, Entry, input_device, installed, run, window_ids
+from ..runtime import (
+    ORDER,
+    BatchInfo,
+    Entry,
+    frozen_gc,
+    input_device,
+    installed,
+    run,
+    window_ids,
+)
 from .distributed import rank_world, shard
 from .hooks import attach_positions
 from .result import PositionResult, Profile
@@ -103,30 +112,31 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     ids = window_ids(windows)
     rank, world = rank_world(group) if distributed else (0, 1)
     lo, hi = shard(len(ids), rank, world)
-    tracer = Tracer(adapter, config)
-    t0 = time.perf_counter()
-    with installed(model, tracer):
-        run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
-            first_window=lo, logits=False)
-    if world > 1:
-        tracer.all_reduce_(group)
-    if input_device(model).type == "cuda":
-        torch.cuda.synchronize()
-    t_trace = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    raw = tracer.results()
-    t_final = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    weights = weight_stats(adapter) if config.weights else None
-    t_weights = time.perf_counter() - t2
-    data_info = getattr(windows, "describe", dict)()
-    if world > 1:
-        data_info = {**data_info, "ranks": world}  # windows traced in `ranks` contiguous shards, merged
-    timings = {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights}
-    t3 = time.perf_counter()
-    prof = build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {}, data_info, timings)
-    timings["detect_s"] = time.perf_counter() - t3
-    return prof
+    with frozen_gc():  # the collector walks only what the profile creates
+        tracer = Tracer(adapter, config)
+        t0 = time.perf_counter()
+        with installed(model, tracer):
+            run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
+                first_window=lo, logits=False)
+        if world > 1:
+            tracer.all_reduce_(group)
+        if input_device(model).type == "cuda":
+            torch.cuda.synchronize()
+        t_trace = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        raw = tracer.results()
+        t_final = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        weights = weight_stats(adapter) if config.weights else None
+        t_weights = time.perf_counter() - t2
+        data_info = getattr(windows, "describe", dict)()
+        if world > 1:
+            data_info = {**data_info, "ranks": world}  # windows traced in `ranks` contiguous shards, merged
+        timings = {"trace_s": t_trace, "finalize_s": t_final, "weights_s": t_weights}
+        t3 = time.perf_counter()
+        prof = build_profile(adapter, raw, config, ids, tokenizer, weights, model_info or {}, data_info, timings)
+        timings["detect_s"] = time.perf_counter() - t3
+        return prof
 
 
 def _token_text(tokenizer, ids: torch.Tensor, window: int, token: int) -> str | None:

@@ -1,0 +1,111 @@
+"""Would the statistics kernels hide behind the model's if graph replays ran on a second CUDA stream?
+
+    python bench/stream_overlap.py --synthetic 7b --batch-sizes 4,1
+
+Per batch size: the bare forward, the traced forward as the tracer runs it, and the traced forward with every
+graphed update replayed on a side stream (it waits for the main stream at each hook; the traced tensor is
+marked used there by ``record_stream``; merges and the end of the forward wait for the side stream), the
+medians of ``--repeats`` forwards each. Then, for one traced forward, the kernels by name that the bare forward
+does not launch (count, device time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from profile_overhead import synthetic_setup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=6)
+
+    from outlierlab.adapters import get_adapter
+    from outlierlab.runtime import installed
+    from outlierlab.runtime.forward import call
+    from outlierlab.tracing import ProfileConfig, kernels, profiler
+    from outlierlab.tracing.profiler import Tracer
+
+    ids = torch.randint(0, model.config.vocab_size, (16, args.seq_len), generator=torch.Generator().manual_seed(0))
+    side = torch.cuda.Stream(device)
+    replay, merge = kernels.GraphedUpdate.replay, profiler.merge_pending
+
+    def side_replay(self, x, *rest):
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            replay(self, x, *rest)
+        x.record_stream(side)
+
+    def side_merge(stats):
+        torch.cuda.current_stream(device).wait_stream(side)
+        return merge(stats)
+
+    @contextlib.contextmanager
+    def on_side():
+        kernels.GraphedUpdate.replay, profiler.merge_pending = side_replay, side_merge
+        try:
+            yield
+        finally:
+            kernels.GraphedUpdate.replay, profiler.merge_pending = replay, merge
+
+    def forwards(batch: int, n: int) -> list[float]:
+        out = []
+        with torch.inference_mode():
+            for i in range(n):
+                s = (i * batch) % len(ids)
+                sync()
+                t = time.perf_counter()
+                call(model, ids[s:s + batch], s, logits=False)
+                sync()
+                out.append(time.perf_counter() - t)
+        return out
+
+    print(f"model {info['id']} | {args.seq_len} tokens per window, {args.dtype} | torch {torch.__version__}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        cfg = ProfileConfig(batch_size=batch, weights=False)
+        rows = {}
+        for rep in range(2):  # the first round warms up (compilation, captures)
+            for mode in ("bare", "traced", "side"):
+                if mode == "bare":
+                    ts = forwards(batch, args.repeats)
+                else:
+                    with installed(model, Tracer(get_adapter(model), cfg)), (
+                            on_side() if mode == "side" else contextlib.nullcontext()):
+                        ts = forwards(batch, args.repeats)
+                rows[mode] = ts
+        bare = statistics.median(rows["bare"])
+        for mode, ts in rows.items():
+            m = statistics.median(ts)
+            print(f"batch {batch}: {mode:6s} forward median {m * 1e3:7.1f} ms ({m / bare:.3f}x)  runs "
+                  f"{' '.join(f'{t * 1e3:.1f}' for t in ts)}", flush=True)
+        print(f"batch {batch}: new kernels in a traced forward (count, device ms):")
+        with installed(model, Tracer(get_adapter(model), cfg)):
+            forwards(batch, 1)
+            traced = kernel_table(lambda b=batch: forwards(b, 1))
+        bare_k = kernel_table(lambda b=batch: forwards(b, 1))
+        extra = {k: (n - bare_k.get(k, (0, 0))[0], t - bare_k.get(k, (0, 0))[1]) for k, (n, t) in traced.items()}
+        for k, (n, t) in sorted(extra.items(), key=lambda kv: -kv[1][0])[:12]:
+            if n:
+                print(f"  {n:6d} {t:8.2f}  {k[:110]}")
+
+
+def kernel_table(fn) -> dict[str, tuple[int, float]]:
+    """{device activity name: (count, total ms)} in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    out: dict[str, tuple[int, float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n, t = out.get(e.name, (0, 0.0))
+            out[e.name] = (n + 1, t + (e.time_range.end - e.time_range.start) / 1e3)
+    return out
+
+
+if __name__ == "__main__":
+    main()
