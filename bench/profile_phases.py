@@ -86,7 +86,7 @@ def main() -> None:
 
 
 #: kernels of the statistics update (tracing/kernels.py), as the profiler names them
-STATS_KERNELS = ("stats_pass", "candidates", "stash")
+STATS_KERNELS = ("stats_pass", "candidates", "fetch")
 
 
 def timeline(fn) -> str:
