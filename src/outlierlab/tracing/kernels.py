@@ -1,20 +1,20 @@
 """Triton kernels of one statistics update on a GPU: two kernels per traced tensor, no host synchronization
 and no other launch.
 
-``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU
-reads (row groups of 1024, 512 or 256 rows, the longest that leaves :data:`MIN_TILES` programs; each
-program's loop over its rows is software-pipelined four steps deep; at the 7B shapes' batch 4 on an H200 this
-took the pass from 41 to 28 us at 4096 channels and from 103 to 59 us at 11008, bench/kernel_sweep.py): per-group
-channel max and sum of |x| (folded into the state by ``candidates``), each block's part of the row maxima, folded into the token statistics and the per-update token max that picks the top-k candidates
-by the group's last program to finish (a ticket counter, no extra launch); other programs of the same launch
-compute the channel medians over the fixed row sample and the log2 histogram of the fixed element sample.
-``candidates`` picks the ``top_k`` tokens with the largest max (every program by itself: a bisection on the
-token maxima's bits, ties to the smaller token), reads their rows, keeps for every (token, channel) the largest
-|x| over the batch and writes each program's ``TOP`` best entries as packed int64 keys: ``(|x| bits + 1) << 31
-| (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot * channels + channel`` (0 = empty; slots in
-token order), which sort like |x| and, among equal |x|, prefer the smaller (token, channel), appended to one
-list per update; the last ``candidates`` program to finish keeps the list's best ``TOP`` (a sort of the
-shortest power-of-two slots that hold the list), and :func:`decode_keys` unpacks them.
+``stats_pass`` reads the tensor once, one program per (row group, block of channels) so that the whole GPU reads
+(row groups of 1024, 512 or 256 rows, the longest that leaves :data:`MIN_TILES` programs; each program's loop over
+its rows is software-pipelined four steps deep; at the 7B shapes' batch 4 on an H200 this took the pass from 41 to
+28 us at 4096 channels and from 103 to 59 us at 11008, bench/kernel_sweep.py): per-group channel max and sum of |x|
+(folded into the state by ``candidates``), each block's part of the row maxima, folded into the token statistics and
+the per-update token max that picks the top-k candidates by the group's last program to finish (a ticket counter, no
+extra launch); other programs of the same launch compute the channel medians over the fixed row sample and the log2
+histogram of the fixed element sample. ``candidates`` picks the ``top_k`` tokens with the largest max (every program
+by itself: a bisection on the token maxima's bits, ties to the smaller token), reads their rows, keeps for every
+(token, channel) the largest |x| over the batch and writes each program's ``TOP`` best entries as packed int64 keys:
+``(|x| bits + 1) << 31 | (MAXF - flat) << 9 | window << 1 | sign`` with ``flat = slot * channels + channel`` (0 =
+empty; slots in token order), which sort like |x| and, among equal |x|, prefer the smaller (token, channel),
+appended to one list per update; the last ``candidates`` program to finish keeps the list's best ``TOP`` (a sort of
+the shortest power-of-two slots that hold the list), and :func:`decode_keys` unpacks them.
 
 The top ``top_k`` distinct (token, channel) keys of an update lie in its ``top_k`` tokens with the largest max
 over the batch: a key outside them is beaten by the best key of each of those tokens. So the work of the
