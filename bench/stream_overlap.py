@@ -2,11 +2,12 @@
 
     python bench/stream_overlap.py --synthetic 7b --batch-sizes 4,1
 
-Per batch size: the bare forward, the traced forward as the tracer runs it, and the traced forward with every
-graphed update replayed on a side stream (it waits for the main stream at each hook; the traced tensor is
-marked used there by ``record_stream``; merges and the end of the forward wait for the side stream), the
-medians of ``--repeats`` forwards each. Then, for one traced forward, the kernels by name that the bare forward
-does not launch (count, device time).
+Per batch size: the bare forward, the traced forward as the tracer runs it, the traced forward with every graphed
+update replayed on a side stream (it waits for the main stream at each hook; the traced tensor is marked used there
+by ``record_stream``; merges and the end of the forward wait for the side stream), and the same with the replays
+issued in groups of ``--group`` (no ``record_stream``: the tensors are held until the main stream has waited for
+their group), the medians of ``--repeats`` forwards each. Then, for one traced forward, the kernels by name that
+the bare forward does not launch (count, device time).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from profile_overhead import synthetic_setup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", type=int, default=14, help="updates per group in the grouped mode (about a "
+                    "7B layer's traced tensors)")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=6)
 
     from outlierlab.adapters import get_adapter
@@ -40,13 +43,38 @@ def main() -> None:
             replay(self, x, *rest)
         x.record_stream(side)
 
+    # "grouped": the replays of --group updates are issued together on the side stream after one wait for the
+    # main stream; the main stream waits for the side stream at the next group, and only then are the previous
+    # group's tensors let go (no record_stream, two stream waits per group instead of one per update)
+    queued: list = []
+    held: list = []
+
+    def grouped_replay(self, x, *rest):
+        queued.append((self, x, rest))
+        if len(queued) >= args.group:
+            flush_group()
+
+    def flush_group():
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(side)  # the previous group's reads come before anything main does from here on
+        held.clear()
+        if queued:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for graph, x, rest in queued:
+                    replay(graph, x, *rest)
+            held.extend(x for _, x, _ in queued)
+            queued.clear()
+
     def side_merge(stats):
+        flush_group()
         torch.cuda.current_stream(device).wait_stream(side)
         return merge(stats)
 
     @contextlib.contextmanager
-    def on_side():
-        kernels.GraphedUpdate.replay, profiler.merge_pending = side_replay, side_merge
+    def on_side(mode: str):
+        kernels.GraphedUpdate.replay = side_replay if mode == "side" else grouped_replay
+        profiler.merge_pending = side_merge
         try:
             yield
         finally:
@@ -60,6 +88,8 @@ def main() -> None:
                 sync()
                 t = time.perf_counter()
                 call(model, ids[s:s + batch], s, logits=False)
+                flush_group()  # a no-op but in the grouped mode: the forward's last group, then its wait
+                torch.cuda.current_stream(device).wait_stream(side)
                 sync()
                 out.append(time.perf_counter() - t)
         return out
@@ -69,12 +99,12 @@ def main() -> None:
         cfg = ProfileConfig(batch_size=batch, weights=False)
         rows = {}
         for rep in range(2):  # the first round warms up (compilation, captures)
-            for mode in ("bare", "traced", "side"):
+            for mode in ("bare", "traced", "side", "grouped"):
                 if mode == "bare":
                     ts = forwards(batch, args.repeats)
                 else:
                     with installed(model, Tracer(get_adapter(model), cfg)), (
-                            on_side() if mode == "side" else contextlib.nullcontext()):
+                            on_side(mode) if mode in ("side", "grouped") else contextlib.nullcontext()):
                         ts = forwards(batch, args.repeats)
                 rows[mode] = ts
         bare = statistics.median(rows["bare"])
