@@ -40,7 +40,6 @@ def synthetic_model(shape: str, device: str, dtype: torch.dtype):
     return model.eval(), {"id": f"synthetic-llama-{shape}", "model_type": "llama"}
 
 
-
 def synthetic_setup(ap: argparse.ArgumentParser, batch_sizes: str, repeats: int):
     """The options every bench of a synthetic model takes (shape, device, dtype, tokens per window, batch
     sizes, repeats; a caller adds its own to ``ap`` first), parsed, and the model built on the device: returns
@@ -63,6 +62,7 @@ def synthetic_setup(ap: argparse.ArgumentParser, batch_sizes: str, repeats: int)
             torch.cuda.synchronize(device)
 
     return args, model, info, device, sync
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -19,6 +19,7 @@ import time
 
 import torch
 from profile_overhead import synthetic_setup
+from stats_update import device_times
 
 
 def main() -> None:
@@ -115,26 +116,13 @@ def main() -> None:
         print(f"batch {batch}: new kernels in a traced forward (count, device ms):")
         with installed(model, Tracer(get_adapter(model), cfg)):
             forwards(batch, 1)
-            traced = kernel_table(lambda b=batch: forwards(b, 1))
-        bare_k = kernel_table(lambda b=batch: forwards(b, 1))
-        extra = {k: (n - bare_k.get(k, (0, 0))[0], t - bare_k.get(k, (0, 0))[1]) for k, (n, t) in traced.items()}
+            traced = device_times(lambda b=batch: forwards(b, 1), 1)  # {name: (device us, launches)}
+        bare_k = device_times(lambda b=batch: forwards(b, 1), 1)
+        extra = {k: (round(n - bare_k.get(k, (0, 0))[1]), (us - bare_k.get(k, (0, 0))[0]) / 1e3)
+                 for k, (us, n) in traced.items()}
         for k, (n, t) in sorted(extra.items(), key=lambda kv: -kv[1][0])[:12]:
             if n:
                 print(f"  {n:6d} {t:8.2f}  {k[:110]}")
-
-
-def kernel_table(fn) -> dict[str, tuple[int, float]]:
-    """{device activity name: (count, total ms)} in one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-    out: dict[str, tuple[int, float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            n, t = out.get(e.name, (0, 0.0))
-            out[e.name] = (n + 1, t + (e.time_range.end - e.time_range.start) / 1e3)
-    return out
 
 
 if __name__ == "__main__":
