@@ -20,8 +20,8 @@ from stats_update import device_times
 from outlierlab.tracing import kernels
 from outlierlab.tracing.stats import StatsConfig, _fixed_sample
 
-DEFAULT_VARIANTS = ['{}', '{"group": 256, "stages": 1}', '{"group": 1024}', '{"stages": 2}',
-                    '{"stages": 4}', '{"r": 8}', '{"bc": 128}', '{"cand_warps": 8}']
+DEFAULT_VARIANTS = ['{}', '{"group": 128}', '{"group": 256}', '{"group": 1024}', '{"stages": 3}', '{"r": 8}',
+                    '{"bc": 128}', '{"cand_warps": 4}']
 
 
 def launch(x, batch, seq_len, state, c: StatsConfig):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from outlierlab.tracing.stats import PositionStats, StatsConfig, median_error
+from outlierlab.tracing.stats import (
+    PositionStats,
+    StatsConfig,
+    median_error,
+    staged_to_host,
+)
 
 
 def feed(st: PositionStats, x: torch.Tensor, batch: int, start: int = 0) -> None:
@@ -229,3 +234,15 @@ def test_finalizing_many_positions_together_equals_one_at_a_time():
                 assert torch.equal(got, want) and got.dtype == want.dtype, key
             else:
                 assert got == want, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 29])
+def test_staged_copies_reach_the_host_whole(dtype, numel):
+    """Results cross a two-half stage of 16 bytes per half (2 to 16 elements per chunk): every chunk lands in
+    place, whole chunks and a partial last one, in any dtype."""
+    flat = (torch.arange(numel, dtype=torch.float64) * 1.5 - 3).to(dtype)
+    stage = torch.full((2, 16), 255, dtype=torch.uint8)
+    host = staged_to_host(flat, stage)
+    assert host.dtype == dtype and torch.equal(host, flat)
+    assert numel == 0 or host.data_ptr() != flat.data_ptr()

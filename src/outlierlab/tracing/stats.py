@@ -584,9 +584,14 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
 _SCALARS = frozenset({"absmax", "zero_fraction", "total", "chan_median_max", "n_valid", "median_bin"})
 
 
+#: bytes per half of the pinned staging memory that results cross from a GPU on their way to the host
+STAGE_BYTES = 8 << 20
+_STAGE: dict[torch.device, torch.Tensor] = {}
+
+
 def _to_host_at_once(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``parts`` (flat tensors of one dtype, possibly on several devices) on the host: one copy per device,
-    through pinned memory from a GPU (a pageable copy of tens of MB ran at ~1.4 GB/s on the H200 machine)."""
+    """``parts`` (flat tensors of one dtype, possibly on several devices) on the host: one copy per device; from
+    a GPU through pinned staging memory kept per device (:func:`staged_to_host`)."""
     out: list = [None] * len(parts)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(parts):
@@ -595,9 +600,41 @@ def _to_host_at_once(parts: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([parts[i] for i in idx])
         host = flat  # on a CPU: a new tensor (cat copies), no storage shared with a state
         if dev.type == "cuda":
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            torch.cuda.current_stream(dev).synchronize()
+            stage = _STAGE.get(dev)
+            if stage is None:
+                stage = _STAGE[dev] = torch.empty(2, STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.device(dev):
+                host = staged_to_host(flat, stage)
         for i, h in zip(idx, host.split([parts[i].numel() for i in idx])):
             out[i] = h
     return out
+
+
+def staged_to_host(flat: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``flat`` copied into a new pageable host tensor through ``stage`` ([2, n] bytes, pinned):
+    chunk k goes to half k % 2 by an asynchronous copy while the host moves chunk k - 1 out of the other half.
+    Fresh pinned blocks the size of the results (~40 MB for a 7B profile) took 35 ms of a 7B profile's finalize
+    on the H200 machine (cProfile) and a pageable copy ran at ~1.4 GB/s; the stage is pinned once per device."""
+    host = torch.empty(flat.shape, dtype=flat.dtype)
+    src, dst = flat.reshape(-1).view(torch.uint8), host.reshape(-1).view(torch.uint8)
+    n = stage.shape[1]
+    pending = None  # (half, offset, length, event) of the chunk in flight
+
+    def drain(half, at, length, event) -> None:
+        if event is not None:
+            event.synchronize()
+        dst[at:at + length].copy_(half[:length])
+
+    for k, at in enumerate(range(0, src.numel(), n)):
+        half, length = stage[k % 2], min(n, src.numel() - at)
+        half[:length].copy_(src[at:at + length], non_blocking=True)
+        event = None
+        if src.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        if pending is not None:
+            drain(*pending)
+        pending = (half, at, length, event)
+    if pending is not None:
+        drain(*pending)
+    return host
