@@ -7,6 +7,8 @@
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
 #   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
+#   bash bench/ab_gpu.sh overlap              # the 7B ratios with the side-stream overlap (tracing/overlap.py)
+#                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
@@ -24,6 +26,40 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$PART" = graph ]; then
   PYTHONPATH=/tmp/site:$PWD/src timeout "${GRAPH_TIMEOUT:-300}" python3 bench/forward_graph.py --synthetic 7b \
       --batch-sizes 1,4 2>&1 | tee "$OUT/graph.log" | grep -E "^model|^batch"
+  exit 0
+fi
+if [ "$PART" = overlap ]; then
+  # on / off: 16 forwards at batch 1 and at batch 4 (64 windows), and the acceptance shape at batch 4 and 16
+  # (4 and 1 forwards) with the watch forced (--overlap-min-forwards 1); ~300 s a round
+  export PYTHONPATH=/tmp/site:$PWD/src
+  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048)
+  for i in $(seq "${ROUNDS:-1}"); do
+    for flag in "" --no-overlap; do
+      echo "=== overlap ${flag:-on}, round $i"
+      timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 1 --repeats 3 $flag 2>&1 | tee -a "$OUT/overlap.log" \
+          | grep -E "ratio|memory"
+      timeout 120 "${P[@]}" --n-samples 64 --batch-sizes 4 --repeats 2 $flag 2>&1 | tee -a "$OUT/overlap.log" \
+          | grep -E "ratio|memory"
+      timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,16 --repeats 3 --overlap-min-forwards 1 $flag 2>&1 \
+          | tee -a "$OUT/overlap.log" | grep -E "ratio|memory"
+    done
+  done
+  exit 0
+fi
+if [ "$PART" = priority ]; then
+  # the passes on a CUDA stream of priority -1 (above the statistics' side stream) against the default stream,
+  # the acceptance shape at batch 4 and 1, ROUNDS=2 rounds interleaved, then one profile's phases and host time
+  export PYTHONPATH=/tmp/site:$PWD/src
+  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048 --n-samples 16)
+  for i in $(seq "${ROUNDS:-2}"); do
+    for prio in -1 ""; do
+      echo "=== model stream priority ${prio:-default}, round $i"
+      timeout 100 "${P[@]}" --batch-sizes 4,1 --repeats 3 ${prio:+--model-stream-priority $prio} 2>&1 \
+          | tee -a "$OUT/priority.log" | grep -E "ratio|priority"
+    done
+  done
+  timeout 100 "${P[@]}" --batch-sizes 4 --repeats 1 --breakdown > "$OUT/breakdown.log" 2>&1
+  grep -E "one profile" "$OUT/breakdown.log"
   exit 0
 fi
 if [ "$PART" = timeline ]; then

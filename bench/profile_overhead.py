@@ -76,6 +76,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", choices=["auto", "triton", "graphs", "fused", "never"], default="auto",
                     help="how the statistics update runs (StatsConfig.compile; auto: Triton on CUDA)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
+    ap.add_argument("--overlap-min-forwards", type=int, default=None,
+                    help="the fewest forwards of a profile that the overlap watches (Overlap.MIN_FORWARDS)")
+    ap.add_argument("--model-stream-priority", type=int, default=None,
+                    help="run every pass (bare, full, profile) on a new CUDA stream of this priority (e.g. -1: "
+                         "above the statistics' side stream, which has the default priority 0)")
     ap.add_argument("--breakdown", action="store_true",
                     help="then one more profile per batch size: its phases (trace, finalize, detect) and the "
                          "functions with the most host time (cProfile)")
@@ -125,10 +132,20 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, {args.dtype} | device {device} "
-          f"({where}) | torch {torch.__version__} | compile {args.compile}")
+          f"({where}) | torch {torch.__version__} | compile {args.compile}"
+          f"{' | no overlap' if args.no_overlap else ''}")
+    if args.overlap_min_forwards is not None:
+        from outlierlab.tracing.overlap import Overlap
+
+        Overlap.MIN_FORWARDS = args.overlap_min_forwards
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    if args.model_stream_priority is not None:
+        stream = torch.cuda.Stream(device, priority=args.model_stream_priority)
+        torch.cuda.set_stream(stream)
+        print(f"every pass on a CUDA stream of priority {stream.priority}")
     for batch in sizes:
-        config = ProfileConfig(stats=StatsConfig(compile=args.compile), batch_size=batch, weights=False)
+        config = ProfileConfig(stats=StatsConfig(compile=args.compile, overlap=not args.no_overlap),
+                               batch_size=batch, weights=False)
 
         def bare(batch=batch):
             return timed(lambda: run(model, ids, batch, logits=False))  # the forward a profile runs

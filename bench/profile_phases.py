@@ -14,6 +14,7 @@ includes compilation and captures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -26,12 +27,14 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="then, per batch size, the device's time in one traced and one bare forward (CUDA): busy "
                          "in the model's kernels, in the statistics kernels, in copies, and idle")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=3)
 
     from outlierlab.adapters import get_adapter
     from outlierlab.runtime import installed, run
     from outlierlab.runtime.forward import call
-    from outlierlab.tracing import ProfileConfig, profile
+    from outlierlab.tracing import ProfileConfig, StatsConfig, profile
     from outlierlab.tracing.profiler import Tracer, build_profile
 
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
@@ -45,9 +48,9 @@ def main() -> None:
         return time.perf_counter() - t
 
     print(f"model {info['id']} | {args.n_samples} x {args.seq_len} tokens, {args.dtype} | {device} | "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}{' | no overlap' if args.no_overlap else ''}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        cfg = ProfileConfig(batch_size=batch, weights=False)
+        cfg = ProfileConfig(stats=StatsConfig(overlap=not args.no_overlap), batch_size=batch, weights=False)
         for rep in range(args.repeats):
             bare = timed(lambda b=batch: run(model, ids, b, logits=False))
             whole = timed(lambda c=cfg: profile(model, ids, c))
@@ -59,8 +62,10 @@ def main() -> None:
             with installed(model, tracer), torch.inference_mode():
                 sync()
                 phases["install"] = time.perf_counter() - t
-                for s in range(0, len(ids), batch):
-                    forwards.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
+                for s in range(0, len(ids), batch):  # the first one watched for in-place writes, as profile()
+                    with tracer.overlap.watching() if s == 0 and tracer.overlap else contextlib.nullcontext():
+                        forwards.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
+                tracer.join()
                 t = time.perf_counter()
             sync()
             phases["uninstall"] = time.perf_counter() - t
@@ -79,7 +84,10 @@ def main() -> None:
         if args.timeline and device.type == "cuda":
             tracer = Tracer(get_adapter(model), cfg)
             with installed(model, tracer), torch.inference_mode():
-                on_traced = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))
+                # a first forward, not timed: the positions it sees may be deferred
+                with tracer.overlap.watching() if tracer.overlap else contextlib.nullcontext():
+                    call(model, ids[:batch], 0, logits=False)
+                on_traced = timeline(lambda b=batch, tr=tracer: (call(model, ids[:b], 0, logits=False), tr.join()))
             with torch.inference_mode():
                 on_bare = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))
             print(f"batch {batch}: traced forward: {on_traced}\nbatch {batch}: bare forward:   {on_bare}")

@@ -209,6 +209,38 @@ def test_profile_finds_the_same_outliers(family, lane_device, lane_dtype):
             assert planted_co <= cos
 
 
+def test_the_overlap_gives_the_same_profile(family, lane_device, lane_dtype, monkeypatch):
+    """Statistics replayed on a side stream a layer later (tracing/overlap.py; watched first forward) equal those
+    replayed on the model's stream, and some were deferred (the watch forced for a profile of 4 forwards)."""
+    if lane_device != "cuda":
+        pytest.skip("the overlap defers CUDA graph replays")
+    from outlierlab.tracing import StatsConfig
+    from outlierlab.tracing.overlap import Overlap
+
+    monkeypatch.setattr(Overlap, "MIN_FORWARDS", 1)
+    issued = []
+    side = Overlap._on
+    monkeypatch.setattr(Overlap, "_on", lambda self, stream: (issued.append(1), side(self, stream))[1])
+    model = on(family, lane_device, lane_dtype)
+    ids = windows(model)
+    deferred = profile(model, ids, ProfileConfig(batch_size=1))
+    assert issued and hook_count(model) == 0
+    issued.clear()
+    plain = profile(model, ids, ProfileConfig(batch_size=1, stats=StatsConfig(overlap=False)))
+    assert not issued
+    assert found(deferred) == found(plain) and deferred.results.keys() == plain.results.keys()
+    for key, r in plain.results.items():
+        got = deferred.results[key].stats
+        assert got.keys() == r.stats.keys()
+        for name, want in r.stats.items():
+            if isinstance(want, torch.Tensor):
+                torch.testing.assert_close(got[name], want, rtol=1e-9, atol=0, equal_nan=True, msg=f"{key} {name}")
+            elif isinstance(want, float):
+                assert got[name] == pytest.approx(want, rel=1e-9, nan_ok=True), (key, name)
+            else:
+                assert got[name] == want, (key, name)
+
+
 def test_explain_names_and_verifies_the_same_super_weight(family, lane_device, lane_dtype):
     model = on(family, lane_device, lane_dtype)
     exp = explain(model, windows(model), ExplainConfig(batch_size=2), eval_windows=windows(model, 2, 32, seed=1))

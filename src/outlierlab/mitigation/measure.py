@@ -77,7 +77,8 @@ def measure(model: nn.Module, windows, config: MeasureConfig | None = None, toke
 
     entries = [FunctionEntry("measure", ORDER["trace"], maxima)] + ([tracer] if tracer is not None else [])
     with installed(model, *entries):
-        run(model, ids, cfg.batch_size, loss, description="measuring")
+        run(model, ids, cfg.batch_size, loss, description="measuring",
+            first_batch=tracer.first_forward(model, len(ids), cfg.batch_size) if tracer is not None else None)
     resid_l = torch.tensor([float(resid[i]) if i in resid else 0.0 for i in range(n_layers)])
     down_l = torch.tensor([float(down[i]) if i in down else 0.0 for i in range(n_layers)])
     out = {

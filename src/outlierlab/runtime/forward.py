@@ -109,12 +109,14 @@ def frozen_gc():
 
 def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batch, object], None] | None = None,
         *, progress: bool = False, description: str = "forward", first_window: int = 0,
-        grad: bool = False, stop: type[BaseException] | None = None, logits: bool = True) -> None:
+        grad: bool = False, stop: type[BaseException] | None = None, logits: bool = True,
+        first_batch: contextlib.AbstractContextManager | None = None) -> None:
     """Forward every window once, in batches of ``batch_size``; ``on_batch(batch, output)`` after each.
 
     ``first_window``: the index of ``windows[0]`` in the whole window set (a rank's shard). ``stop``: an
     exception type a hook raises to end a forward early (layer-input capture); it is swallowed per batch.
-    ``logits=False``: nothing reads the logits (see :func:`call`).
+    ``logits=False``: nothing reads the logits (see :func:`call`). ``first_batch``: a context the first
+    forward runs in (the tracer's watch for in-place writes).
     """
     ids = window_ids(windows)
     if batch_size < 1:
@@ -125,7 +127,8 @@ def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batc
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
             try:
-                out = call(model, chunk, first_window + start, logits)
+                with first_batch if first_batch is not None and start == 0 else contextlib.nullcontext():
+                    out = call(model, chunk, first_window + start, logits)
             except BaseException as exc:
                 if stop is not None and isinstance(exc, stop):
                     out = None

@@ -25,6 +25,7 @@ from ..runtime import (
 )
 from .distributed import rank_world, shard
 from .hooks import attach_positions
+from .overlap import Overlap
 from .result import PositionResult, Profile
 from .stats import PositionStats, StatsConfig, finalize_all, median_error, merge_pending
 from .weights import weight_stats
@@ -59,8 +60,18 @@ class Tracer(Entry):
         self.config = config
         self.stats: dict[tuple[int, str], PositionStats] = {}
         self.batch = BatchInfo()
+        self.overlap = Overlap() if config.stats.overlap else None
 
     def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
+        if self.overlap is not None and self.overlap.watching_now and not torch.is_inference_mode_enabled():
+            # the watch takes the model's tensors out of inference mode for their version counters; the
+            # statistics' own (states, views, scratch) are made as in any other forward (ops on normal tensors
+            # cost more, e.g. in the finalize)
+            with torch.inference_mode():
+                return self._trace(layer, name, x)
+        self._trace(layer, name, x)
+
+    def _trace(self, layer: int, name: str, x: torch.Tensor) -> None:
         if name in self.adapter.flat_positions:
             x = self.batch.as_3d(x)
         if name == "attn.in" and self.adapter.residual_chain and (layer - 1, "block.out") in self.stats:
@@ -69,6 +80,7 @@ class Tracer(Entry):
         st = self.stats.get(key)
         if st is None:
             st = self.stats[key] = PositionStats(self.config.stats)
+            st.overlap, st.key = self.overlap, key
         elif st.due():  # every position has merge_every updates pending: merge them all at once
             merge_pending(list(self.stats.values()))
         st.update(x, self.batch.window0)
@@ -79,6 +91,20 @@ class Tracer(Entry):
 
     def describe(self) -> dict:
         return {"name": self.name, "positions": len(self.stats)}
+
+    def first_forward(self, model: nn.Module, n_windows: int, batch_size: int):
+        """The context for the first forward of ``n_windows`` windows of ``model`` in batches of ``batch_size``
+        (``run(first_batch=...)``): the overlap's watch (tracing/overlap.py) where it pays, i.e. on a GPU and for
+        at least ``Overlap.MIN_FORWARDS`` forwards; else None (every update on the model's stream)."""
+        if (self.overlap is None or input_device(model).type != "cuda"
+                or -(-n_windows // batch_size) < self.overlap.MIN_FORWARDS):
+            return None
+        return self.overlap.watching()
+
+    def join(self) -> None:
+        """The statistics issued so far are on the model's streams (they are waited for there)."""
+        if self.overlap is not None:
+            self.overlap.join()
 
     def all_reduce_(self, group=None) -> None:
         """Merge statistics across torch.distributed ranks (call on every rank, same positions)."""
@@ -117,7 +143,9 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
         t0 = time.perf_counter()
         with installed(model, tracer):
             run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
-                first_window=lo, logits=False)
+                first_window=lo, logits=False,
+                first_batch=tracer.first_forward(model, hi - lo, config.batch_size))
+            tracer.join()
         if world > 1:
             tracer.all_reduce_(group)
         if input_device(model).type == "cuda":

@@ -53,6 +53,10 @@ class StatsConfig:
     #: small eager ops per position per forward make tracing launch-bound, and the compiled graph still
     #: costs ~0.7 ms of host time per update (bench/RESULTS.md).
     compile: str = "auto"
+    #: graphed updates of a layer run on a side CUDA stream beside the next layer's model kernels
+    #: (tracing/overlap.py) in GPU profiles of >= 4 forwards; positions the model writes in place stay on the
+    #: model's stream
+    overlap: bool = True
 
     @property
     def n_bins(self) -> int:
@@ -197,6 +201,9 @@ class PositionStats:
         self.rows = self.n_updates = self.samples = self.tok_windows = 0.0
         # the last graphed update's layout (shape, strides, dtype, device of the given tensor), graph and counts
         self._fast: tuple | None = None
+        # where graphed updates go instead of the model's stream (tracing/overlap.py), and this position's key
+        self.overlap = None
+        self.key: tuple = ()
 
     # -- streaming -------------------------------------------------------------------------------------
     def _allocate(self, channels: int, seq_len: int, device: torch.device) -> None:
@@ -258,6 +265,8 @@ class PositionStats:
             return self._replay(x, window0, fast[4])
         if x.dim() < 2:
             return
+        if self.overlap is not None:  # captures, direct launches and eager math on the model's stream
+            self.overlap.join()
         given = x
         if x.dim() == 2:  # [tokens, channels] without batch
             x = x.unsqueeze(0)
@@ -316,7 +325,11 @@ class PositionStats:
 
     def _replay(self, x: torch.Tensor, window0: int, graph) -> None:
         """One graphed update of ``x`` (the layout ``graph`` was captured for); its candidates go to the rings."""
-        graph.replay(x, window0, self.max_state, self.sum_state, *self._ring)
+        args = (x, window0, self.max_state, self.sum_state, *self._ring)
+        if self.overlap is None:
+            graph.replay(*args)
+        else:
+            self.overlap.replay(self.key, x, lambda: graph.replay(*args))
         self._ring_n += 1
         self._n_pending += 1
 
@@ -474,6 +487,8 @@ def _padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
 def merge_pending(stats: list[PositionStats]) -> None:
     """Merge the pending candidates of many positions into their running top-k, the positions of one shape
     together (on their device: a few batched kernels, where one merge per position costs ~20 small ones)."""
+    for overlap in {id(st.overlap): st.overlap for st in stats if st.overlap is not None}.values():
+        overlap.join()  # the rings and states are read on the model's stream
     groups: dict[tuple, list[PositionStats]] = {}
     for st in stats:
         if st.channels is not None:
