@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="then, per batch size, the device's time in one traced and one bare forward (CUDA): busy "
                          "in the model's kernels, in the statistics kernels, in copies, and idle")
+    ap.add_argument("--results-ops", action="store_true",
+                    help="then, per batch size, the ops of one Tracer.results() (torch.profiler, host and device "
+                         "time per op; the profiler's own cost included)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=3)
@@ -62,15 +65,19 @@ def main() -> None:
             with installed(model, tracer), torch.inference_mode():
                 sync()
                 phases["install"] = time.perf_counter() - t
-                for s in range(0, len(ids), batch):  # the first one watched for in-place writes, as profile()
-                    with tracer.overlap.watching() if s == 0 and tracer.overlap else contextlib.nullcontext():
+                first = tracer.first_forward(model, len(ids), batch)  # the watch where profile() has it
+                for s in range(0, len(ids), batch):
+                    with first if s == 0 and first is not None else contextlib.nullcontext():
                         forwards.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
                 tracer.join()
                 t = time.perf_counter()
             sync()
             phases["uninstall"] = time.perf_counter() - t
             raw: dict = {}
-            phases["results"] = timed(lambda r=raw, tr=tracer: r.update(tr.results()))
+            if args.results_ops and rep == args.repeats - 1:
+                phases["results (profiled)"] = timed(lambda r=raw, tr=tracer: r.update(ops_table(tr.results, batch)))
+            else:
+                phases["results"] = timed(lambda r=raw, tr=tracer: r.update(tr.results()))
             phases["detect"] = timed(lambda r=raw, tr=tracer, c=cfg: build_profile(
                 tr.adapter, r, c, ids, None, None, {}, {}, {}))
             print(f"batch {batch} repeat {rep}: bare {bare:.3f} s, profile {whole:.3f} s ({whole / bare:.3f}x) | "
@@ -91,6 +98,24 @@ def main() -> None:
             with torch.inference_mode():
                 on_bare = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))
             print(f"batch {batch}: traced forward: {on_traced}\nbatch {batch}: bare forward:   {on_bare}")
+
+
+def ops_table(fn, batch: int, rows: int = 20):
+    """``fn()`` under torch.profiler; prints its ops with the most host time, and on a GPU those with the most
+    device time, then returns what ``fn`` returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(f"batch {batch}: results() ops by host time\n{table.table(sort_by='self_cpu_time_total', row_limit=rows)}")
+    if cuda:
+        print(f"batch {batch}: results() ops by device time\n"
+              f"{table.table(sort_by='self_device_time_total', row_limit=rows)}")
+    return out
 
 
 #: kernels of the statistics update (tracing/kernels.py), as the profiler names them

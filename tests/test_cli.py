@@ -56,6 +56,15 @@ def test_profile_local_folder(tiny_folder, tmp_path, cache):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["model_type"] == "llama" and report["data"]["n_samples"] == 3
     assert report["massive_activations"] == []
+    assert report["config"]["stats"]["overlap"] is True  # the default; --no-overlap below
+
+
+def test_profile_without_the_overlap(tiny_folder, tmp_path, cache):
+    out = tmp_path / "out"
+    result = run("profile", "--model", str(tiny_folder), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
+                 "-n", "2", "-o", str(out), "--no-progress", "--no-overlap")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["config"]["stats"]["overlap"] is False
 
 
 def test_empty_text_is_one_line_error(tiny_folder, tmp_path, cache):

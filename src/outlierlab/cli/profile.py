@@ -45,6 +45,10 @@ def profile_cmd(
     ma_abs: float = typer.Option(100.0, "--ma-abs", help="MA rule: |x| above this"),
     ma_rel: float = typer.Option(1000.0, "--ma-rel", help="MA rule: |x| above this times the tensor median"),
     co_k: float = typer.Option(10.0, "--co-k", help="CO rule: channel median above this times the tensor median"),
+    overlap: bool = typer.Option(
+        True, "--overlap/--no-overlap",
+        help="on a GPU, from 4 forwards on, run a layer's statistics on a side stream beside the next layer "
+             "(holds up to two layers' activations, at most 1/8 of the free device memory)"),
     max_memory: str = MaxMemoryOpt,
     progress: bool = ProgressOpt,
     debug: bool = DebugOpt,
@@ -67,7 +71,7 @@ def profile_cmd(
     progress = progress and rank == 0
     t0 = time.perf_counter()
     data_cfg = DataConfig(source=data, seq_len=seq_len, n_samples=n_samples, seed=seed, bos=bos)
-    config = ProfileConfig(stats=StatsConfig(top_k=top_k, seed=seed),
+    config = ProfileConfig(stats=StatsConfig(top_k=top_k, seed=seed, overlap=overlap),
                            detect=DetectConfig(ma_abs=ma_abs, ma_rel=ma_rel, co_k=co_k), batch_size=batch_size)
     with err.status("loading model and data"):
         lm = load_model(model, device, dtype, max_memory=max_memory)
