@@ -9,11 +9,14 @@
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
 #   bash bench/ab_gpu.sh overlap              # the 7B ratios with the side-stream overlap (tracing/overlap.py)
 #                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
+#   bash bench/ab_gpu.sh priority             # the passes on a high-priority CUDA stream against the default
+#                                             # one (session 15: no gain), then one profile's breakdown (~240 s)
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
-#                                             # statistics kernels, copies, idle) at batch 4 and 1, and the
-#                                             # kernels' geometry sweep at batch 4 (~150 s)
+#                                             # statistics kernels, copies, idle) at batch 4 and 1, the ops of
+#                                             # one results() (in timeline.log), and the kernels' geometry
+#                                             # sweep at batch 4 (~150 s)
 #
 # OLD is a src folder of the code to compare with, inside the repository so that it travels (untracked, not
 # ignored), e.g. `mkdir old_src && git archive main src | tar -x -C old_src`. Logs go to $OUT (ab.log, lane.log).
@@ -66,7 +69,7 @@ if [ "$PART" = timeline ]; then
   # SRC=old_src/src times another src folder; SWEEP=0 leaves out the kernel sweep, BATCHES picks the batch sizes
   export PYTHONPATH=/tmp/site:$PWD/${SRC:-src}
   timeout 150 python3 bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes "${BATCHES:-4,1}" \
-      --repeats 2 --timeline 2>&1 | tee "$OUT/timeline${SRC:+-old}.log" | grep -E "^batch"
+      --repeats 2 --timeline --results-ops 2>&1 | tee "$OUT/timeline${SRC:+-old}.log" | grep -E "^batch [0-9]+( r|:)"
   [ "${SWEEP:-1}" = 1 ] || exit 0
   timeout 100 python3 bench/kernel_sweep.py --shapes 4x4096,4x11008 2>&1 | tee "$OUT/sweep.log" | grep -v -i warn
   exit 0
