@@ -75,7 +75,7 @@ def main() -> None:
             phases["uninstall"] = time.perf_counter() - t
             raw: dict = {}
             if args.results_ops and rep == args.repeats - 1:
-                phases["results (profiled)"] = timed(lambda r=raw, tr=tracer: r.update(ops_table(tr.results, batch)))
+                phases["results (profiled)"] = timed(lambda r=raw, tr=tracer, b=batch: r.update(ops_table(tr.results, b)))
             else:
                 phases["results"] = timed(lambda r=raw, tr=tracer: r.update(tr.results()))
             phases["detect"] = timed(lambda r=raw, tr=tracer, c=cfg: build_profile(
