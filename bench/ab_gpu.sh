@@ -7,6 +7,9 @@
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
 #   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
+#   OLD=old_src/src bash bench/ab_gpu.sh decide  # a pending change in one call: the lane, device_consistency,
+#                                             # this tree against OLD at batch 4, 1, 16, and one forward of
+#                                             # batch 16 with the watch forced (~480 s)
 #   bash bench/ab_gpu.sh overlap              # the 7B ratios with the side-stream overlap (tracing/overlap.py)
 #                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
 #   bash bench/ab_gpu.sh priority             # the passes on a high-priority CUDA stream against the default
@@ -75,7 +78,8 @@ if [ "$PART" = timeline ]; then
   exit 0
 fi
 [ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
-if [ "$PART" = lane ] || [ "$PART" = final ]; then
+[ "$PART" = decide ] && : "${LANE_TIMEOUT:=300}" "${OLD:?set OLD to the src folder of the code to compare with}"
+if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
   # Six pytest workers (2 threads each) share the GPU when pytest-xdist travelled in .whl (the tiny models leave
   # it idle most of the time): 207 s in session 10; 4 workers 215-263 s, one process 545 s (session 9)
   WORKERS=()
@@ -87,8 +91,20 @@ if [ "$PART" = lane ] || [ "$PART" = final ]; then
   export PYTHONPATH=/tmp/site:$PWD/src
   timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
   tail -1 "$OUT/consistency.log"
-  timeout 150 python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --n-samples 16 \
-      --seq-len 2048 --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
+  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --n-samples 16 --seq-len 2048)
+  if [ "$PART" = decide ]; then
+    # this tree against OLD at the acceptance rows, then this tree's one-forward profile with the watch forced
+    for v in src "$OLD"; do
+      echo "=== $v"
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --batch-sizes 4,1,16 --repeats 3 2>&1 \
+          | tee -a "$OUT/overhead.log" | grep -E "ratio"
+    done
+    echo "=== src, the watch forced (--overlap-min-forwards 1)"
+    timeout 60 "${P[@]}" --batch-sizes 16 --repeats 3 --overlap-min-forwards 1 2>&1 | tee -a "$OUT/overhead.log" \
+        | grep -E "ratio|memory"
+    exit 0
+  fi
+  timeout 150 "${P[@]}" --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
   grep -E "ratio|memory" "$OUT/overhead.log"
   exit 0
 fi
