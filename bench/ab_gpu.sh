@@ -14,6 +14,8 @@
 #                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
 #   bash bench/ab_gpu.sh priority             # the passes on a high-priority CUDA stream against the default
 #                                             # one (session 15: no gain), then one profile's breakdown (~240 s)
+#   bash bench/ab_gpu.sh tune                 # whole profiles under stats_pass geometries (kernels.TUNE,
+#                                             # VARIANTS='{};{"group": 1024}'), ROUNDS=2 rounds (~270 s)
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
@@ -66,6 +68,23 @@ if [ "$PART" = priority ]; then
   done
   timeout 100 "${P[@]}" --batch-sizes 4 --repeats 1 --breakdown > "$OUT/breakdown.log" 2>&1
   grep -E "one profile" "$OUT/breakdown.log"
+  exit 0
+fi
+if [ "$PART" = tune ]; then
+  # stats_pass geometry in whole profiles (overlap on): the default (256 programs at 4 x 2048 x 4096) against
+  # fewer, longer ones beside the model's kernels (group 1024: 128; with 512 channels per block: 64); VARIANTS
+  # (JSON dicts separated by ;) and ROUNDS=2 rounds interleaved. Longer groups hold a group's token maxima
+  # in registers (_fold_tokens): keep group <= 1024
+  export PYTHONPATH=/tmp/site:$PWD/src
+  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048 --n-samples 16)
+  DEFAULT_VARIANTS='{};{"group": 1024};{"group": 1024, "bc": 512}'
+  IFS=';' read -r -a VS <<< "${VARIANTS:-$DEFAULT_VARIANTS}"
+  for i in $(seq "${ROUNDS:-2}"); do
+    for v in "${VS[@]}"; do
+      echo "=== tune $v, round $i"
+      timeout 100 "${P[@]}" --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" | grep -E "ratio"
+    done
+  done
   exit 0
 fi
 if [ "$PART" = timeline ]; then

@@ -80,6 +80,9 @@ def main() -> None:
                     help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
     ap.add_argument("--overlap-min-forwards", type=int, default=None,
                     help="the fewest forwards of a profile that the overlap watches (Overlap.MIN_FORWARDS)")
+    ap.add_argument("--tune", default=None,
+                    help="a JSON dict of kernels.TUNE keys for the whole run (e.g. '{\"group\": 1024, \"bc\": 512}': fewer, "
+                         "longer stats_pass programs, which leave more SMs to the model's kernels beside them)")
     ap.add_argument("--model-stream-priority", type=int, default=None,
                     help="run every pass (bare, full, profile) on a new CUDA stream of this priority (e.g. -1: "
                          "above the statistics' side stream, which has the default priority 0)")
@@ -134,6 +137,13 @@ def main() -> None:
     print(f"model {info['id']} | {args.n_samples} windows x {args.seq_len} tokens, {args.dtype} | device {device} "
           f"({where}) | torch {torch.__version__} | compile {args.compile}"
           f"{' | no overlap' if args.no_overlap else ''}")
+    if args.tune:
+        import json
+
+        from outlierlab.tracing import kernels
+
+        kernels.TUNE.update(json.loads(args.tune))
+        print(f"kernels.TUNE = {kernels.TUNE}")
     if args.overlap_min_forwards is not None:
         from outlierlab.tracing.overlap import Overlap
 

@@ -61,7 +61,7 @@ def test_triton_equals_cpu_path(device, dtype, batch, seq_len, channels, top_k):
 
 
 @pytest.mark.parametrize("tune", [{"group": 512}, {"group": 512, "stages": 1}, {"group": 1024, "stages": 3},
-                                  {"stages": 4, "r": 8}])
+                                  {"stages": 4, "r": 8}, {"group": 1024, "bc": 512}])
 def test_row_group_geometries_equal_the_cpu_path(device, monkeypatch, tune):
     """Row groups of 512 rows (two per window pair here, the second one partial) or of 1024 (one, partial),
     with and without the pipelined loop, and shorter steps: the same statistics."""
