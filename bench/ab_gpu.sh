@@ -28,6 +28,8 @@
 set -uo pipefail
 PART=${1:-ab}
 OUT=${OUT:-/tmp/ab_out}
+# the profile / bare forward benchmark on the 7B shape, which every part below runs with its own windows
+P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048)
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -40,7 +42,6 @@ if [ "$PART" = overlap ]; then
   # on / off: 16 forwards at batch 1 and at batch 4 (64 windows), and the acceptance shape at batch 4 and 16
   # (4 and 1 forwards) with the watch forced (--overlap-min-forwards 1); ~300 s a round
   export PYTHONPATH=/tmp/site:$PWD/src
-  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048)
   for i in $(seq "${ROUNDS:-1}"); do
     for flag in "" --no-overlap; do
       echo "=== overlap ${flag:-on}, round $i"
@@ -58,15 +59,14 @@ if [ "$PART" = priority ]; then
   # the passes on a CUDA stream of priority -1 (above the statistics' side stream) against the default stream,
   # the acceptance shape at batch 4 and 1, ROUNDS=2 rounds interleaved, then one profile's phases and host time
   export PYTHONPATH=/tmp/site:$PWD/src
-  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048 --n-samples 16)
   for i in $(seq "${ROUNDS:-2}"); do
     for prio in -1 ""; do
       echo "=== model stream priority ${prio:-default}, round $i"
-      timeout 100 "${P[@]}" --batch-sizes 4,1 --repeats 3 ${prio:+--model-stream-priority $prio} 2>&1 \
-          | tee -a "$OUT/priority.log" | grep -E "ratio|priority"
+      timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 ${prio:+--model-stream-priority $prio} \
+          2>&1 | tee -a "$OUT/priority.log" | grep -E "ratio|priority"
     done
   done
-  timeout 100 "${P[@]}" --batch-sizes 4 --repeats 1 --breakdown > "$OUT/breakdown.log" 2>&1
+  timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4 --repeats 1 --breakdown > "$OUT/breakdown.log" 2>&1
   grep -E "one profile" "$OUT/breakdown.log"
   exit 0
 fi
@@ -76,13 +76,13 @@ if [ "$PART" = tune ]; then
   # (JSON dicts separated by ;) and ROUNDS=2 rounds interleaved. Longer groups hold a group's token maxima
   # in registers (_fold_tokens): keep group <= 1024
   export PYTHONPATH=/tmp/site:$PWD/src
-  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --seq-len 2048 --n-samples 16)
   DEFAULT_VARIANTS='{};{"group": 1024};{"group": 1024, "bc": 512}'
   IFS=';' read -r -a VS <<< "${VARIANTS:-$DEFAULT_VARIANTS}"
   for i in $(seq "${ROUNDS:-2}"); do
     for v in "${VS[@]}"; do
       echo "=== tune $v, round $i"
-      timeout 100 "${P[@]}" --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" | grep -E "ratio"
+      timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" \
+          | grep -E "ratio"
     done
   done
   exit 0
@@ -110,20 +110,19 @@ if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
   export PYTHONPATH=/tmp/site:$PWD/src
   timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
   tail -1 "$OUT/consistency.log"
-  P=(python3 bench/profile_overhead.py --synthetic 7b --device cuda --dtype bfloat16 --n-samples 16 --seq-len 2048)
   if [ "$PART" = decide ]; then
     # this tree against OLD at the acceptance rows, then this tree's one-forward profile with the watch forced
     for v in src "$OLD"; do
       echo "=== $v"
-      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --batch-sizes 4,1,16 --repeats 3 2>&1 \
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
           | tee -a "$OUT/overhead.log" | grep -E "ratio"
     done
     echo "=== src, the watch forced (--overlap-min-forwards 1)"
-    timeout 60 "${P[@]}" --batch-sizes 16 --repeats 3 --overlap-min-forwards 1 2>&1 | tee -a "$OUT/overhead.log" \
-        | grep -E "ratio|memory"
+    timeout 60 "${P[@]}" --n-samples 16 --batch-sizes 16 --repeats 3 --overlap-min-forwards 1 2>&1 \
+        | tee -a "$OUT/overhead.log" | grep -E "ratio|memory"
     exit 0
   fi
-  timeout 150 "${P[@]}" --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
+  timeout 150 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
   grep -E "ratio|memory" "$OUT/overhead.log"
   exit 0
 fi
@@ -138,8 +137,7 @@ LOG=$OUT/ab.log
   for i in 1 2; do
     for v in src "$OLD"; do
       echo "=== profile, $v, run $i"
-      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 python3 bench/profile_overhead.py --synthetic 7b --device cuda \
-          --dtype bfloat16 --n-samples 16 --seq-len 2048 --batch-sizes 4,1 --repeats 3 2>&1
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 2>&1
     done
   done
 } > "$LOG" 2>&1
