@@ -14,7 +14,7 @@ includes compilation and captures.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import time
 
 import torch
@@ -67,8 +67,8 @@ def main() -> None:
                 phases["install"] = time.perf_counter() - t
                 first = tracer.first_forward(model, len(ids), batch)  # the watch where profile() has it
                 for s in range(0, len(ids), batch):
-                    with first if s == 0 and first is not None else contextlib.nullcontext():
-                        forwards.append(timed(lambda s=s, b=batch: call(model, ids[s:s + b], s, logits=False)))
+                    forward = functools.partial(call, model, ids[s:s + batch], s, logits=False)
+                    forwards.append(timed(lambda f=forward, s=s, w=first: w(f) if s == 0 and w else f()))
                 tracer.join()
                 t = time.perf_counter()
             sync()
@@ -92,8 +92,8 @@ def main() -> None:
             tracer = Tracer(get_adapter(model), cfg)
             with installed(model, tracer), torch.inference_mode():
                 # a first forward, not timed: the positions it sees may be deferred
-                with tracer.overlap.watching() if tracer.overlap else contextlib.nullcontext():
-                    call(model, ids[:batch], 0, logits=False)
+                first = functools.partial(call, model, ids[:batch], 0, logits=False)
+                tracer.watched(first) if tracer.overlap else first()
                 on_traced = timeline(lambda b=batch, tr=tracer: (call(model, ids[:b], 0, logits=False), tr.join()))
             with torch.inference_mode():
                 on_bare = timeline(lambda b=batch: call(model, ids[:b], 0, logits=False))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from outlierlab.runtime import run
+from outlierlab.testing import TINY_FAMILIES
 from outlierlab.tracing.overlap import Overlap
 
 
@@ -47,11 +48,12 @@ class Logged(Overlap):
 
 
 def watched(ov, keys):
-    """A first forward over ``keys``: replayed at once on the model's stream, and deferred from then on."""
+    """A first forward over ``keys``: deferred like any other, and joined at its end."""
     with ov.watching():
         for key in keys:
             ov.add(key, torch.ones(2))
-    assert ov.replays() == [(k, "main") for k in keys] and not ov.busy()
+    assert ov.replays() == [(k, "side") for k in keys] and not ov.busy()
+    assert ov.log[-1] == ("wait", "main", "side") and ov.take_tainted() == set()
     ov.log.clear()
 
 
@@ -111,8 +113,9 @@ def test_positions_no_watched_forward_has_seen_run_on_the_models_stream():
 
 @pytest.mark.parametrize("write", ["in place", "base", "out="])
 def test_a_tensor_written_while_it_would_be_held_keeps_its_position_on_the_models_stream(write):
-    """Held from its hook until the second layer change after it: a write one layer later marks the position,
-    a write two layers later does not (its statistics would have been read by then)."""
+    """Held from its hook until the second layer change after it: a write one layer later marks the position
+    (unsafe from now on, and tainted: its deferred replay may have read the new values), a write two layers
+    later does not (the model's stream has waited for its statistics by then)."""
     ov = Logged()
     with ov.watching():
         base = torch.arange(8.0)
@@ -131,8 +134,9 @@ def test_a_tensor_written_while_it_would_be_held_keeps_its_position_on_the_model
             torch.add(torch.ones(4), torch.ones(4), out=x)
         ov.add((2, "a"), torch.ones(3))  # layer 0 would be let go here
         late.mul_(-1)
-    assert ov.replays()[0] == ((0, "a"), "main") and torch.equal(ov.log[0][3], torch.arange(4.0))
+    assert ov.replays()[0] == ((0, "a"), "side")
     assert ov.unsafe == {(0, "a")} and ov.watched == {(0, "a"), (0, "late"), (0, "b"), (1, "a"), (2, "a")}
+    assert ov.take_tainted() == {(0, "a")} and ov.take_tainted() == set()
     ov.log.clear()
     ov.add((0, "a"), x)  # from now on: on the model's stream, at once
     ov.add((0, "b"), torch.ones(3))
@@ -140,8 +144,9 @@ def test_a_tensor_written_while_it_would_be_held_keeps_its_position_on_the_model
 
 
 def test_past_max_bytes_the_watch_lets_a_layer_go_early_and_keeps_it_on_the_models_stream():
-    """The watch holds up to two layers for its checks; past the cap the oldest goes early, and since the
-    overlap would not hold it for its whole window either, its positions are not deferred."""
+    """The watch holds up to two layers for its checks; past the cap everything is joined and the oldest layer
+    goes early, and since the overlap would hold it longer than it was checked, its positions are not
+    deferred."""
     ov = Logged(max_bytes=3 * 4 * 10)
     with ov.watching():
         for layer in range(3):
@@ -167,8 +172,8 @@ def test_only_gpu_profiles_of_enough_forwards_are_watched(monkeypatch):
     monkeypatch.setattr(profiler, "input_device", lambda m: torch.device("cuda", 0))
     assert tracer.first_forward(model, n - 1, 1) is None
     assert tracer.first_forward(model, 2 * n - 2, 2) is None  # n - 1 forwards of 2 windows
-    assert isinstance(tracer.first_forward(model, n, 1), contextlib.AbstractContextManager)
-    assert isinstance(tracer.first_forward(model, 2 * n - 1, 2), contextlib.AbstractContextManager)  # n forwards
+    assert tracer.first_forward(model, n, 1) == tracer.watched
+    assert tracer.first_forward(model, 2 * n - 1, 2) == tracer.watched  # n forwards
     off = profiler.Tracer(profiler.get_adapter(model), ProfileConfig(stats=StatsConfig(overlap=False)))
     assert off.overlap is None and off.first_forward(model, 10 * n, 1) is None
 
@@ -187,15 +192,16 @@ def test_under_the_watch_the_statistics_own_tensors_stay_inference_tensors():
     tracer._trace = lambda layer, name, x: (seen.append((x.is_inference(), torch.is_inference_mode_enabled())),
                                             real(layer, name, x))
     with installed(model, tracer):
-        run(model, random_windows(model, 2, 16), 2, logits=False, first_batch=tracer.overlap.watching())
+        run(model, random_windows(model, 2, 16), 2, logits=False, first_batch=tracer.watched)
     assert seen and all(t == (False, True) for t in seen)
     states = [st.max_state for st in tracer.stats.values()]
     assert states and all(s.is_inference() for s in states)
 
 
 def test_the_watch_finds_a_models_in_place_activation():
-    """Planted: a ReLU(inplace=True) rewrites the first linear's output after its hook; the second linear's
-    output is never written."""
+    """Planted: a ReLU(inplace=True) rewrites the first linear's output after its hook, before the statistics
+    deferred to the next layer read it (here they do read the new values); the second linear's output is never
+    written."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.Tanh())
     ov = Logged()
@@ -210,24 +216,89 @@ def test_the_watch_finds_a_models_in_place_activation():
         for h in handles:
             h.remove()
     assert ov.unsafe == {(0, "out")} and ov.watched == {(0, "out"), (2, "out")}
-    first = next(e for e in ov.log if e[0] == "replay" and e[1] == (0, "out"))
-    assert torch.equal(first[3], want) and (want < 0).any()  # the statistics saw the values before the ReLU
+    assert ov.take_tainted() == {(0, "out")}  # the tracer traces it again (test below)
+    # the model's own forward (the second replay of layer 0; the first read ``want``)
+    traced = [e for e in ov.log if e[0] == "replay" and e[1] == (0, "out")][1]
+    assert torch.equal(traced[3], want.relu()) and (want < 0).any()
 
 
-def test_run_enters_the_first_batch_context_once():
-    entered = []
+def test_run_runs_the_first_forward_through_first_batch_once():
+    wrapped = []
 
-    @contextlib.contextmanager
-    def ctx():
-        entered.append(1)
-        yield
+    def first(forward):
+        wrapped.append(1)
+        return ("first", forward())
 
     calls = []
+    outs = []
     model = nn.Module()
-    model.forward = lambda input_ids=None, **kw: calls.append(input_ids.shape[0])
     with pytest.MonkeyPatch.context() as mp:
         import outlierlab.runtime.forward as fw
 
-        mp.setattr(fw, "call", lambda m, chunk, w0, logits: (calls.append(w0), entered.copy()))
-        run(model, torch.zeros(5, 4, dtype=torch.long), 2, first_batch=ctx())
-    assert entered == [1] and calls == [0, 2, 4]
+        mp.setattr(fw, "call", lambda m, chunk, w0, logits: calls.append(w0) or w0)
+        run(model, torch.zeros(5, 4, dtype=torch.long), 2, first_batch=first,
+            on_batch=lambda batch, out: outs.append(out))
+    assert wrapped == [1] and calls == [0, 2, 4] and outs == [("first", 0), 2, 4]
+
+
+def test_a_tainted_position_is_traced_again_alone_from_a_fresh_state(monkeypatch):
+    """The watched forward's statistics of a tainted position are dropped and the first batch is traced again
+    for it alone: the profile equals one without the overlap, and the first batch ran twice."""
+    from outlierlab.runtime import installed
+    from outlierlab.runtime.forward import call
+    from outlierlab.testing import random_windows, tiny_model
+    from outlierlab.tracing import ProfileConfig, StatsConfig, profiler
+
+    model = tiny_model("llama")
+    ids = random_windows(model, 4, 16)
+    plain = profiler.Tracer(profiler.get_adapter(model), ProfileConfig(stats=StatsConfig(overlap=False)))
+    with installed(model, plain):
+        run(model, ids, 2, logits=False)
+    tracer = profiler.Tracer(profiler.get_adapter(model), ProfileConfig())
+    key = (1, "mlp.act")
+    taken = iter([{key}])
+    monkeypatch.setattr(tracer.overlap, "take_tainted", lambda: next(taken))  # as if written in place
+    from outlierlab.tracing.stats import PositionStats
+
+    updates = []
+    real = PositionStats.update
+    monkeypatch.setattr(PositionStats, "update", lambda st, x, w0=0: (updates.append(st.key), real(st, x, w0))[1])
+    starts = []
+    monkeypatch.setattr("outlierlab.runtime.forward.call",
+                        lambda m, chunk, w0, logits: (starts.append(w0), call(m, chunk, w0, logits))[1])
+    with installed(model, tracer):
+        run(model, ids, 2, logits=False, first_batch=tracer.watched)
+    assert starts == [0, 0, 2]  # the first batch again, for the tainted position
+    n = (len(updates) - 1) // 2  # positions a forward traces
+    assert updates[n] == key and updates[:n] == updates[n + 1:] and updates.count(key) == 3
+    want, got = plain.results(), tracer.results()
+    assert got.keys() == want.keys()
+    for k, r in want.items():
+        for name, v in r.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(got[k][name], v), (k, name)
+            else:
+                assert got[k][name] == v, (k, name)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_no_planted_family_writes_a_traced_tensor_in_place(family, monkeypatch):
+    """What the watch would find in the 12 families' own code (transformers' modules, eager attention on the
+    CPU): no traced tensor is written in place later in its forward, so no first batch is traced twice. A
+    failure here is not a wrong profile (the watch handles it), but a second pass over the first batch."""
+    from outlierlab.runtime import installed
+    from outlierlab.runtime.forward import call
+    from outlierlab.testing import random_windows, tiny_model
+    from outlierlab.tracing import ProfileConfig, profiler
+    from outlierlab.tracing.stats import PositionStats
+
+    model = tiny_model(family)
+    seen = []
+    real = PositionStats.update
+    monkeypatch.setattr(PositionStats, "update", lambda st, x, w0=0: (seen.append((st.key, x, x._version)),
+                                                                       real(st, x, w0))[1])
+    tracer = profiler.Tracer(profiler.get_adapter(model), ProfileConfig())
+    with installed(model, tracer), torch.inference_mode(False), torch.no_grad():
+        call(model, random_windows(model, 2, 16), 0, logits=False)
+    assert seen and all(not x.is_inference() for _, x, _ in seen)
+    assert [key for key, x, version in seen if x._version != version] == []

@@ -4,6 +4,7 @@ left untouched; no hook left behind; the report's contract; determinism."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -82,6 +83,15 @@ def test_weights_bit_identical_and_no_hooks_left():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_timings_split_the_profile():
+    model = tiny_model("llama")
+    t0 = time.perf_counter()
+    p = profile(model, random_windows(model), ProfileConfig(batch_size=2))
+    wall = time.perf_counter() - t0
+    assert set(p.timings) == {"trace_s", "finalize_s", "weights_s", "detect_s"}
+    assert 0 < p.timings["trace_s"] and 0 <= p.timings["finalize_s"] and sum(p.timings.values()) <= wall
 
 
 def test_hooks_removed_when_tracing_fails(monkeypatch):

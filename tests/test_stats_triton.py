@@ -263,7 +263,7 @@ def test_cuda_graph_path_equals_cpu_path(device):
     st = PositionStats(StatsConfig(compile="graphs", merge_every=2, top_k=8))
     for b, part in ((0, x.to(device)[0:2]), (2, wide[2:4, :, :40]), (4, x.to(device)[4:6]), (0, x.to(device)[0:2])):
         st.update(part, b)
-        assert st._fast is not None and st._fast[1] == part.stride()
+        assert st._fast is not None and st._fast.stride == part.stride()
     ref = PositionStats(StatsConfig(compile="never", merge_every=2, top_k=8))
     for b in (0, 2, 4, 0):
         ref.update(x[b:b + 2], b)

@@ -110,13 +110,14 @@ def frozen_gc():
 def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batch, object], None] | None = None,
         *, progress: bool = False, description: str = "forward", first_window: int = 0,
         grad: bool = False, stop: type[BaseException] | None = None, logits: bool = True,
-        first_batch: contextlib.AbstractContextManager | None = None) -> None:
+        first_batch: Callable[[Callable[[], object]], object] | None = None) -> None:
     """Forward every window once, in batches of ``batch_size``; ``on_batch(batch, output)`` after each.
 
     ``first_window``: the index of ``windows[0]`` in the whole window set (a rank's shard). ``stop``: an
     exception type a hook raises to end a forward early (layer-input capture); it is swallowed per batch.
-    ``logits=False``: nothing reads the logits (see :func:`call`). ``first_batch``: a context the first
-    forward runs in (the tracer's watch for in-place writes).
+    ``logits=False``: nothing reads the logits (see :func:`call`). ``first_batch``: runs the first forward,
+    given as a function of nothing, and returns its output (the tracer's watch for in-place writes, which may
+    run it twice).
     """
     ids = window_ids(windows)
     if batch_size < 1:
@@ -127,8 +128,8 @@ def run(model: nn.Module, windows, batch_size: int = 4, on_batch: Callable[[Batc
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
             try:
-                with first_batch if first_batch is not None and start == 0 else contextlib.nullcontext():
-                    out = call(model, chunk, first_window + start, logits)
+                forward = functools.partial(call, model, chunk, first_window + start, logits)
+                out = first_batch(forward) if first_batch is not None and start == 0 else forward()
             except BaseException as exc:
                 if stop is not None and isinstance(exc, stop):
                     out = None

@@ -8,18 +8,22 @@ go (the caching allocator may then reuse their memory in stream order). So the s
 the model's kernels of layer L + 1, with two stream waits per layer and no ``record_stream``.
 
 What this needs: a traced tensor must not be written in place by the model between its hook and its release.
-The first forward of a profile runs under :meth:`Overlap.watching`: its replays run at once on the model's
-stream, it runs outside inference mode (under ``no_grad``) so that every tensor has a version counter (shared by
-views, bumped by every in-place and ``out=`` write), and a position whose tensor's version changed before the
-point where the overlap would let it go is replayed synchronously from then on (the model's code writes the same
-positions in place in every forward). Only positions seen in a watched forward are ever deferred. The watched
-forward costs about a synchronous traced forward (7B, batch 4, H200: 254.7 against 251 ms); a dispatch mode that
-saw every aten op, tried first, cost ~0.2 s of host time per forward.
+The first forward of a profile runs under :meth:`Overlap.watching`, deferred like any other, but outside
+inference mode (under ``no_grad``) so that every traced tensor has a version counter (shared by views, bumped by
+every in-place and ``out=`` write). When the model's stream waits for a layer's replays, the host checks its
+tensors' versions: a write issued before that wait may have raced with the replay, so the position is *tainted*
+(its statistics of this forward are not trusted: the tracer starts it afresh and traces the first batch again
+for it alone, :meth:`~outlierlab.tracing.profiler.Tracer.watched`) and *unsafe* (replayed on the model's
+stream from then on; the model's code writes the same positions in place in every forward). Only positions seen
+in a watched forward are ever deferred. None of the 12 planted families writes a traced tensor in place, so
+their first forward overlaps like the others; a dispatch mode that saw every aten op, tried first, cost ~0.2 s
+of host time per forward, and a watched forward that replayed at once cost a synchronous traced forward.
 Memory: the queued and held tensors stay alive for up to two layers (about 2 GiB for a 7B model at batch 4 x 2048
 tokens in bf16); past ``max_bytes`` (by default an eighth of the device's free memory at its first use)
-the queue is issued early, and the watch lets a layer go early and keeps its positions on the model's stream.
+the queue is issued early, and the watch joins, checks the oldest layer and keeps its positions on the model's
+stream (the overlap would hold them longer than the watch checked).
 :meth:`~outlierlab.tracing.profiler.Tracer.first_forward` watches only GPU profiles of at least
-:attr:`Overlap.MIN_FORWARDS` forwards: the watched forward itself gains nothing.
+:attr:`Overlap.MIN_FORWARDS` forwards.
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ import torch
 class Overlap:
     """Statistics replays of many positions, deferred to side streams a layer at a time (see the module doc)."""
 
-    #: profiles of fewer forwards do not watch (the watched forward is synchronous and holds two layers): at 7B
-    #: bf16 on the H200, 16 x 2048 tokens, the overlap paid at 4 forwards of batch 4 (1.134 against 1.163 the
-    #: bare forward) and not at 1 forward of batch 16 (1.132 against 1.116; bench/RESULTS.md)
+    #: profiles of fewer forwards do not watch. Measured with the earlier synchronous watch at 7B bf16 on the
+    #: H200, 16 x 2048 tokens: the overlap paid at 4 forwards of batch 4 (1.134 against 1.163 the bare forward)
+    #: and not at 1 forward of batch 16 (1.132 against 1.116; bench/RESULTS.md); the deferred watch is to be
+    #: measured (`bash bench/ab_gpu.sh overlap` forces it at 1 and 4 forwards)
     MIN_FORWARDS = 4
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes  # None: an eighth of each device's free memory at its first replay
         self.unsafe: set = set()  # positions written in place after their hook: replayed on the model's stream
+        self.tainted: set = set()  # unsafe positions whose watched replay may have read a changed tensor
         self.watched: set = set()  # positions seen under watching(): the only ones ever deferred
         self._queue: list[tuple] = []  # (device, key, x, replay) not yet issued
         self._held: dict[torch.device, list[tuple]] = {}  # issued on the side stream, not yet waited for
@@ -72,9 +78,8 @@ class Overlap:
     # -- the protocol ----------------------------------------------------------------------------------------
     def replay(self, key: tuple, x: torch.Tensor, replay: Callable[[], None]) -> None:
         """The graphed update of position ``key`` = (layer, name) of ``x``: ``replay()`` issues it on the current
-        stream. Queued, or run now (after :meth:`join`) under a watch, for a position that is written in place
-        or that no watched forward has seen (a tracer without a first watched forward, an expert first reached
-        later)."""
+        stream. Queued, or run now (after :meth:`join`) for a position that is written in place or that no
+        watched forward has seen (a tracer without a first watched forward, an expert first reached later)."""
         if key[0] != self._layer:
             self.flush()
             self._layer = key[0]
@@ -89,7 +94,7 @@ class Overlap:
             while self._seen_bytes >= self._limit(x.device) and len(self._seen) > 1:
                 # past the cap the queue is issued early and the oldest layer let go before its time
                 self._let_go_oldest(early=True)
-        if self._seen is not None or key in self.unsafe or key not in self.watched:
+        if key in self.unsafe or key not in self.watched:
             self.join()  # the shared buffers, states and staging rows of a device are used in stream order
             replay()
             return
@@ -149,22 +154,32 @@ class Overlap:
     # -- the first forward: in-place writes ----------------------------------------------------------------
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
-        """A first forward: its replays run at once, outside inference mode (tensors get version counters), and
-        the positions seen whose tensors the model does not write in place while the overlap would hold them
-        may be deferred from then on."""
+        """A first forward, deferred as usual but outside inference mode (tensors get version counters): the
+        positions whose tensors the model writes in place while the overlap holds them become unsafe and
+        tainted; the others may be deferred from then on. Ends joined (nothing in flight)."""
         self.join()
         self._seen, self._seen_bytes = [], 0
         try:
             with torch.inference_mode(False), torch.no_grad():
                 yield
         finally:
+            self.join()
             for items in self._seen:
                 self._check(items)
             self._seen, self._seen_bytes = None, 0
 
+    def take_tainted(self) -> set:
+        """The positions whose statistics of the watched forward may have read a tensor written in place (their
+        replays are done: :meth:`watching` ends joined); cleared."""
+        out, self.tainted = self.tainted, set()
+        return out
+
     def _let_go_oldest(self, early: bool) -> None:
-        """The watch's oldest layer checked and let go; ``early`` (past the cap, before the point where the overlap
-        would let it go): its positions are not trusted to the overlap and stay on the model's stream."""
+        """The watch's oldest layer checked and let go, where the model's stream has waited for its replays;
+        ``early`` (past the cap): everything queued is joined first, and since the overlap would hold these
+        tensors longer than the watch checked them, their positions stay on the model's stream."""
+        if early:
+            self.join()
         items = self._seen.pop(0)
         self._check(items)
         if early:
@@ -172,7 +187,9 @@ class Overlap:
         self._seen_bytes -= sum(_nbytes(x) for _, x, _ in items)
 
     def _check(self, items: list[tuple]) -> None:
-        self.unsafe.update(key for key, x, version in items if x._version != version)
+        moved = {key for key, x, version in items if x._version != version}
+        self.unsafe |= moved
+        self.tainted |= moved
 
 
 def _nbytes(x: torch.Tensor) -> int:

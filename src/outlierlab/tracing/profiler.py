@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,7 @@ class Tracer(Entry):
         self.stats: dict[tuple[int, str], PositionStats] = {}
         self.batch = BatchInfo()
         self.overlap = Overlap() if config.stats.overlap else None
+        self._only: set | None = None  # while the first batch is traced again: the only positions traced
 
     def __call__(self, layer: int, name: str, x: torch.Tensor) -> None:
         if self.overlap is not None and self.overlap.watching_now and not torch.is_inference_mode_enabled():
@@ -77,6 +79,8 @@ class Tracer(Entry):
         if name == "attn.in" and self.adapter.residual_chain and (layer - 1, "block.out") in self.stats:
             return  # the very tensor traced as block.out of the previous layer: not traced twice
         key = (layer, name)
+        if self._only is not None and key not in self._only:
+            return
         st = self.stats.get(key)
         if st is None:
             st = self.stats[key] = PositionStats(self.config.stats)
@@ -93,13 +97,31 @@ class Tracer(Entry):
         return {"name": self.name, "positions": len(self.stats)}
 
     def first_forward(self, model: nn.Module, n_windows: int, batch_size: int):
-        """The context for the first forward of ``n_windows`` windows of ``model`` in batches of ``batch_size``
-        (``run(first_batch=...)``): the overlap's watch (tracing/overlap.py) where it pays, i.e. on a GPU and for
-        at least ``Overlap.MIN_FORWARDS`` forwards; else None (every update on the model's stream)."""
+        """How the first forward of ``n_windows`` windows of ``model`` in batches of ``batch_size`` runs
+        (``run(first_batch=...)``): under the overlap's watch (tracing/overlap.py) where the overlap pays, i.e.
+        on a GPU and for at least ``Overlap.MIN_FORWARDS`` forwards; else None (every update on the model's
+        stream)."""
         if (self.overlap is None or input_device(model).type != "cuda"
                 or -(-n_windows // batch_size) < self.overlap.MIN_FORWARDS):
             return None
-        return self.overlap.watching()
+        return self.watched
+
+    def watched(self, forward: Callable[[], object]):
+        """``forward()`` (the first batch's) under the overlap's watch; returns its output. The positions the
+        model wrote in place while their statistics were deferred (tainted) start afresh and are traced again by
+        a second ``forward()`` that traces them alone, on the model's stream."""
+        with self.overlap.watching():
+            out = forward()
+        tainted = self.overlap.take_tainted()
+        if tainted:
+            for key in tainted:
+                del self.stats[key]
+            self._only = tainted
+            try:
+                forward()
+            finally:
+                self._only = None
+        return out
 
     def join(self) -> None:
         """The statistics issued so far are on the model's streams (they are waited for there)."""
@@ -124,6 +146,34 @@ class Tracer(Entry):
         return out
 
 
+class TraceClock:
+    """The seconds a profile's tracing took, without a host sync at its end: on the GPUs the model uses, CUDA
+    events read once the results are on the host (the device time from the start to the last statistics
+    kernel); on a CPU the wall time."""
+
+    def __init__(self, model: nn.Module):
+        devices = {p.device for p in model.parameters()} | {input_device(model)}
+        self.events = {d: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                       for d in devices if d.type == "cuda"}
+        self.t0 = time.perf_counter()
+        self.host_s = 0.0
+        for d, (start, _) in self.events.items():
+            start.record(torch.cuda.current_stream(d))
+
+    def stop(self) -> None:
+        self.host_s = time.perf_counter() - self.t0
+        for d, (_, end) in self.events.items():
+            end.record(torch.cuda.current_stream(d))
+
+    def seconds(self) -> float:
+        """Waits for the devices (after the results came to the host, they are done)."""
+        if not self.events:
+            return self.host_s
+        for _, end in self.events.values():
+            end.synchronize()
+        return max(start.elapsed_time(end) for start, end in self.events.values()) / 1e3
+
+
 def profile(model: nn.Module, windows, config: ProfileConfig | None = None, tokenizer=None,
             progress: bool = False, model_info: dict | None = None, distributed: bool = False,
             group=None) -> Profile:
@@ -140,7 +190,7 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     lo, hi = shard(len(ids), rank, world)
     with frozen_gc():  # the collector walks only what the profile creates
         tracer = Tracer(adapter, config)
-        t0 = time.perf_counter()
+        clock = TraceClock(model)
         with installed(model, tracer):
             run(model, ids[lo:hi], config.batch_size, progress=progress and rank == 0, description="profiling",
                 first_window=lo, logits=False,
@@ -148,12 +198,10 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
             tracer.join()
         if world > 1:
             tracer.all_reduce_(group)
-        if input_device(model).type == "cuda":
-            torch.cuda.synchronize()
-        t_trace = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        raw = tracer.results()
-        t_final = time.perf_counter() - t1
+        clock.stop()
+        raw = tracer.results()  # no sync before: on a GPU its host work runs while the device ends the forwards
+        t_trace = clock.seconds()
+        t_final = time.perf_counter() - clock.t0 - t_trace
         t2 = time.perf_counter()
         weights = weight_stats(adapter) if config.weights else None
         t_weights = time.perf_counter() - t2

@@ -25,6 +25,7 @@ import functools
 import math
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -186,6 +187,21 @@ def median_error(config: StatsConfig, samples: float, confidence: float = 0.95) 
     return value_err, rank_err
 
 
+class FastReplay(NamedTuple):
+    """A position's last graphed update: the given tensor's layout, the graph and the update's counts. The next
+    update of the same layout replays the graph without the checks of a first update (the host cost of a small
+    update)."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    graph: object
+    rows: int
+    samples: int
+    batch: int
+
+
 class PositionStats:
     """Running statistics of one (layer, position). Buffers are allocated at the first update.
 
@@ -199,8 +215,7 @@ class PositionStats:
         self.channels: int | None = None
         self.seq_len: int | None = None
         self.rows = self.n_updates = self.samples = self.tok_windows = 0.0
-        # the last graphed update's layout (shape, strides, dtype, device of the given tensor), graph and counts
-        self._fast: tuple | None = None
+        self._fast: FastReplay | None = None
         # where graphed updates go instead of the model's stream (tracing/overlap.py), and this position's key
         self.overlap = None
         self.key: tuple = ()
@@ -258,11 +273,11 @@ class PositionStats:
             with torch.no_grad():
                 return self.update(x, window0)
         fast = self._fast
-        if (fast is not None and x.shape == fast[0] and x.stride() == fast[1] and x.dtype == fast[2]
-                and x.device == fast[3] and x.data_ptr() % kernels.ALIGN == 0
+        if (fast is not None and x.shape == fast.shape and x.stride() == fast.stride and x.dtype == fast.dtype
+                and x.device == fast.device and x.data_ptr() % kernels.ALIGN == 0
                 and self._n_pending < self.config.merge_every):
-            self._count(*fast[5:])
-            return self._replay(x, window0, fast[4])
+            self._count(fast.rows, fast.samples, fast.batch)
+            return self._replay(x, window0, fast.graph)
         if x.dim() < 2:
             return
         if self.overlap is not None:  # captures, direct launches and eager math on the model's stream
@@ -298,7 +313,8 @@ class PositionStats:
                 graph = kernels.graphed(x, *args, ring=c.merge_every)
                 if x.data_ptr() == given.data_ptr():  # a view of the given tensor: the next update of the same
                     # layout replays the graph without the checks above (the host cost of a small update)
-                    self._fast = (given.shape, given.stride(), given.dtype, given.device, graph, rows, k, batch)
+                    self._fast = FastReplay(given.shape, given.stride(), given.dtype, given.device, graph, rows, k,
+                                            batch)
                 return self._replay(x, window0, graph)
             keys, tokw = kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state, *args[2:])
             self._pending_keys.append((keys[None], tokw[None]))
@@ -538,8 +554,8 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
         members = [stats[i] for i in idx]
         max_state = torch.stack([st.max_state for st in members])
         sum_state = torch.stack([st.sum_state for st in members])
-        counts = torch.tensor([[float(st.rows), float(st.n_updates), float(st.tok_windows)] for st in members],
-                              dtype=torch.float64).to(dev)
+        counts = _to_device([[float(st.rows), float(st.n_updates), float(st.tok_windows)] for st in members],
+                            torch.float64, dev)
         at = layout(channels, seq_len)
         hist = sum_state[:, at["hist"]]
         cdf = hist[:, 1:].cumsum(1)  # bin 0 is the underflow bin: entries below 2 ** log2_min, i.e. zeros
@@ -593,6 +609,16 @@ def finalize_all(stats: list[PositionStats]) -> list[dict[str, torch.Tensor | fl
                    for name in ("top_value", "top_window", "top_token", "top_channel")},
             }
     return out
+
+
+def _to_device(rows: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on ``dev`` without waiting for the device: a plain copy to a GPU waits for its
+    stream, i.e. for every kernel queued before it (the last forward's, in a finalize); a pinned source copies
+    asynchronously, so the host goes on with the finalize while the device finishes."""
+    t = torch.tensor(rows, dtype=dtype)
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 #: finalize_all's per-position scalar columns (read as Python numbers; the others stay tensors)
