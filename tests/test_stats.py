@@ -10,6 +10,7 @@ from outlierlab.tracing.stats import (
     StatsConfig,
     median_error,
     staged_to_host,
+    zeroed_views,
 )
 
 
@@ -128,6 +129,26 @@ def test_memory_does_not_grow_with_tokens():
         st.update(x, w)
     st._flush()
     assert footprint() == before
+
+
+def test_zeroed_views_are_aligned_zeroed_views_of_one_allocation():
+    parts = [(3, torch.float64), (5, torch.int64), (7, torch.float32), (1, torch.float32)]
+    views = zeroed_views(torch.device("cpu"), *parts)
+    base = views[0].untyped_storage().data_ptr()
+    for v, (numel, dtype) in zip(views, parts):
+        assert (v.numel(), v.dtype) == (numel, dtype)
+        assert v.untyped_storage().data_ptr() == base and v.data_ptr() % 64 == 0
+        assert not v.any()
+    views[2].fill_(1.0)  # views that do not overlap
+    assert not views[0].any() and not views[1].any() and not views[3].any()
+
+
+def test_a_positions_states_are_one_allocation():
+    st = PositionStats(StatsConfig(top_k=8))
+    st._allocate(12, 16, torch.device("cpu"))
+    tensors = (st.max_state, st.sum_state, st.top_abs, st.top_val, st.top_window, st.top_token, st.top_channel)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert (st.top_abs < 0).all() and not st.max_state.any() and not st.sum_state.any()
 
 
 def test_shape_change_is_an_error():

@@ -301,22 +301,33 @@ class GraphedUpdate:
 _GRAPHS: dict[tuple, GraphedUpdate] = {}
 
 
-def new_ring(rows: int, seq_len: int, top_k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A position's rings for the graph path: (keys [rows, TOP], token slots [rows, KT], counter [1]), views
-    of one allocation."""
+def ring_numel(rows: int, seq_len: int, top_k: int) -> int:
+    """The int64 elements of a position's rings (:func:`new_ring`)."""
     g = _geometry(1, seq_len, 1, top_k)
-    buf = torch.zeros(rows * (g["TOP"] + g["KT"]) + 1, device=device, dtype=torch.int64)
+    return rows * (g["TOP"] + g["KT"]) + 1
+
+
+def new_ring(rows: int, seq_len: int, top_k: int, device: torch.device,
+             buf: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """A position's rings for the graph path: (keys [rows, TOP], token slots [rows, KT], counter [1]), views
+    of one zeroed int64 allocation (``buf``, :func:`ring_numel` elements, where given)."""
+    g = _geometry(1, seq_len, 1, top_k)
+    if buf is None:
+        buf = torch.zeros(ring_numel(rows, seq_len, top_k), device=device, dtype=torch.int64)
     keys, slots, counter = buf.split([rows * g["TOP"], rows * g["KT"], 1])
     return keys.view(rows, g["TOP"]), slots.view(rows, g["KT"]), counter
 
 
 def graphed(x: torch.Tensor, batch: int, seq_len: int, rows_idx, elem_idx, top_k: int, log2_min: int,
-            log2_max: int, bins_per_octave: int, ring: int) -> GraphedUpdate:
-    """The captured update for ``x``'s layout (captured at its first use in the process)."""
+            log2_max: int, bins_per_octave: int, ring: int, before_capture=None) -> GraphedUpdate:
+    """The captured update for ``x``'s layout (captured at its first use in the process, after
+    ``before_capture()``: the capture's warm-up launch reads the device's shared staging rows)."""
     key = (x.device, x.dtype, tuple(x.shape), x.stride(), batch, seq_len, rows_idx.data_ptr(), elem_idx.data_ptr(),
            top_k, log2_min, log2_max, bins_per_octave, ring, torch.is_inference_mode_enabled())
     g = _GRAPHS.get(key)
     if g is None:
+        if before_capture is not None:
+            before_capture()
         with torch.cuda.device(x.device):
             g = _GRAPHS[key] = GraphedUpdate(x, batch, seq_len, rows_idx, elem_idx, top_k, log2_min, log2_max,
                                              bins_per_octave, ring)

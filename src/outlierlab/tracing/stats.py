@@ -223,20 +223,25 @@ class PositionStats:
     # -- streaming -------------------------------------------------------------------------------------
     def _allocate(self, channels: int, seq_len: int, device: torch.device) -> None:
         c = self.config
-        f32 = {"device": device, "dtype": torch.float32}
         self.channels, self.seq_len = channels, seq_len
-        # three allocations per position (a profile of a 7B model creates ~450 positions): views of one buffer
-        # per dtype; the top-k tensors are replaced by new ones at every merge
+        # one allocation per position, at its first update in the first forward (a profile of a 7B model
+        # creates ~450 positions; on the H200 machine 4 allocations each took ~67 ms of host time, cProfile): the
+        # states, the top-k and the graph path's rings are views of it; the top-k tensors are replaced by new
+        # ones at every merge
         n, k = channels + seq_len, c.top_k
-        f32_buf = torch.zeros(n + 2 * k, **f32)
+        graphs = device.type == "cuda" and resolve_mode(device, c.compile) == "graphs"
+        ring = kernels.ring_numel(c.merge_every, seq_len, k) if graphs else 0
+        sum_state, longs, f32_buf = zeroed_views(device, (2 * channels + seq_len + c.n_bins, torch.float64),
+                                                 (3 * k + ring, torch.long), (n + 2 * k, torch.float32))
         f32_buf[n:n + k] = EMPTY
         self.max_state, self.top_abs, self.top_val = f32_buf.split([n, k, k])
-        self.sum_state = torch.zeros(2 * channels + seq_len + c.n_bins, device=device, dtype=torch.float64)
-        self.top_window, self.top_token, self.top_channel = torch.zeros(
-            3 * k, device=device, dtype=torch.long).split([k, k, k])
+        self.sum_state = sum_state
+        self.top_window, self.top_token, self.top_channel = longs[:3 * k].split([k, k, k])
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
-        self._ring: tuple[torch.Tensor, ...] | None = None  # the graph path's device rings (keys, slots, counter)
+        # the graph path's device rings (keys, slots, counter)
+        self._ring: tuple[torch.Tensor, ...] | None = (
+            kernels.new_ring(c.merge_every, seq_len, k, device, longs[3 * k:]) if graphs else None)
         self._ring_n = 0  # rows of the rings written since the last flush, from row _ring_start on
         self._ring_start = 0
         self._n_pending = 0  # updates whose candidates are not merged into the top-k yet
@@ -280,8 +285,6 @@ class PositionStats:
             return self._replay(x, window0, fast.graph)
         if x.dim() < 2:
             return
-        if self.overlap is not None:  # captures, direct launches and eager math on the model's stream
-            self.overlap.join()
         given = x
         if x.dim() == 2:  # [tokens, channels] without batch
             x = x.unsqueeze(0)
@@ -310,16 +313,18 @@ class PositionStats:
             if mode == "graphs" and x.device.type == "cuda" and x.data_ptr() % kernels.ALIGN == 0:
                 if self._ring is None:
                     self._ring = kernels.new_ring(c.merge_every, seq_len, c.top_k, x.device)
-                graph = kernels.graphed(x, *args, ring=c.merge_every)
+                graph = kernels.graphed(x, *args, ring=c.merge_every, before_capture=self._join)
                 if x.data_ptr() == given.data_ptr():  # a view of the given tensor: the next update of the same
                     # layout replays the graph without the checks above (the host cost of a small update)
                     self._fast = FastReplay(given.shape, given.stride(), given.dtype, given.device, graph, rows, k,
                                             batch)
                 return self._replay(x, window0, graph)
+            self._join()
             keys, tokw = kernels.update(x, batch, seq_len, window0, self.max_state, self.sum_state, *args[2:])
             self._pending_keys.append((keys[None], tokw[None]))
             self._n_pending += 1
             return
+        self._join()
         fn = update_fn(x.device, "fused" if mode in ("triton", "graphs") else mode)
         host = fn is _update_math and x.device.type == "cpu"  # eager CPU: the faster host path of _update_math
         # |x| into a buffer shared by the eager updates of one thread (they never overlap)
@@ -332,6 +337,13 @@ class PositionStats:
         if host and self._floor < 0 and len(vals) == kk == c.top_k * batch:
             # kk entries, a key at most `batch` times among them: top_k distinct keys are >= the smallest
             self._floor = float(vals.min())
+
+    def _join(self) -> None:
+        """The overlap's replays waited for on the model's stream, before work there that shares their buffers
+        (a capture, a direct launch, the eager math). A first update that replays an already captured graph does
+        not join: at 449 positions, joining at each held back the first forward of every profile."""
+        if self.overlap is not None:
+            self.overlap.join()
 
     def _count(self, rows: int, samples: int, batch: int) -> None:
         self.rows += rows
@@ -403,7 +415,10 @@ class PositionStats:
         self._drain_ring()
         if not self._pending_keys:
             return None
-        keys, tokw = (torch.cat(t) for t in zip(*self._pending_keys))
+        if len(self._pending_keys) == 1:  # no copy (a profile's finalize took ~900 one-tensor cats)
+            keys, tokw = self._pending_keys[0]
+        else:
+            keys, tokw = (torch.cat(t) for t in zip(*self._pending_keys))
         self._pending_keys.clear()
         self._n_pending = 0
         return keys, tokw
@@ -488,6 +503,16 @@ def merge_rows(abs_v, val, window, token, channel, *, channels: int, top_k: int)
     keep = order.gather(1, sel)
     return (score.gather(1, sel), val.gather(1, keep), window.gather(1, keep), token.gather(1, keep),
             channel.gather(1, keep))
+
+
+def zeroed_views(device: torch.device, *parts: tuple[int, torch.dtype]) -> list[torch.Tensor]:
+    """Zeroed 1-D tensors of ``(numel, dtype)`` each, views of one allocation, each starting 64-byte aligned."""
+    starts, at = [], 0
+    for numel, dtype in parts:
+        starts.append(at)
+        at += -(-numel * dtype.itemsize // 64) * 64
+    buf = torch.zeros(at, dtype=torch.uint8, device=device)
+    return [buf[s:s + numel * dtype.itemsize].view(dtype) for s, (numel, dtype) in zip(starts, parts)]
 
 
 def _padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
