@@ -11,7 +11,9 @@ from torch import nn
 
 from outlierlab.runtime import run
 from outlierlab.testing import TINY_FAMILIES
+from outlierlab.tracing import kernels
 from outlierlab.tracing.overlap import Overlap
+from outlierlab.tracing.stats import PositionStats, StatsConfig
 
 
 class Logged(Overlap):
@@ -302,3 +304,37 @@ def test_no_planted_family_writes_a_traced_tensor_in_place(family, monkeypatch):
         call(model, random_windows(model, 2, 16), 0, logits=False)
     assert seen and all(not x.is_inference() for _, x, _ in seen)
     assert [key for key, x, version in seen if x._version != version] == []
+
+
+def test_the_eager_update_joins_the_overlap_before_its_math():
+    class Joins:
+        n = 0
+
+        def join(self):
+            self.n += 1
+
+    st = PositionStats(StatsConfig())
+    st.overlap, st.key = Joins(), (0, "x")
+    for i in range(3):  # the eager path shares a scratch buffer with the replays' device: joined every time
+        st.update(torch.randn(2, 8, 4), window0=2 * i)
+    assert st.overlap.n == 3
+
+
+def test_only_a_capture_joins_before_a_graph_is_taken(monkeypatch):
+    # a first update that replays a graph already captured queues it like any other (joining at each of a 7B
+    # profile's 449 first updates ran its first forward serialized); a capture's warm-up reads shared rows
+    captured = []
+
+    class Stand:
+        def __init__(self, x, *args):
+            captured.append(tuple(x.shape))
+
+    monkeypatch.setattr(kernels, "_GRAPHS", {})
+    monkeypatch.setattr(kernels, "GraphedUpdate", Stand)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    joins = []
+    idx = torch.arange(4)
+    for shape in [(8, 4), (8, 4), (16, 4), (8, 4)]:
+        kernels.graphed(torch.zeros(shape), 1, 8, idx, idx, 4, -20, 20, 8, ring=4,
+                        before_capture=lambda: joins.append(len(captured)))
+    assert captured == [(8, 4), (16, 4)] and joins == [0, 1]
