@@ -224,10 +224,10 @@ class PositionStats:
     def _allocate(self, channels: int, seq_len: int, device: torch.device) -> None:
         c = self.config
         self.channels, self.seq_len = channels, seq_len
-        # one allocation per position, at its first update in the first forward (a profile of a 7B model
-        # creates ~450 positions; on the H200 machine 4 allocations each took ~67 ms of host time, cProfile): the
-        # states, the top-k and the graph path's rings are views of it; the top-k tensors are replaced by new
-        # ones at every merge
+        # one allocation per position, at its first update in the first forward: the states, the top-k and the
+        # graph path's rings are views of it (a 7B profile creates ~450 positions; their four allocations each
+        # took ~67 ms of host time in all under cProfile on the H200 machine, but one instead measured no gain
+        # in whole profiles, bench/RESULTS.md); the top-k tensors are replaced by new ones at every merge
         n, k = channels + seq_len, c.top_k
         graphs = device.type == "cuda" and resolve_mode(device, c.compile) == "graphs"
         ring = kernels.ring_numel(c.merge_every, seq_len, k) if graphs else 0
