@@ -239,7 +239,7 @@ class PositionStats:
         self.top_window, self.top_token, self.top_channel = longs[:3 * k].split([k, k, k])
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # the Triton path's candidates
-        # the graph path's device rings (keys, slots, counter)
+        # the graph path's device rings (keys, slots, counter), made here for every position of that path
         self._ring: tuple[torch.Tensor, ...] | None = (
             kernels.new_ring(c.merge_every, seq_len, k, device, longs[3 * k:]) if graphs else None)
         self._ring_n = 0  # rows of the rings written since the last flush, from row _ring_start on
@@ -311,8 +311,6 @@ class PositionStats:
         if mode in ("triton", "graphs") and kernels.fits(batch, seq_len, channels, c.top_k):
             args = (batch, seq_len, rows_idx, elem_idx, c.top_k, c.log2_min, c.log2_max, c.bins_per_octave)
             if mode == "graphs" and x.device.type == "cuda" and x.data_ptr() % kernels.ALIGN == 0:
-                if self._ring is None:
-                    self._ring = kernels.new_ring(c.merge_every, seq_len, c.top_k, x.device)
                 graph = kernels.graphed(x, *args, ring=c.merge_every, before_capture=self._join)
                 if x.data_ptr() == given.data_ptr():  # a view of the given tensor: the next update of the same
                     # layout replays the graph without the checks above (the host cost of a small update)
