@@ -80,6 +80,8 @@ def main() -> None:
                     help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
     ap.add_argument("--overlap-min-forwards", type=int, default=None,
                     help="the fewest forwards of a profile that the overlap watches (Overlap.MIN_FORWARDS)")
+    ap.add_argument("--overlap-depth", type=int, default=None,
+                    help="layers of statistics in flight on the side stream (Overlap.DEPTH)")
     ap.add_argument("--tune", default=None,
                     help="a JSON dict of kernels.TUNE keys for the whole run (e.g. '{\"group\": 1024, \"bc\": 512}': fewer, "
                          "longer stats_pass programs, which leave more SMs to the model's kernels beside them)")
@@ -148,6 +150,11 @@ def main() -> None:
         from outlierlab.tracing.overlap import Overlap
 
         Overlap.MIN_FORWARDS = args.overlap_min_forwards
+    if args.overlap_depth is not None:
+        from outlierlab.tracing.overlap import Overlap
+
+        Overlap.DEPTH = args.overlap_depth
+        print(f"Overlap.DEPTH = {Overlap.DEPTH}")
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
     if args.model_stream_priority is not None:
         stream = torch.cuda.Stream(device, priority=args.model_stream_priority)
@@ -163,8 +170,11 @@ def main() -> None:
         def full(batch=batch):
             return timed(lambda: run(model, ids, batch))  # the model's own forward: logits at every position
 
+        phases: list[dict] = []  # each timed profile's own timings (trace_s: device time to the last forward's
+        # end; finalize_s: the host time after it)
+
         def traced(config=config):
-            return timed(lambda: profile(model, ids, config))
+            return timed(lambda: phases.append(profile(model, ids, config).timings))
 
         bare(), full(), traced()  # warm-up (allocator, kernels, sample-index cache)
         t_bare, t_full, t_prof = [], [], []
@@ -178,6 +188,8 @@ def main() -> None:
         print(f"batch {batch}: bare forward median {mb:8.3f} s  runs {[round(t, 3) for t, _ in t_bare]}")
         print(f"batch {batch}: full forward median {mf:8.3f} s  runs {[round(t, 3) for t, _ in t_full]}")
         print(f"batch {batch}: profile      median {mp:8.3f} s  runs {[round(t, 3) for t, _ in t_prof]}")
+        print(f"batch {batch}: profile phases (median of the timed runs): " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in phases[1:]) * 1e3:.1f} ms" for k in phases[0]))
         print(f"batch {batch}: Python's garbage collector in the timed runs (bare, full, profile per repeat): "
               f"{' '.join(f'{g * 1e3:.0f}' for g in gc_runs[-3 * args.repeats:])} ms")
         print(f"batch {batch}: overhead ratio (profile / bare) = {mp / mb:.3f}; against the full forward "
