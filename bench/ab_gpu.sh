@@ -18,8 +18,6 @@
 #                                             # VARIANTS='{};{"group": 1024}'), ROUNDS=2 rounds (~270 s)
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
-#   OLD=old_src/src bash bench/ab_gpu.sh depth   # Overlap.DEPTH 1 against 2 and against OLD, interleaved, with
-#                                             # each profile's phases, then the timelines at each depth (~340 s)
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
 #                                             # statistics kernels, copies, idle) at batch 4 and 1, the ops of
 #                                             # one results() (in timeline.log), and the kernels' geometry
@@ -86,27 +84,6 @@ if [ "$PART" = tune ]; then
       timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" \
           | grep -E "ratio"
     done
-  done
-  exit 0
-fi
-if [ "$PART" = depth ]; then
-  # Overlap.DEPTH 1 (the default) against 2, and OLD's src, interleaved (ROUNDS=2 rounds, ~130 s each), at the
-  # acceptance shape's batch 4 and 1 with each profile's phases; then one traced forward's device timeline at
-  # batch 4 with each depth (~40 s each)
-  : "${OLD:?set OLD to the src folder of the code to compare with}"
-  for i in $(seq "${ROUNDS:-2}"); do
-    for v in "src 1" "src 2" "$OLD 1"; do
-      set -- $v
-      echo "=== $1, depth $2, round $i"
-      PYTHONPATH=/tmp/site:$PWD/$1 timeout 120 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 \
-          $( [ "$2" = 2 ] && echo --overlap-depth 2 ) 2>&1 | tee -a "$OUT/depth.log" | grep -E "ratio|phases"
-    done
-  done
-  export PYTHONPATH=/tmp/site:$PWD/src
-  for d in 1 2; do
-    timeout 100 python3 bench/profile_phases.py --synthetic 7b --device cuda --batch-sizes 4 --repeats 1 \
-        --timeline --overlap-depth $d 2>&1 | tee -a "$OUT/depth-timeline.log" | grep -E "^batch [0-9]+( r|:)" \
-        | sed "s/^/depth $d: /"
   done
   exit 0
 fi

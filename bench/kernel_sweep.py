@@ -5,7 +5,8 @@ checked against the default geometry's results, next to ``torch.amax(x, 0)`` (on
     python bench/kernel_sweep.py --shapes 4x4096 --variants '{}' '{"stages": 1, "group": 256}'
 
 A variant is a JSON dict of :data:`outlierlab.tracing.kernels.TUNE` keys (group: rows per row group; bc:
-channels per tile; r: rows per step; stages: pipelined steps; warps; cand_warps). Times are CUPTI's
+channels per tile; r: rows per step; stages: pipelined steps; warps; cand_warps; no_hist, no_med: without the
+histogram's or the medians' programs, which changes the results). Times are CUPTI's
 (torch.profiler, ``stats_update.device_times``) over ``--n`` direct launches.
 """
 

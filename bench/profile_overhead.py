@@ -80,8 +80,6 @@ def main() -> None:
                     help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
     ap.add_argument("--overlap-min-forwards", type=int, default=None,
                     help="the fewest forwards of a profile that the overlap watches (Overlap.MIN_FORWARDS)")
-    ap.add_argument("--overlap-depth", type=int, default=None,
-                    help="layers of statistics in flight on the side stream (Overlap.DEPTH)")
     ap.add_argument("--tune", default=None,
                     help="a JSON dict of kernels.TUNE keys for the whole run (e.g. '{\"group\": 1024, \"bc\": 512}': fewer, "
                          "longer stats_pass programs, which leave more SMs to the model's kernels beside them)")
@@ -150,11 +148,6 @@ def main() -> None:
         from outlierlab.tracing.overlap import Overlap
 
         Overlap.MIN_FORWARDS = args.overlap_min_forwards
-    if args.overlap_depth is not None:
-        from outlierlab.tracing.overlap import Overlap
-
-        Overlap.DEPTH = args.overlap_depth
-        print(f"Overlap.DEPTH = {Overlap.DEPTH}")
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
     if args.model_stream_priority is not None:
         stream = torch.cuda.Stream(device, priority=args.model_stream_priority)
@@ -242,6 +235,8 @@ def breakdown(fn, sync, batch: int, top: int = 25) -> None:
     pr.disable()
     print(f"batch {batch}: host time by function (cProfile, tottime; cProfile slows Python-heavy code):")
     pstats.Stats(pr).sort_stats("tottime").print_stats(top)
+    print(f"batch {batch}: the same by cumulative time:")
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(top)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,7 @@ def main() -> None:
                          "time per op; the profiler's own cost included)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="graphed statistics on the model's stream (StatsConfig.overlap=False)")
-    ap.add_argument("--overlap-depth", type=int, default=None,
-                    help="layers of statistics in flight on the side stream (Overlap.DEPTH)")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=3)
-    if args.overlap_depth is not None:
-        from outlierlab.tracing.overlap import Overlap
-
-        Overlap.DEPTH = args.overlap_depth
 
     from outlierlab.adapters import get_adapter
     from outlierlab.runtime import installed, run

@@ -33,9 +33,6 @@ class Logged(Overlap):
     def _wait(self, waiter, waited):
         self.log.append(("wait", waiter, waited))
 
-    def _mark(self, stream):
-        return stream  # waiting for a layer's mark logs as waiting for its stream
-
     @contextlib.contextmanager
     def _on(self, stream):
         prev, self.current = self.current, stream
@@ -63,8 +60,7 @@ def watched(ov, keys):
 
 
 def queued(ov):
-    return [k for _, k, _, _ in ov._queue] + [k for held in ov._held.values() for _, items in held
-                                               for _, k, _, _ in items]
+    return [k for _, k, _, _ in ov._queue] + [k for items in ov._held.values() for _, k, _, _ in items]
 
 
 def test_a_layer_is_issued_on_the_side_stream_when_the_next_begins():
@@ -87,40 +83,6 @@ def test_a_layer_is_issued_on_the_side_stream_when_the_next_begins():
     ov.join()
     assert ov.replays() == [((2, "a"), "side")] and ov.log[-1] == ("wait", "main", "side")
     assert queued(ov) == [] and not ov.busy()
-
-
-def test_with_depth_two_the_model_waits_for_a_layer_two_layers_later(monkeypatch):
-    monkeypatch.setattr(Overlap, "DEPTH", 2)
-    ov = Logged()
-    watched(ov, [(layer, "a") for layer in range(4)])
-    for layer in range(3):
-        ov.add((layer, "a"), torch.ones(2))
-    # layers 0 and 1 issued, neither waited for by the model's stream
-    assert ov.replays() == [((0, "a"), "side"), ((1, "a"), "side")] and ("wait", "main", "side") not in ov.log
-    ov.log.clear()
-    ov.add((3, "a"), torch.ones(2))
-    assert ov.log[:2] == [("wait", "main", "side"), ("wait", "side", "main")]  # layer 0 let go, then layer 2
-    assert ov.replays() == [((2, "a"), "side")] and queued(ov) == [(3, "a"), (1, "a"), (2, "a")]
-    ov.join()
-    assert queued(ov) == [] and not ov.busy()
-
-
-@pytest.mark.parametrize("depth", [1, 2])
-def test_the_watch_checks_a_layer_where_the_model_waits_for_it(depth, monkeypatch):
-    """A write while the layer's replays may be in flight (up to the start of layer 1 + DEPTH after it) marks
-    the position; a write after that does not."""
-    monkeypatch.setattr(Overlap, "DEPTH", depth)
-    ov = Logged()
-    with ov.watching():
-        early, late = torch.ones(2), torch.ones(2)
-        ov.add((0, "early"), early)
-        ov.add((0, "late"), late)
-        for layer in range(1, depth + 1):
-            ov.add((layer, "a"), torch.ones(2))
-        early.mul_(2)  # layer 0 still in flight
-        ov.add((depth + 1, "a"), torch.ones(2))  # layer 0 waited for and let go here
-        late.mul_(2)
-    assert ov.unsafe == {(0, "early")} and ov.take_tainted() == {(0, "early")}
 
 
 def test_the_queue_is_issued_early_past_max_bytes():

@@ -92,8 +92,9 @@ def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch
     return buf
 
 
-#: geometry overrides (keys of :func:`_geometry`'s knobs: group, bc, r, stages, warps, cand_warps), for
-#: kernel benchmarks only (bench/kernel_sweep.py); empty in normal runs
+#: geometry overrides (keys of :func:`_geometry`'s knobs: group, bc, r, stages, warps, cand_warps; and no_hist,
+#: no_med, which leave the histogram's or the medians' programs out), for kernel benchmarks only
+#: (bench/kernel_sweep.py); empty in normal runs
 TUNE: dict = {}
 #: stats_pass takes the largest row group of GROUPS rows that leaves at least MIN_TILES tiles (~2 per SM of an
 #: H200), else the smallest
@@ -146,8 +147,9 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
     args = args if indirect else bufs["tokmax"]  # an unused pointer when direct
     common = {"INDIRECT": indirect, "XDT": _tl_dtype(x.dtype), "stride_r": stride_r, "stride_c": stride_c,
               "B": batch, "S": seq_len, "C": channels, "n_rg": g["n_rg"]}
-    n_hist = -(-elem_idx.numel() // HIST_BLOCK)
-    stats_pass[(n_hist + g["n_rg"] * g["n_cb"] + g["n_med"],)](
+    # (TUNE's no_hist / no_med leave those programs out: what they cost, for kernel benchmarks only)
+    n_hist = 0 if TUNE.get("no_hist") else -(-elem_idx.numel() // HIST_BLOCK)
+    stats_pass[(n_hist + g["n_rg"] * g["n_cb"] + (0 if TUNE.get("no_med") else g["n_med"]),)](
         x, max_state, sum_state, bufs["part"], bufs["tokmax"], rows_idx, elem_idx, args, bufs["rpart"],
         bufs["ticket"], **common, KR=rows_idx.numel(), n_elem=elem_idx.numel(), n_hist=n_hist, n_cb=g["n_cb"],
         lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999, log2_min=float(log2_min),

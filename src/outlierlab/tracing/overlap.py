@@ -3,8 +3,8 @@
 A traced forward on the GPU runs two statistics kernels per traced tensor on the model's stream, ~10% of a 7B
 forward at batch 4 and ~30% at batch 1 (bench/RESULTS.md). :class:`Overlap` queues the graphed updates of one
 layer and, at the first update of the next layer, issues them on a side stream that first waits for the model's
-stream; the model's stream waits for them one layer later (:attr:`Overlap.DEPTH`), and only then are the queued
-tensors let go (the caching allocator may then reuse their memory in stream order). So the statistics of layer L run beside
+stream; the model's stream waits for the side stream one layer later, and only then are the queued tensors let
+go (the caching allocator may then reuse their memory in stream order). So the statistics of layer L run beside
 the model's kernels of layer L + 1, with two stream waits per layer and no ``record_stream``.
 
 What this needs: a traced tensor must not be written in place by the model between its hook and its release.
@@ -18,7 +18,7 @@ stream from then on; the model's code writes the same positions in place in ever
 in a watched forward are ever deferred. None of the 12 planted families writes a traced tensor in place, so
 their first forward overlaps like the others; a dispatch mode that saw every aten op, tried first, cost ~0.2 s
 of host time per forward, and a watched forward that replayed at once cost a synchronous traced forward.
-Memory: the queued and held tensors stay alive for up to DEPTH + 1 layers (about 2 GiB for a 7B model at batch 4 x 2048
+Memory: the queued and held tensors stay alive for up to two layers (about 2 GiB for a 7B model at batch 4 x 2048
 tokens in bf16); past ``max_bytes`` (by default an eighth of the device's free memory at its first use)
 the queue is issued early, and the watch joins, checks the oldest layer and keeps its positions on the model's
 stream (the overlap would hold them longer than the watch checked).
@@ -42,9 +42,6 @@ class Overlap:
     #: and not at 1 forward of batch 16 (1.132 against 1.116; bench/RESULTS.md); the deferred watch is to be
     #: measured (`bash bench/ab_gpu.sh overlap` forces it at 1 and 4 forwards)
     MIN_FORWARDS = 4
-    #: layers whose replays may be in flight on a side stream: the model's stream waits for layer L's
-    #: statistics at the start of layer L + 1 + DEPTH, and the queued and held tensors span DEPTH + 1 layers
-    DEPTH = 1
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes  # None: an eighth of each device's free memory at its first replay
@@ -52,15 +49,13 @@ class Overlap:
         self.tainted: set = set()  # unsafe positions whose watched replay may have read a changed tensor
         self.watched: set = set()  # positions seen under watching(): the only ones ever deferred
         self._queue: list[tuple] = []  # (device, key, x, replay) not yet issued
-        # per device, the layers issued on its side stream and not yet waited for, oldest first: (mark, items),
-        # where ``mark`` is an event recorded on the side stream after the layer's replays
-        self._held: dict[torch.device, list[tuple]] = {}
+        self._held: dict[torch.device, list[tuple]] = {}  # issued on the side stream, not yet waited for
         self._streams: dict[torch.device, object] = {}
         self._limits: dict[torch.device, int] = {}
         self._layer = None
         self._bytes = 0
         # while watching: per layer, (key, tensor, version) of its replays, checked when the overlap would let
-        # that layer's tensors go (DEPTH + 1 layers on) or when the watched forward ends
+        # that layer's tensors go (two layers on) or when the watched forward ends
         self._seen: list[list[tuple]] | None = None
         self._seen_bytes = 0
 
@@ -72,16 +67,7 @@ class Overlap:
         return s
 
     def _wait(self, waiter, waited) -> None:
-        """``waiter`` (a stream) waits for ``waited``: a stream's work so far, or an event (a :meth:`_mark`)."""
-        if isinstance(waited, torch.cuda.Event):
-            waiter.wait_event(waited)
-        else:
-            waiter.wait_stream(waited)
-
-    def _mark(self, stream):
-        event = torch.cuda.Event()
-        event.record(stream)
-        return event
+        waiter.wait_stream(waited)
 
     def _main(self, device: torch.device):
         return torch.cuda.current_stream(device)
@@ -97,9 +83,9 @@ class Overlap:
         if key[0] != self._layer:
             self.flush()
             self._layer = key[0]
-            if self._seen is not None:  # the layer DEPTH + 1 back would be let go here: its tensors are final
+            if self._seen is not None:  # the layer two back would be let go here: its tensors are final
                 self._seen.append([])
-                while len(self._seen) > self.DEPTH + 1:
+                while len(self._seen) > 2:
                     self._let_go_oldest(early=False)
         if self._seen is not None and not x.is_inference():  # (an inference tensor has no version counter)
             self.watched.add(key)
@@ -127,16 +113,15 @@ class Overlap:
 
     def flush(self) -> None:
         """Issue the queued replays on their devices' side streams, after the model's stream; the model's stream
-        first waits for the oldest layers issued before, so that at most DEPTH stay in flight, and their tensors
-        are let go."""
+        first waits for what the side streams did before, whose tensors are let go."""
         by_device: dict[torch.device, list[tuple]] = {}
         for item in self._queue:
             by_device.setdefault(item[0], []).append(item)
         for dev in set(self._held) | set(by_device):
             main = self._main(dev)
-            held = self._held.setdefault(dev, [])
-            while len(held) >= self.DEPTH:
-                self._wait(main, held.pop(0)[0])
+            if self._held.get(dev):
+                self._wait(main, self._side(dev))
+                self._held[dev] = []
             items = by_device.get(dev)
             if items:
                 side = self._side(dev)
@@ -144,7 +129,7 @@ class Overlap:
                 with self._on(side):
                     for _, _, _, replay in items:
                         replay()
-                held.append((self._mark(side), items))
+                self._held[dev] = items
         self._queue, self._bytes = [], 0
 
     def join(self) -> None:
@@ -152,8 +137,8 @@ class Overlap:
         on the model's stream from here on (merges, results), and nothing is held."""
         if self.busy():  # else nothing to do (every update of the eager CPU path comes through here)
             self.flush()
-            for dev, held in self._held.items():
-                if held:
+            for dev, items in self._held.items():
+                if items:
                     self._wait(self._main(dev), self._side(dev))
         self._held = {}
 
