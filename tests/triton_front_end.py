@@ -79,7 +79,8 @@ def main() -> None:
     stats = {**common, "KR": 16, "n_elem": 8192, "n_hist": 8, "n_cb": g["n_cb"], "lo": 2.0 ** -32,
              "hi": 2.0 ** 24 * 0.999, "log2_min": -32.0, "bins_per_octave": 32.0, "n_bins": 56 * 32, "BP": g["BP"],
              "TB": g["TB"], "R": g["R"], "BC": g["BC"], "CBF": g["CBF"], "KRP": 16, "BLOCK_M": 16, "NE": 1024,
-             "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True, "NS": g["NS"]}
+             "KT": g["KT"], "KTP": g["KTP"], "SP": 2048, "FOLD_TOPK": True, "NS": g["NS"],
+             "EVICT": g["evict"]}
     cand = {**common, "KT": g["KT"], "use_floor": 1, "KTP": g["KTP"], "BLOCK_C": g["BLOCK_CB"], "TOP": g["TOP"],
             "RB": 32, "n_cand": g["n_cand"], "CAP": 1024, "SP": 2048, "RING": 16, "TZ": 16}
     if "--ptx" in sys.argv:  # what a graphed and a direct launch load, compiled for sm_90 here

@@ -92,8 +92,8 @@ def scratch(shape: tuple, device: torch.device, slot, dtype: torch.dtype = torch
     return buf
 
 
-#: geometry overrides (keys of :func:`_geometry`'s knobs: group, bc, r, stages, warps, cand_warps; and no_hist,
-#: no_med, which leave the histogram's or the medians' programs out), for kernel benchmarks only
+#: geometry overrides (keys of :func:`_geometry`'s knobs: group, bc, r, stages, warps, cand_warps, evict; and
+#: no_hist, no_med, which leave the histogram's or the medians' programs out), for kernel benchmarks only
 #: (bench/kernel_sweep.py); empty in normal runs
 TUNE: dict = {}
 #: stats_pass takes the largest row group of GROUPS rows that leaves at least MIN_TILES tiles (~2 per SM of an
@@ -119,6 +119,8 @@ def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
     block_cb = max(_next_pow2(-(-top // ktp)), min(_next_pow2(channels), max(1, 2048 // ktp)))
     return {"BP": bp, "TB": tb, "R": min(TUNE.get("r", 16), bp * tb), "BC": bc, "CBF": min(16, _next_pow2(n_cb)),
             "NS": TUNE.get("stages", 4), "warps": TUNE.get("warps", 4),
+            # the traced tensor's lines evicted first from the L2 cache (its data is read once)
+            "evict": "evict_first" if TUNE.get("evict", 1) else "",
             "KT": kt, "KTP": ktp, "TOP": top, "BLOCK_CB": block_cb, "n_rg": -(-seq_len // tb), "n_cb": n_cb,
             "n_med": -(-channels // BLOCK_M), "n_cand": -(-channels // block_cb),
             # every candidates program holds the seq_len token maxima in registers: <= 64 per thread; and
@@ -155,7 +157,7 @@ def _issue(x, batch, seq_len, window0, max_state, sum_state, rows_idx, elem_idx,
         lo=2.0 ** log2_min, hi=2.0 ** log2_max * 0.999, log2_min=float(log2_min),
         bins_per_octave=float(bins_per_octave), n_bins=(log2_max - log2_min) * bins_per_octave,
         BP=g["BP"], TB=g["TB"], R=g["R"], BC=g["BC"], CBF=g["CBF"], KRP=_next_pow2(rows_idx.numel()),
-        BLOCK_M=BLOCK_M, NE=HIST_BLOCK, NS=g["NS"], num_warps=g["warps"])
+        BLOCK_M=BLOCK_M, NE=HIST_BLOCK, NS=g["NS"], EVICT=g["evict"], num_warps=g["warps"])
     candidates[(g["n_cand"],)](x, bufs["tokmax"], bufs["tok"], bufs["keys"], bufs["top"], bufs["count"],
                                bufs["cticket"], bufs["tokw"], max_state, sum_state, bufs["part"], window0, args,
                                **common, KT=g["KT"], use_floor=int(g["KT"] == top_k), n_cand=g["n_cand"],

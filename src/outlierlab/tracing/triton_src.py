@@ -81,7 +81,7 @@ def _fold_tokens(rg, max_ptr, sum_ptr, tokmax_ptr, rpart_ptr, B: tl.constexpr, S
 def _tile(p, x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rpart_ptr, ticket_ptr, stride_r: tl.constexpr,
           stride_c: tl.constexpr, B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, n_rg: tl.constexpr,
           n_cb: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
-          CBF: tl.constexpr, NS: tl.constexpr):
+          CBF: tl.constexpr, NS: tl.constexpr, EVICT: tl.constexpr):
     """Tile ``p`` = (row group, block of BC channels): the group's channel max and sum of |x| and this block's
     part of its row maxima, R rows at a time; the group's last tile to finish (a ticket) folds its tokens."""
     rg = p // n_cb
@@ -93,8 +93,9 @@ def _tile(p, x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rpart_ptr, ticket_pt
     acc_sum = tl.zeros([R, BC], dtype=tl.float32)
     for r0 in tl.range(0, BP * TB, R, num_stages=NS):
         rows, row_ok = _group_rows(rg, r0 + tl.arange(0, R), TB, B, S)
+        # read once: with EVICT ("evict_first") its lines leave the L2 cache before the model's kernels' data
         a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + col, mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0)
+                    other=0.0, eviction_policy=EVICT)
         a = tl.abs(a.to(tl.float32))
         acc_max = tl.maximum(acc_max, a)
         acc_sum += a
@@ -134,7 +135,8 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
                n_elem: tl.constexpr, n_hist: tl.constexpr, n_rg: tl.constexpr, n_cb: tl.constexpr,
                lo: tl.constexpr, hi: tl.constexpr, log2_min: tl.constexpr, bins_per_octave: tl.constexpr,
                n_bins: tl.constexpr, BP: tl.constexpr, TB: tl.constexpr, R: tl.constexpr, BC: tl.constexpr,
-               CBF: tl.constexpr, KRP: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr, NS: tl.constexpr):
+               CBF: tl.constexpr, KRP: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr, NS: tl.constexpr,
+               EVICT: tl.constexpr):
     """Programs 0..n_hist-1: the histogram, NE sampled elements each; then one tile per (row group, block of BC
     channels): the group is TB tokens of every window (BP x TB rows); the rest: channel medians. With
     INDIRECT, the tensor and the states are the addresses in ``args`` (a CUDA graph replays it)."""
@@ -146,7 +148,7 @@ def stats_pass(x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rows_idx_ptr, elem
                    bins_per_octave, n_bins, NE)
     elif pid < n_hist + n_rg * n_cb:
         _tile(pid - n_hist, x_ptr, max_ptr, sum_ptr, part_ptr, tokmax_ptr, rpart_ptr, ticket_ptr, stride_r,
-              stride_c, B, S, C, n_rg, n_cb, BP, TB, R, BC, CBF, NS)
+              stride_c, B, S, C, n_rg, n_cb, BP, TB, R, BC, CBF, NS, EVICT)
     else:
         _medians(pid - n_hist - n_rg * n_cb, x_ptr, sum_ptr + C + S, rows_idx_ptr, stride_r, stride_c, C, KR, KRP,
                  BLOCK_M)
