@@ -166,7 +166,7 @@ def main() -> None:
         phases: list[dict] = []  # each timed profile's own timings (trace_s: device time to the last forward's
         # end; finalize_s: the host time after it)
 
-        def traced(config=config):
+        def traced(config=config, phases=phases):
             return timed(lambda: phases.append(profile(model, ids, config).timings))
 
         bare(), full(), traced()  # warm-up (allocator, kernels, sample-index cache)
