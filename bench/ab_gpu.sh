@@ -115,7 +115,7 @@ if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
     for v in src "$OLD"; do
       echo "=== $v"
       PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
-          | tee -a "$OUT/overhead.log" | grep -E "ratio"
+          | tee -a "$OUT/overhead.log" | grep -E "ratio|phases"
     done
     echo "=== src, the watch forced (--overlap-min-forwards 1)"
     timeout 60 "${P[@]}" --n-samples 16 --batch-sizes 16 --repeats 3 --overlap-min-forwards 1 2>&1 \
