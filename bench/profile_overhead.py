@@ -181,8 +181,10 @@ def main() -> None:
         print(f"batch {batch}: bare forward median {mb:8.3f} s  runs {[round(t, 3) for t, _ in t_bare]}")
         print(f"batch {batch}: full forward median {mf:8.3f} s  runs {[round(t, 3) for t, _ in t_full]}")
         print(f"batch {batch}: profile      median {mp:8.3f} s  runs {[round(t, 3) for t, _ in t_prof]}")
-        print(f"batch {batch}: profile phases (median of the timed runs): " + ", ".join(
-            f"{k} {statistics.median(p[k] for p in phases[1:]) * 1e3:.1f} ms" for k in phases[0]))
+        print(f"batch {batch}: profile phases (median of the timed runs, [min-max]): " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in phases[1:]) * 1e3:.1f} ms "
+            f"[{min(p[k] for p in phases[1:]) * 1e3:.1f}-{max(p[k] for p in phases[1:]) * 1e3:.1f}]"
+            for k in phases[0]))
         print(f"batch {batch}: Python's garbage collector in the timed runs (bare, full, profile per repeat): "
               f"{' '.join(f'{g * 1e3:.0f}' for g in gc_runs[-3 * args.repeats:])} ms")
         print(f"batch {batch}: overhead ratio (profile / bare) = {mp / mb:.3f}; against the full forward "
