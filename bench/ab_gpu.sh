@@ -7,9 +7,9 @@
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
 #   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
-#   OLD=old_src/src bash bench/ab_gpu.sh decide  # a pending change in one call: the lane, device_consistency,
-#                                             # this tree against OLD at batch 4, 1, 16, and one forward of
-#                                             # batch 16 with the watch forced (~480 s)
+#   OLD=old_src/src bash bench/ab_gpu.sh decide  # a pending change in one call: this tree against OLD at batch
+#                                             # 4, 1, 16, ROUNDS=2 rounds interleaved (each profile's phases),
+#                                             # then the lane and device_consistency (~560 s)
 #   bash bench/ab_gpu.sh overlap              # the 7B ratios with the side-stream overlap (tracing/overlap.py)
 #                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
 #   bash bench/ab_gpu.sh priority             # the passes on a high-priority CUDA stream against the default
@@ -97,7 +97,18 @@ if [ "$PART" = timeline ]; then
   exit 0
 fi
 [ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
-[ "$PART" = decide ] && : "${LANE_TIMEOUT:=300}" "${OLD:?set OLD to the src folder of the code to compare with}"
+if [ "$PART" = decide ]; then
+  # the A/B first (process-to-process noise wants rounds), then what landing needs: the lane and the consistency
+  : "${OLD:?set OLD to the src folder of the code to compare with}"
+  for i in $(seq "${ROUNDS:-2}"); do
+    for v in src "$OLD"; do
+      echo "=== $v, round $i"
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
+          | tee -a "$OUT/overhead.log" | grep -E "ratio|phases"
+    done
+  done
+  : "${LANE_TIMEOUT:=300}"
+fi
 if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
   # Six pytest workers (2 threads each) share the GPU when pytest-xdist travelled in .whl (the tiny models leave
   # it idle most of the time): 207 s in session 10; 4 workers 215-263 s, one process 545 s (session 9)
@@ -110,18 +121,7 @@ if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
   export PYTHONPATH=/tmp/site:$PWD/src
   timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
   tail -1 "$OUT/consistency.log"
-  if [ "$PART" = decide ]; then
-    # this tree against OLD at the acceptance rows, then this tree's one-forward profile with the watch forced
-    for v in src "$OLD"; do
-      echo "=== $v"
-      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
-          | tee -a "$OUT/overhead.log" | grep -E "ratio|phases"
-    done
-    echo "=== src, the watch forced (--overlap-min-forwards 1)"
-    timeout 60 "${P[@]}" --n-samples 16 --batch-sizes 16 --repeats 3 --overlap-min-forwards 1 2>&1 \
-        | tee -a "$OUT/overhead.log" | grep -E "ratio|memory"
-    exit 0
-  fi
+  [ "$PART" = decide ] && exit 0
   timeout 150 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
   grep -E "ratio|memory" "$OUT/overhead.log"
   exit 0
