@@ -51,7 +51,10 @@ def main() -> None:
     def stop(self):
         real_stop(self)
         clocks[:] = [self]
-    real_finalize, real_merge, real_copy = stats.finalize_all, stats.merge_pending, stats.staged_to_host
+    real_finalize, real_merge, real_views = stats.finalize_all, stats.merge_pending, stats._host_views
+    real_copy = getattr(stats, "staged_to_host", None)  # the staged copy (main before pinned results)
+    if (args.chunks or args.copy != "staged") and real_copy is None:
+        raise SystemExit("--chunks and --copy time the staged copy (stats.staged_to_host), which this tree lacks")
 
     def finalize_all(sts):
         marks.clear()
@@ -64,21 +67,27 @@ def main() -> None:
         real_merge(sts)
         marks["merged"] = time.perf_counter()
 
-    def staged_to_host(flat, stage, host=None):
-        if "views" not in marks:
+    def host_views(blocks):
+        views, fill = real_views(blocks)
+        gpu = any(t.is_cuda for parts in blocks.values() for t in parts)
+
+        def timed_fill():
             marks["views"] = time.perf_counter()
-            if flat.is_cuda and not args.no_sync:
+            if gpu and not args.no_sync:
                 begin = torch.cuda.Event(enable_timing=True)
                 begin.record()
                 clocks.append(begin)
-                torch.cuda.current_stream(flat.device).synchronize()
+                torch.cuda.synchronize()
             marks["device_done"] = time.perf_counter()
+            fill()
+            marks["copied"] = time.perf_counter()
+
+        return views, timed_fill
+
+    def staged_to_host(flat, stage, host=None):
         if (args.chunks or args.copy == "staged-1thread") and flat.is_cuda:
-            out = chunked_copy(flat, stage, host)
-        else:
-            out = real_copy(flat, stage, host)
-        marks["copied"] = time.perf_counter()
-        return out
+            return chunked_copy(flat, stage, host)
+        return real_copy(flat, stage, host)
 
     def chunked_copy(flat, stage, host):
         """stats.staged_to_host's steps, each timed: "wait" (event sync) and "move" (stage to host) per chunk."""
@@ -113,7 +122,9 @@ def main() -> None:
         return host
 
     chunks: list[str] = []
-    profiler.finalize_all, stats.merge_pending, stats.staged_to_host = finalize_all, merge_pending, staged_to_host
+    profiler.finalize_all, stats.merge_pending, stats._host_views = finalize_all, merge_pending, host_views
+    if real_copy is not None:
+        stats.staged_to_host = staged_to_host
     profiler.TraceClock.stop = stop
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
