@@ -7,9 +7,9 @@
 #   OLD=old_src/src bash bench/ab_gpu.sh ab   # this tree's src against OLD: kernels per update, whole profiles
 #   bash bench/ab_gpu.sh final                # the lane, device_consistency and the 7B ratios at batch 4, 1, 16
 #                                             # (issue 11's acceptance rows), one call of ~400 s with 6 workers
-#   OLD=old_src/src bash bench/ab_gpu.sh decide  # a pending change in one call: this tree against OLD at batch
-#                                             # 4, 1, 16, ROUNDS=2 rounds interleaved (each profile's phases),
-#                                             # then the lane and device_consistency (~560 s)
+#   OLD=old_src/src bash bench/ab_gpu.sh decide  # a pending change: this tree against OLD at batch 4, 1, 16,
+#                                             # ROUNDS=2 rounds interleaved (each profile's phases), then
+#                                             # device_consistency (~500 s; the lane is a call of its own)
 #   bash bench/ab_gpu.sh overlap              # the 7B ratios with the side-stream overlap (tracing/overlap.py)
 #                                             # and without (--no-overlap), ROUNDS=1 round of ~300 s
 #   bash bench/ab_gpu.sh priority             # the passes on a high-priority CUDA stream against the default
@@ -98,18 +98,20 @@ if [ "$PART" = timeline ]; then
 fi
 [ "$PART" = final ] && : "${LANE_TIMEOUT:=330}"
 if [ "$PART" = decide ]; then
-  # the A/B first (process-to-process noise wants rounds), then what landing needs: the lane and the consistency
+  # rounds: a profile's finalize_s moves from process to process
   : "${OLD:?set OLD to the src folder of the code to compare with}"
   for i in $(seq "${ROUNDS:-2}"); do
     for v in src "$OLD"; do
-      echo "=== $v, round $i"
-      PYTHONPATH=/tmp/site:$PWD/$v timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
+      echo "=== $v, round $i" | tee -a "$OUT/overhead.log"
+      PYTHONPATH=/tmp/site:$PWD/$v timeout 130 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 2>&1 \
           | tee -a "$OUT/overhead.log" | grep -E "ratio|phases"
     done
   done
-  : "${LANE_TIMEOUT:=300}"
+  PYTHONPATH=/tmp/site:$PWD/src timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
+  tail -1 "$OUT/consistency.log"
+  exit 0
 fi
-if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
+if [ "$PART" = lane ] || [ "$PART" = final ]; then
   # Six pytest workers (2 threads each) share the GPU when pytest-xdist travelled in .whl (the tiny models leave
   # it idle most of the time): 207 s in session 10; 4 workers 215-263 s, one process 545 s (session 9)
   WORKERS=()
@@ -121,7 +123,6 @@ if [ "$PART" = lane ] || [ "$PART" = final ] || [ "$PART" = decide ]; then
   export PYTHONPATH=/tmp/site:$PWD/src
   timeout 100 python3 bench/device_consistency.py > "$OUT/consistency.log" 2>&1
   tail -1 "$OUT/consistency.log"
-  [ "$PART" = decide ] && exit 0
   timeout 150 "${P[@]}" --n-samples 16 --batch-sizes 4,1,16 --repeats 3 > "$OUT/overhead.log" 2>&1
   grep -E "ratio|memory" "$OUT/overhead.log"
   exit 0
