@@ -16,6 +16,9 @@
 #                                             # one (session 15: no gain), then one profile's breakdown (~240 s)
 #   bash bench/ab_gpu.sh tune                 # whole profiles under stats_pass geometries (kernels.TUNE,
 #                                             # VARIANTS='{};{"group": 1024}'), ROUNDS=2 rounds (~270 s)
+#   bash bench/ab_gpu.sh positions            # what each group of positions costs the 7B profile: whole
+#                                             # profiles with DROPS (;-separated lists of positions left
+#                                             # untraced) at BATCHES=4, ROUNDS=2 rounds interleaved (~350 s)
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
@@ -83,6 +86,20 @@ if [ "$PART" = tune ]; then
       echo "=== tune $v, round $i"
       timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" \
           | grep -E "ratio"
+    done
+  done
+  exit 0
+fi
+if [ "$PART" = positions ]; then
+  # the first variant traces every position; the second leaves out the two tensors a GLU pass computing act and
+  # act * up from gate and up would not read (its upper bound), the third every FFN-wide one, the last q/k/v
+  export PYTHONPATH=/tmp/site:$PWD/src
+  IFS=';' read -r -a DS <<< "${DROPS:-;mlp.act,mlp.down_in;mlp.gate,mlp.up,mlp.act,mlp.down_in;attn.q,attn.k,attn.v}"
+  for i in $(seq "${ROUNDS:-2}"); do
+    for d in "${DS[@]}"; do
+      echo "=== left out: ${d:-nothing}, round $i" | tee -a "$OUT/positions.log"
+      timeout 90 "${P[@]}" --n-samples 16 --batch-sizes "${BATCHES:-4}" --repeats 3 ${d:+--drop-positions $d} 2>&1 \
+          | tee -a "$OUT/positions.log" | grep -E "ratio|phases"
     done
   done
   exit 0

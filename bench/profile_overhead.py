@@ -92,6 +92,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=None,
                     help="comma-separated batch sizes measured one after the other on the same model "
                          "(overrides --batch-size)")
+    ap.add_argument("--drop-positions", default="",
+                    help="comma-separated positions left untraced (ProfileConfig.positions: the others): what "
+                         "tracing them costs, e.g. mlp.act,mlp.down_in, the two a pass computing them from the "
+                         "gate and up tensors would no longer read")
     args = ap.parse_args()
 
     from outlierlab.models.loader import load_model, resolve_device, resolve_dtype
@@ -149,13 +153,23 @@ def main() -> None:
 
         Overlap.MIN_FORWARDS = args.overlap_min_forwards
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    traced = None  # every position
+    if args.drop_positions:
+        from outlierlab.adapters import get_adapter
+
+        names = [p.name for p in get_adapter(model).positions()]
+        dropped = set(args.drop_positions.split(","))
+        if dropped - set(names):
+            raise SystemExit(f"no such positions: {sorted(dropped - set(names))}; the model's: {names}")
+        traced = tuple(n for n in names if n not in dropped)
+        print(f"positions traced: {len(traced)} of {len(names)} (left out: {args.drop_positions})")
     if args.model_stream_priority is not None:
         stream = torch.cuda.Stream(device, priority=args.model_stream_priority)
         torch.cuda.set_stream(stream)
         print(f"every pass on a CUDA stream of priority {stream.priority}")
     for batch in sizes:
         config = ProfileConfig(stats=StatsConfig(compile=args.compile, overlap=not args.no_overlap),
-                               batch_size=batch, weights=False)
+                               batch_size=batch, weights=False, positions=traced)
 
         def bare(batch=batch):
             return timed(lambda: run(model, ids, batch, logits=False))  # the forward a profile runs
