@@ -153,7 +153,7 @@ def main() -> None:
 
         Overlap.MIN_FORWARDS = args.overlap_min_forwards
     sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
-    traced = None  # every position
+    positions = None  # every position
     if args.drop_positions:
         from outlierlab.adapters import get_adapter
 
@@ -161,15 +161,15 @@ def main() -> None:
         dropped = set(args.drop_positions.split(","))
         if dropped - set(names):
             raise SystemExit(f"no such positions: {sorted(dropped - set(names))}; the model's: {names}")
-        traced = tuple(n for n in names if n not in dropped)
-        print(f"positions traced: {len(traced)} of {len(names)} (left out: {args.drop_positions})")
+        positions = tuple(n for n in names if n not in dropped)
+        print(f"positions traced: {len(positions)} of {len(names)} (left out: {args.drop_positions})")
     if args.model_stream_priority is not None:
         stream = torch.cuda.Stream(device, priority=args.model_stream_priority)
         torch.cuda.set_stream(stream)
         print(f"every pass on a CUDA stream of priority {stream.priority}")
     for batch in sizes:
         config = ProfileConfig(stats=StatsConfig(compile=args.compile, overlap=not args.no_overlap),
-                               batch_size=batch, weights=False, positions=traced)
+                               batch_size=batch, weights=False, positions=positions)
 
         def bare(batch=batch):
             return timed(lambda: run(model, ids, batch, logits=False))  # the forward a profile runs
