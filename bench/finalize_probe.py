@@ -51,6 +51,7 @@ def main() -> None:
     def stop(self):
         real_stop(self)
         clocks[:] = [self]
+
     real_finalize, real_merge, real_views = stats.finalize_all, stats.merge_pending, stats._host_views
     real_copy = getattr(stats, "staged_to_host", None)  # the staged copy (main before pinned results)
     if (args.chunks or args.copy != "staged") and real_copy is None:
@@ -134,6 +135,7 @@ def main() -> None:
         cfg = ProfileConfig(batch_size=batch, weights=False)
         rows = []
         for rep in range(args.repeats + 1):
+            chunks.clear()  # this profile's copies only (the warm-up's are not printed)
             if args.interleave:
                 run(model, ids, batch, logits=False)
                 sync()
@@ -153,7 +155,6 @@ def main() -> None:
                 rows[-1]["dev_finalize"] = end.elapsed_time(clocks[1])
             print(f"batch {batch} profile {rep}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items()) + " ms"
                   + (f"; chunks wait/move ms: {' | '.join(chunks)}" if chunks else ""))
-            chunks.clear()
         print(f"batch {batch} median: " + ", ".join(
             f"{k} {statistics.median(r[k] for r in rows):.1f}" for k in rows[0]) + " ms")
 
