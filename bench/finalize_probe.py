@@ -1,6 +1,6 @@
 """Where a profile's host time after its last forward goes (its ``finalize_s``), profile by profile.
 
-    python bench/finalize_probe.py --synthetic 7b --device cuda --batch-sizes 4,1 --repeats 5 --interleave --chunks
+    python bench/finalize_probe.py --synthetic 7b --device cuda --batch-sizes 4,1 --repeats 5 --interleave
     python bench/finalize_probe.py --synthetic tiny --device cpu --dtype float32 --seq-len 64 --n-samples 4
 
 Each ``profile()`` runs as in profile_overhead.py, with checkpoints wrapped around its finalize (host clock, ms
@@ -9,8 +9,9 @@ the host begins), the device done with everything queued (a stream sync put befo
 anyway; ``--no-sync`` leaves it out), the copy done, the finalize done. One line per profile with its own
 ``finalize_s`` and, on a GPU, ``dev_finalize``: the device time from the trace's end (the profile's clock) to the
 copy's start, the finalize's own kernels (more where the device waited for the host). ``--interleave`` runs a bare
-and a full forward before each profile, as profile_overhead.py does; ``--chunks`` times each step of the staged
-copy. The first profile per batch size (compiles, captures) is left out of the lines.
+and a full forward before each profile, as profile_overhead.py does (``--chunks``, which timed each step of the
+staged copy that pinned results replaced, is in the history of this file). The first profile per batch size
+(compiles, captures) is left out of the lines.
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="a bare and a full forward (logits at every position) before each profile, as "
                          "profile_overhead.py times them")
-    ap.add_argument("--chunks", action="store_true",
-                    help="the staged copy re-run step by step (same steps as stats.staged_to_host): the host's "
-                         "time waiting for each chunk's device copy and moving each out of the pinned stage")
-    ap.add_argument("--copy", choices=["staged", "staged-1thread"], default="staged",
-                    help="the moves out of the pinned stage as stats.py does them (torch's threads) or on one "
-                         "CPU thread")
     ap.add_argument("--no-sync", action="store_true",
                     help="no stream sync before the copy (no device_done mark; the finalize as it runs)")
     args, model, info, device, sync = synthetic_setup(ap, batch_sizes="4,1", repeats=8)
@@ -53,9 +48,6 @@ def main() -> None:
         clocks[:] = [self]
 
     real_finalize, real_merge, real_views = stats.finalize_all, stats.merge_pending, stats._host_views
-    real_copy = getattr(stats, "staged_to_host", None)  # the staged copy (main before pinned results)
-    if (args.chunks or args.copy != "staged") and real_copy is None:
-        raise SystemExit("--chunks and --copy time the staged copy (stats.staged_to_host), which this tree lacks")
 
     def finalize_all(sts):
         marks.clear()
@@ -85,47 +77,7 @@ def main() -> None:
 
         return views, timed_fill
 
-    def staged_to_host(flat, stage, host=None):
-        if (args.chunks or args.copy == "staged-1thread") and flat.is_cuda:
-            return chunked_copy(flat, stage, host)
-        return real_copy(flat, stage, host)
-
-    def chunked_copy(flat, stage, host):
-        """stats.staged_to_host's steps, each timed: "wait" (event sync) and "move" (stage to host) per chunk."""
-        src, dst, n = flat.reshape(-1).view(torch.uint8), host.reshape(-1).view(torch.uint8), stage.shape[1]
-        waits, moves, pending = [], [], None
-
-        def drain(half, at, length, event):
-            t = time.perf_counter()
-            event.synchronize()
-            waits.append((time.perf_counter() - t) * 1e3)
-            t = time.perf_counter()
-            if args.copy == "staged-1thread":
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                dst[at:at + length].copy_(half[:length])
-                torch.set_num_threads(threads)
-            else:
-                dst[at:at + length].copy_(half[:length])
-            moves.append((time.perf_counter() - t) * 1e3)
-
-        for k, at in enumerate(range(0, src.numel(), n)):
-            half, length = stage[k % 2], min(n, src.numel() - at)
-            half[:length].copy_(src[at:at + length], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            if pending is not None:
-                drain(*pending)
-            pending = (half, at, length, event)
-        if pending is not None:
-            drain(*pending)
-        chunks.append(" ".join(f"{w:.1f}/{m:.1f}" for w, m in zip(waits, moves)))
-        return host
-
-    chunks: list[str] = []
     profiler.finalize_all, stats.merge_pending, stats._host_views = finalize_all, merge_pending, host_views
-    if real_copy is not None:
-        stats.staged_to_host = staged_to_host
     profiler.TraceClock.stop = stop
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
@@ -135,7 +87,6 @@ def main() -> None:
         cfg = ProfileConfig(batch_size=batch, weights=False)
         rows = []
         for rep in range(args.repeats + 1):
-            chunks.clear()  # this profile's copies only (the warm-up's are not printed)
             if args.interleave:
                 run(model, ids, batch, logits=False)
                 sync()
@@ -153,8 +104,7 @@ def main() -> None:
             if len(clocks) == 2 and clocks[0].events:
                 end = next(iter(clocks[0].events.values()))[1]
                 rows[-1]["dev_finalize"] = end.elapsed_time(clocks[1])
-            print(f"batch {batch} profile {rep}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items()) + " ms"
-                  + (f"; chunks wait/move ms: {' | '.join(chunks)}" if chunks else ""))
+            print(f"batch {batch} profile {rep}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items()) + " ms")
         print(f"batch {batch} median: " + ", ".join(
             f"{k} {statistics.median(r[k] for r in rows):.1f}" for k in rows[0]) + " ms")
 

@@ -169,7 +169,7 @@ def test_shapes_the_keys_cannot_hold_take_another_path():
 def test_finalizing_many_device_positions_together_equals_one_at_a_time(device):
     """finalize_all computes the results of many positions where their states live, positions of one shape
     together, and moves only the results (one copy per dtype): each position gets what finalizing it alone
-    gives, and its result tensors share no storage with its state."""
+    gives, and its result tensors share no storage with its state (from a GPU: pinned host memory)."""
     from outlierlab.tracing.stats import finalize_all
 
     xs = [_planted(4, 16, 24 + 8 * (i % 2), torch.float32, seed=i) for i in range(3)]
@@ -192,6 +192,8 @@ def test_finalizing_many_device_positions_together_equals_one_at_a_time(device):
         _assert_same(a, b)
         assert all(t.device.type == "cpu" and t.untyped_storage().data_ptr() not in states
                    for t in b.values() if isinstance(t, torch.Tensor))
+        # from a GPU the results land in pinned host blocks (one copy, no move out of a stage)
+        assert all(t.is_pinned() == (device == "cuda") for t in b.values() if isinstance(t, torch.Tensor))
 
 
 def test_indirect_launch_reads_the_addresses_from_its_argument_buffer(device):

@@ -661,16 +661,14 @@ _RESULT = ("rows", "samples", "absmax", "median", "zero_fraction", "chan_absmax"
            "chan_median_max", "tok_absmax", "tok_absmax_mean", "top_value", "top_window", "top_token", "top_channel")
 
 
-#: bytes per half of the pinned staging memory that results cross from a GPU on their way to the host
-STAGE_BYTES = 8 << 20
-_STAGE: dict[torch.device, torch.Tensor] = {}
-
-
 def _host_views(blocks: dict) -> tuple[dict, Callable[[], None]]:
     """Host tensors for ``blocks`` ({dtype: flat tensors, possibly on several devices}), made now and filled by
-    the returned ``fill()``: one copy per (dtype, device), from a GPU through pinned staging memory kept per
-    device (:func:`staged_to_host`); CPU parts need no copy (each is a new tensor, no storage shared with a
-    state)."""
+    the returned ``fill()``: one copy per (dtype, device). From a GPU the copy goes straight into pinned host
+    blocks (torch's caching host allocator: the results of a 7B profile hold ~40 MB of it, back in the
+    allocator's cache for the next profile once they are freed). Through a pinned stage into pageable blocks, as
+    before, the moves out of the stage ran at ~1.3 GB/s in some profiles on the H200 machine (finalize_s 30-45 ms
+    against 3-5 ms; bench/finalize_probe.py). CPU parts need no copy (each is a new tensor, no storage shared
+    with a state)."""
     views: dict = {}
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     for dtype, parts in blocks.items():
@@ -682,52 +680,24 @@ def _host_views(blocks: dict) -> tuple[dict, Callable[[], None]]:
             flat = torch.cat([parts[i] for i in idx]) if len(idx) > 1 else parts[idx[0]]
             host = flat
             if dev.type != "cpu":
-                host = torch.empty(flat.shape, dtype=flat.dtype)
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=dev.type == "cuda")
                 copies.append((flat, host))
             for i, h in zip(idx, host.split([parts[i].numel() for i in idx])):
                 out[i] = h
         views[dtype] = out
 
     def fill() -> None:
+        done = []
         for flat, host in copies:
             if flat.device.type != "cuda":
                 host.copy_(flat)
                 continue
-            stage = _STAGE.get(flat.device)
-            if stage is None:
-                stage = _STAGE[flat.device] = torch.empty(2, STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
             with torch.cuda.device(flat.device):
-                staged_to_host(flat, stage, host)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                done.append(event)
+        for event in done:  # the copies from several GPUs run at once
+            event.synchronize()
 
     return views, fill
-
-
-def staged_to_host(flat: torch.Tensor, stage: torch.Tensor, host: torch.Tensor | None = None) -> torch.Tensor:
-    """A contiguous ``flat`` copied into ``host`` (a new pageable host tensor where not given) through ``stage``
-    ([2, n] bytes, pinned):
-    chunk k goes to half k % 2 by an asynchronous copy while the host moves chunk k - 1 out of the other half.
-    Fresh pinned blocks the size of the results (~40 MB for a 7B profile) took 35 ms of a 7B profile's finalize
-    on the H200 machine (cProfile) and a pageable copy ran at ~1.4 GB/s; the stage is pinned once per device."""
-    host = torch.empty(flat.shape, dtype=flat.dtype) if host is None else host
-    src, dst = flat.reshape(-1).view(torch.uint8), host.reshape(-1).view(torch.uint8)
-    n = stage.shape[1]
-    pending = None  # (half, offset, length, event) of the chunk in flight
-
-    def drain(half, at, length, event) -> None:
-        if event is not None:
-            event.synchronize()
-        dst[at:at + length].copy_(half[:length])
-
-    for k, at in enumerate(range(0, src.numel(), n)):
-        half, length = stage[k % 2], min(n, src.numel() - at)
-        half[:length].copy_(src[at:at + length], non_blocking=True)
-        event = None
-        if src.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        if pending is not None:
-            drain(*pending)
-        pending = (half, at, length, event)
-    if pending is not None:
-        drain(*pending)
-    return host
