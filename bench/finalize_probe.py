@@ -8,10 +8,12 @@ from the finalize's start): the merge of the pending candidates done, the host b
 the host begins), the device done with everything queued (a stream sync put before the copy, which waits for it
 anyway; ``--no-sync`` leaves it out), the copy done, the finalize done. One line per profile with its own
 ``finalize_s`` and, on a GPU, ``dev_finalize``: the device time from the trace's end (the profile's clock) to the
-copy's start, the finalize's own kernels (more where the device waited for the host). ``--interleave`` runs a bare
-and a full forward before each profile, as profile_overhead.py does (``--chunks``, which timed each step of the
-staged copy that pinned results replaced, is in the history of this file). The first profile per batch size
-(compiles, captures) is left out of the lines.
+copy's start, the finalize's own kernels (more where the device waited for the host). On a GPU also
+``pinned_allocs`` and ``pinned_alloc``: the pinned blocks torch's caching host allocator created during the profile
+and the ms that took (a profile's results live in pinned blocks; each profile is freed before the next, as in
+profile_overhead.py). ``--interleave`` runs a bare and a full forward before each profile, as profile_overhead.py
+does (``--chunks``, which timed each step of the staged copy that pinned results replaced, is in the history of
+this file). The first profile per batch size (compiles, captures) is left out of the lines.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ def main() -> None:
         return views, timed_fill
 
     profiler.finalize_all, stats.merge_pending, stats._host_views = finalize_all, merge_pending, host_views
+
+    def host_allocs() -> tuple[float, float]:
+        """Pinned blocks created so far by torch's caching host allocator, and the ms spent creating them."""
+        if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+            return 0.0, 0.0
+        st = torch.cuda.host_memory_stats()
+        return float(st.get("num_host_alloc", 0)), st.get("host_alloc_time.total", 0) / 1e3
     profiler.TraceClock.stop = stop
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
@@ -92,15 +101,21 @@ def main() -> None:
                 sync()
                 run(model, ids, batch)
             sync()
+            pinned = host_allocs()
             t = time.perf_counter()
             prof = profile(model, ids, cfg)
             sync()
             wall = time.perf_counter() - t
+            pinned = [b - a for a, b in zip(pinned, host_allocs())]
+            timings = prof.timings
+            del prof  # its pinned results back in the allocator's cache, as in profile_overhead.py
             if rep == 0:
                 continue
             at = {k: (marks[k] - marks["start"]) * 1e3 for k in STEPS if k in marks}
-            rows.append({"wall": wall * 1e3, "trace_s": prof.timings["trace_s"] * 1e3,
-                         "finalize_s": prof.timings["finalize_s"] * 1e3, **at})
+            rows.append({"wall": wall * 1e3, "trace_s": timings["trace_s"] * 1e3,
+                         "finalize_s": timings["finalize_s"] * 1e3, **at})
+            if device.type == "cuda":
+                rows[-1].update(pinned_allocs=pinned[0], pinned_alloc=pinned[1])
             if len(clocks) == 2 and clocks[0].events:
                 end = next(iter(clocks[0].events.values()))[1]
                 rows[-1]["dev_finalize"] = end.elapsed_time(clocks[1])
