@@ -19,6 +19,12 @@
 #   bash bench/ab_gpu.sh positions            # what each group of positions costs the 7B profile: whole
 #                                             # profiles with DROPS (;-separated lists of positions left
 #                                             # untraced) at BATCHES=4, ROUNDS=2 rounds interleaved (~350 s)
+#   OLD=old_src/src bash bench/ab_gpu.sh first  # the default model's first profile (-n 2 --seq-len 128) with an
+#                                             # empty Triton cache (a fresh machine's compile) and again with the
+#                                             # cache it left, this tree and OLD (optional), then the steady state of
+#                                             # eager (compile never) and graphed statistics on it (~200 s; needs
+#                                             # /tmp/m/a from the first call of ../shared/gpu/README.md and carry
+#                                             # [".gguf-parts/b", ".whl"])
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
 #                                             # one CUDA graph, and what would it save at batch 1 and 4
 #   bash bench/ab_gpu.sh timeline             # the 7B profile's phases and device timeline (model kernels,
@@ -86,6 +92,28 @@ if [ "$PART" = tune ]; then
       echo "=== tune $v, round $i"
       timeout 100 "${P[@]}" --n-samples 16 --batch-sizes 4,1 --repeats 3 --tune "$v" 2>&1 | tee -a "$OUT/tune.log" \
           | grep -E "ratio"
+    done
+  done
+  exit 0
+fi
+if [ "$PART" = first ]; then
+  [ -f /tmp/m/model.gguf ] || cat /tmp/m/a .gguf-parts/b > /tmp/m/model.gguf
+  CLI=(python3 -c 'import sys; from outlierlab.cli import app; sys.argv[0] = "outlierlab"; app()')
+  for v in src ${OLD:-}; do
+    cache=$(mktemp -d)
+    for run in "empty cache" "cache of the run before"; do
+      echo "=== $v, $run" | tee -a "$OUT/first.log"
+      TRITON_CACHE_DIR=$cache PYTHONPATH=/tmp/site:$PWD/$v timeout 150 "${CLI[@]}" profile --device cuda \
+          --model /tmp/m/model.gguf -n 2 --seq-len 128 --out /tmp/first --no-progress 2>&1 | tee -a "$OUT/first.log" \
+          | grep -E "traced in|wrote|Error"
+    done
+  done
+  for mode in never graphs; do
+    echo "=== steady state, compile $mode" | tee -a "$OUT/first.log"
+    for shape in "-n 4 --seq-len 128" "-n 16 --seq-len 512"; do
+      PYTHONPATH=/tmp/site:$PWD/src timeout 120 python3 bench/profile_overhead.py --model /tmp/m/model.gguf \
+          --device cuda --dtype float32 ${shape/-n/--n-samples} --batch-sizes 4 --repeats 3 --compile $mode 2>&1 \
+          | tee -a "$OUT/first.log" | grep -E "ratio|phases"
     done
   done
   exit 0
