@@ -19,10 +19,10 @@
 #   bash bench/ab_gpu.sh positions            # what each group of positions costs the 7B profile: whole
 #                                             # profiles with DROPS (;-separated lists of positions left
 #                                             # untraced) at BATCHES=4, ROUNDS=2 rounds interleaved (~350 s)
-#   OLD=old_src/src bash bench/ab_gpu.sh first  # the default model's first profile (-n 2 --seq-len 128) with an
+#   OLD=old_src/src bash bench/ab_gpu.sh first  # the default model's first profile (2 x 128 and 16 x 512) with an
 #                                             # empty Triton cache (a fresh machine's compile) and again with the
 #                                             # cache it left, this tree and OLD (optional), then the steady state of
-#                                             # eager (compile never) and graphed statistics on it (~200 s; needs
+#                                             # eager (compile never) and graphed statistics on it (~400 s; needs
 #                                             # /tmp/m/a from the first call of ../shared/gpu/README.md and carry
 #                                             # [".gguf-parts/b", ".whl"])
 #   bash bench/ab_gpu.sh graph                # bench/forward_graph.py on the 7B shape: can the traced forward be
@@ -100,12 +100,15 @@ if [ "$PART" = first ]; then
   [ -f /tmp/m/model.gguf ] || cat /tmp/m/a .gguf-parts/b > /tmp/m/model.gguf
   CLI=(python3 -c 'import sys; from outlierlab.cli import app; sys.argv[0] = "outlierlab"; app()')
   for v in src ${OLD:-}; do
-    cache=$(mktemp -d)
-    for run in "empty cache" "cache of the run before"; do
-      echo "=== $v, $run" | tee -a "$OUT/first.log"
-      TRITON_CACHE_DIR=$cache PYTHONPATH=/tmp/site:$PWD/$v timeout 150 "${CLI[@]}" profile --device cuda \
-          --model /tmp/m/model.gguf -n 2 --seq-len 128 --out /tmp/first --no-progress 2>&1 | tee -a "$OUT/first.log" \
-          | grep -E "traced in|wrote|Error"
+    for shape in "-n 2 --seq-len 128" "-n 16 --seq-len 512"; do
+      cache=$(mktemp -d)
+      for run in "empty cache" "cache of the run before"; do
+        echo "=== $v, $shape, $run" | tee -a "$OUT/first.log"
+        TRITON_CACHE_DIR=$cache PYTHONPATH=/tmp/site:$PWD/$v timeout 120 "${CLI[@]}" profile --device cuda \
+            --model /tmp/m/model.gguf $shape --out /tmp/first --no-progress 2>&1 | tee -a "$OUT/first.log" \
+            | grep -E "traced in|wrote|Error"
+        python3 -c "import json; print(json.load(open('/tmp/first/report.json'))['config']['stats']['compile'])"
+      done
     done
   done
   for mode in never graphs; do
