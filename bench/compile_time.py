@@ -2,6 +2,7 @@
 
     python bench/compile_time.py                               # the default model's widths, 2 x 128 tokens
     python bench/compile_time.py --shapes 4x2048x4096,4x2048x11008 --dtype bfloat16      # a 7B profile
+    python bench/compile_time.py --threads 6          # then all six at once: Triton's stages release the GIL
 
 A first GPU profile on a machine compiles every (kernel, shape) it meets once; Triton keeps the binaries in its
 cache (``~/.triton/cache``) for the next process. That is host work, so it is measured here without a GPU: the
@@ -99,15 +100,19 @@ def main() -> None:
                     help="BxSxC: windows per forward, tokens per window, channels (default: SmolLM2-135M's "
                          "hidden, k/v and FFN widths at 2 x 128 tokens)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="then compile every kernel again, this many at once on a thread pool: the wall time")
     args = ap.parse_args()
     import triton
 
     dtype = getattr(torch, args.dtype)
     print(f"triton {triton.__version__} | sm_90 target, compiled on this CPU | {args.dtype}")
     total = 0.0
+    launches = []
     for shape in args.shapes.split(","):
         b, s, c = (int(v) for v in shape.split("x"))
         for fn, a, kw in recorded_launches(b, s, c, dtype):
+            launches.append((fn, a, kw))
             try:
                 times = compile_stages(fn, a, kw)
             except (ImportError, AttributeError, TypeError) as e:
@@ -116,7 +121,14 @@ def main() -> None:
             total += spent
             print(f"{shape:>14s} {fn.__name__:11s} {spent:6.2f} s  (" +
                   ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + ")")
-    print(f"all: {total:.2f} s")
+    print(f"all, one after the other: {total:.2f} s")
+    if args.threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.threads) as pool:
+            list(pool.map(lambda launch: compile_stages(*launch), launches))
+        print(f"all, {args.threads} at once on threads: {time.perf_counter() - t:.2f} s")
 
 
 if __name__ == "__main__":
