@@ -6,8 +6,9 @@
 The kernel's last program ranks the update's candidate keys: per block of channels, the entries at or above the
 token floor (the top_k-th largest token max over the batch) among the top_k tokens, at most TOP a block
 (tracing/triton_src.py). A list of up to 2 TOP keys is sorted in 2 TOP slots, up to 8 TOP in 8 TOP slots, longer
-ones are ranked otherwise. This counts, on the CPU, every update's list length as the kernel computes it, from the
-tensors a profile traces, and prints how many updates fall in each range, per position too.
+ones are ranked otherwise. This counts, on the CPU, every update's list length as the kernel computes it
+(kernels.list_length), from the tensors a profile traces, and prints how many updates fall in each range, per
+position too.
 """
 
 from __future__ import annotations
@@ -15,25 +16,10 @@ from __future__ import annotations
 import argparse
 import collections
 
-import torch
-
 from outlierlab.api import as_loaded, as_windows
 from outlierlab.data import DataConfig
 from outlierlab.tracing import ProfileConfig, StatsConfig, kernels, profile
 from outlierlab.tracing.stats import PositionStats
-
-
-def list_length(x: torch.Tensor, top_k: int) -> int:
-    """The number of keys the candidates kernel's programs append for ``x`` [batch, tokens, channels]."""
-    b, s, c = x.shape
-    best = x.abs().float().amax(0)  # [tokens, channels]: each key's largest |x| over the batch
-    g = kernels._geometry(b, s, c, top_k)
-    tokens = best.amax(1).topk(g["KT"]).indices
-    keep = best[tokens] >= best.amax(1)[tokens].min()  # [KT, channels]
-    blocks = -(-c // g["BLOCK_CB"])
-    padded = torch.zeros(g["KT"], blocks * g["BLOCK_CB"], dtype=torch.bool)
-    padded[:, :c] = keep
-    return int(padded.view(g["KT"], blocks, g["BLOCK_CB"]).sum((0, 2)).clamp(max=g["TOP"]).sum())
 
 
 def main() -> None:
@@ -54,7 +40,7 @@ def main() -> None:
 
     def update(self, x, window0=0):
         if x.dim() >= 3:
-            lengths[self.key[1]].append(list_length(x.reshape(x.shape[0], x.shape[1], -1), top_k))
+            lengths[self.key[1]].append(kernels.list_length(x.reshape(x.shape[0], x.shape[1], -1), top_k))
         return real(self, x, window0)
 
     PositionStats.update = update

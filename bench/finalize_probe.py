@@ -79,14 +79,14 @@ def main() -> None:
 
         return views, timed_fill
 
-    profiler.finalize_all, stats.merge_pending, stats._host_views = finalize_all, merge_pending, host_views
-
     def host_allocs() -> tuple[float, float]:
         """Pinned blocks created so far by torch's caching host allocator, and the ms spent creating them."""
         if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
             return 0.0, 0.0
         st = torch.cuda.host_memory_stats()
         return float(st.get("num_host_alloc", 0)), st.get("host_alloc_time.total", 0) / 1e3
+
+    profiler.finalize_all, stats.merge_pending, stats._host_views = finalize_all, merge_pending, host_views
     profiler.TraceClock.stop = stop
     ids = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))

@@ -129,6 +129,23 @@ def _geometry(batch: int, seq_len: int, channels: int, top_k: int) -> dict:
             "cand_warps": TUNE.get("cand_warps", max(4 if bp < 4 else 8, min(16, _next_pow2(seq_len) // 2048)))}
 
 
+def list_length(x: torch.Tensor, top_k: int) -> int:
+    """How many candidate keys the ``candidates`` programs append for ``x`` [batch, tokens, channels] (what the
+    last program then ranks): per block of channels, the entries at or above the token floor (the ``top_k``-th
+    largest token max over the batch) among the ``top_k`` tokens, at most TOP a block. A reference on the host,
+    for tests and bench/candidate_lists.py; the kernels do not call it."""
+    b, s, c = x.shape
+    g = _geometry(b, s, c, top_k)
+    best = x.abs().float().amax(0)  # [tokens, channels]: each key's largest |x| over the batch
+    tok_max = best.amax(1)
+    tokens = tok_max.topk(g["KT"]).indices
+    keep = best[tokens] >= tok_max[tokens].min()  # [KT, channels]
+    blocks = -(-c // g["BLOCK_CB"])
+    padded = torch.zeros(g["KT"], blocks * g["BLOCK_CB"], dtype=torch.bool)
+    padded[:, :c] = keep
+    return int(padded.view(g["KT"], blocks, g["BLOCK_CB"]).sum((0, 2)).clamp(max=g["TOP"]).sum())
+
+
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
