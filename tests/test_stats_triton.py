@@ -88,8 +88,8 @@ def test_row_groups_are_the_longest_that_fill_the_gpu(batch, channels, rows, til
 @pytest.mark.parametrize("cap", [1024, 64, 32])
 def test_long_candidate_lists_are_ranked_on_the_device(device, monkeypatch, cap):
     """Fewer tokens than top_k (no floor) over 3 blocks of channels: every block appends its best 16 keys, and
-    the last program ranks the 48 of them by one sort of 128 slots (cap 1024) or of 64 (the cap), or by 16
-    passes (cap 32 < 48)."""
+    the last program ranks the 48 of them by one sort of 128 slots (cap 1024), or by 16 passes that load 64 keys
+    (the cap 64 < 128 slots) or 32 at a time."""
     monkeypatch.setattr(kernels, "KEY_CAP", cap)
     x = _planted(6, 12, 300, torch.float32)
     _assert_same(_run("never", x, 3, top_k=16), _run("triton", x.to(device), 3, top_k=16))

@@ -74,7 +74,7 @@ BLOCK_M = 16  # channels per median program
 #: low bits of a float32 that are zero in every value of a narrower input dtype (23 mantissa bits less its own)
 ZERO_LOW_BITS = {torch.bfloat16: 16, torch.float16: 13}
 HIST_BLOCK = 1024  # sampled elements per histogram program
-KEY_CAP = 1024  # candidate keys of an update sorted at once (longer lists take TOP passes)
+KEY_CAP = 1024  # candidate keys a load in the TOP passes that rank lists of more than 8 TOP keys
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 

@@ -273,14 +273,14 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
         if n <= TOP:  # the list is the answer
             tl.store(top_ptr + t, tl.load(list_ptr + t, mask=t < n, other=0, cache_modifier=".cg"))
         # the usual case: a few keys above the floor besides the tokens' maxima, sorted in the shortest
-        # power-of-two slots that hold them (a sort's cost grows with its slots, not with n)
+        # power-of-two slots that hold them (a sort's cost grows with its slots, not with n). No sort of more
+        # slots: each size is code of its own, and a sort of 1024 int64 keys was 59% of this kernel's compile
+        # time (bench/RESULTS.md)
         elif n <= 2 * TOP and 2 * TOP <= CAP:
             _top_by_sort(n, list_ptr, top_ptr, TOP, 2 * TOP)
         elif n <= 8 * TOP and 8 * TOP <= CAP:
             _top_by_sort(n, list_ptr, top_ptr, TOP, 8 * TOP)
-        elif n <= CAP:
-            _top_by_sort(n, list_ptr, top_ptr, TOP, CAP)
-        else:  # a long list (ties above the floor)
+        else:  # a long list (many keys above the floor, or ties)
             _top_by_passes(n, list_ptr, top_ptr, TOP, CAP)
         tl.atomic_xchg(count_ptr, 0)  # ready for the next update
         tl.atomic_xchg(ticket_ptr, 0)
@@ -290,8 +290,8 @@ def candidates(x_ptr, tokmax_ptr, tok_ptr, list_ptr, top_ptr, count_ptr, ticket_
 
 @triton.jit
 def _top_by_sort(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
-    """The best TOP of the list's ``n`` <= CAP keys: one sort of CAP slots, written back to the list (which holds
-    n_cand * TOP >= n keys), then its head copied."""
+    """The best TOP of the list's ``n`` <= CAP keys: one sort of CAP slots (here CAP is 2 TOP or 8 TOP), written
+    back to the list (which holds n_cand * TOP >= n keys), then its head copied."""
     e = tl.arange(0, CAP)
     ranked = tl.sort(tl.load(list_ptr + e, mask=e < n, other=0, cache_modifier=".cg"), descending=True)
     tl.store(list_ptr + e, ranked, mask=e < n)
@@ -302,7 +302,8 @@ def _top_by_sort(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
 
 @triton.jit
 def _top_by_passes(n, list_ptr, top_ptr, TOP: tl.constexpr, CAP: tl.constexpr):
-    """The best TOP of the list's ``n`` > CAP keys: TOP passes, each the largest key below the previous one."""
+    """The best TOP of the list's ``n`` keys: TOP passes over it, CAP keys a load, each pass the largest key below
+    the previous one."""
     prev = tl.full([1], 0x7FFFFFFFFFFFFFFF, tl.int64)
     for i in range(TOP):
         best = tl.zeros([1], dtype=tl.int64)
