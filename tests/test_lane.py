@@ -37,7 +37,7 @@ from outlierlab.testing import (
     random_windows,
     tiny_model,
 )
-from outlierlab.tracing import ProfileConfig, profile
+from outlierlab.tracing import ProfileConfig, profile, profiler
 
 FAMILIES = sorted(TINY_FAMILIES)
 MA = {"layer": 1, "k": 5, "j": 13, "d": 7}
@@ -190,6 +190,16 @@ def is_reference(device: str, dtype: str) -> bool:
     return device == "cpu" and dtype == "float32"
 
 
+EAGER_BELOW = profiler.EAGER_BELOW
+
+
+@pytest.fixture(autouse=True)
+def _kernels_at_any_size(monkeypatch):
+    """The lane's tiny models are far below profiler.EAGER_BELOW: here their GPU profiles run the Triton kernels,
+    as a real model's do (test_a_small_gpu_profile_runs_the_eager_statistics runs the small-profile path)."""
+    monkeypatch.setattr(profiler, "EAGER_BELOW", 0)
+
+
 # -- the lane -------------------------------------------------------------------------------------------
 def test_profile_finds_the_same_outliers(family, lane_device, lane_dtype):
     model = on(family, lane_device, lane_dtype)
@@ -197,11 +207,27 @@ def test_profile_finds_the_same_outliers(family, lane_device, lane_dtype):
     t0 = time.perf_counter()
     prof = profile(model, ids, ProfileConfig(batch_size=2))
     wall = time.perf_counter() - t0
-    mas, cos = found(prof)
     assert hook_count(model) == 0
+    assert prof.to_json()["config"]["stats"]["compile"] == "auto"  # the kernels on a GPU
     # the tracing's time (CUDA events on a GPU) and the rest of the profile split its wall time
     tm = prof.timings
     assert 0 < tm["trace_s"] and 0 <= tm["finalize_s"] and sum(tm.values()) <= wall
+    assert_found_as_reference(prof, family, lane_device, lane_dtype)
+
+
+def test_a_small_gpu_profile_runs_the_eager_statistics(family, lane_device, lane_dtype, monkeypatch):
+    """Below profiler.EAGER_BELOW (every tiny profile) a GPU profile traces with the eager statistics, which
+    find what the reference finds."""
+    monkeypatch.setattr(profiler, "EAGER_BELOW", EAGER_BELOW)
+    model = on(family, lane_device, lane_dtype)
+    prof = profile(model, windows(model), ProfileConfig(batch_size=2))
+    assert prof.to_json()["config"]["stats"]["compile"] == ("never" if lane_device == "cuda" else "auto")
+    assert_found_as_reference(prof, family, lane_device, lane_dtype)
+
+
+def assert_found_as_reference(prof, family: str, lane_device: str, lane_dtype: str) -> None:
+    """The planted MA found, and the reference run's MAs and COs (bf16: the planted CO at least)."""
+    mas, cos = found(prof)
     # the planted MA at token 0: in the residual stream (channel d), or at y6 (channel j) where a post-FFN norm
     # (Gemma 2/3) squashes the branch before the residual add
     assert any(m[2] == 0 and ((m[1] == "block.out" and m[3] == MA["d"]) or

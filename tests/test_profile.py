@@ -188,3 +188,46 @@ def test_detection_shortcuts_give_the_full_rules_answer():
     assert [m["channel"] for m in massive_activations({**top, "median": 0.01, "absmax": 150.0}, ma_cfg)] == [5]
     assert massive_activations({**top, "median": 0.01, "absmax": 100.0}, ma_cfg) == []  # absmax at the threshold
     assert [m["channel"] for m in massive_activations({**top, "median": 0.01}, ma_cfg)] == [5]
+
+
+def test_small_gpu_profiles_trace_with_eager_statistics():
+    """"auto" on CUDA: eager statistics below EAGER_BELOW (tokens x hidden x layers), where compiling the Triton
+    kernels on a fresh machine would cost more than they save; the kernels above it; a mode the user set, and
+    every CPU profile, as given."""
+    from outlierlab.tracing.profiler import EAGER_BELOW, stats_for
+    from outlierlab.tracing.stats import StatsConfig
+
+    cuda, cpu, auto = torch.device("cuda"), torch.device("cpu"), StatsConfig()
+    assert stats_for(auto, cuda, 2 * 128, 576, 30).compile == "never"  # the default model, 2 x 128 tokens
+    assert stats_for(auto, cuda, 16 * 2048, 4096, 32) == auto  # a 7B profile of 16 x 2048
+    tokens = EAGER_BELOW // (576 * 30)
+    assert stats_for(auto, cuda, tokens, 576, 30).compile == "never"
+    assert stats_for(auto, cuda, tokens + 1, 576, 30) == auto
+    assert stats_for(StatsConfig(compile="graphs"), cuda, 256, 576, 30).compile == "graphs"
+    assert stats_for(auto, cpu, 256, 576, 30) == auto
+
+
+def test_the_profile_runs_and_records_the_statistics_path_chosen(monkeypatch):
+    """profile() asks stats_for with the whole profile's tokens (every rank alike), traces with its answer and
+    records it in the report; a CPU profile keeps "auto" (resolved per update)."""
+    from dataclasses import replace
+
+    from outlierlab.tracing import profiler
+
+    model = tiny_model("llama")
+    windows = random_windows(model)
+    assert profile(model, windows, ProfileConfig(batch_size=2)).to_json()["config"]["stats"]["compile"] == "auto"
+    asked = []
+
+    def eager(stats, device, tokens, hidden, layers):
+        asked.append((device.type, tokens, hidden, layers))
+        return replace(stats, compile="never")
+
+    monkeypatch.setattr(profiler, "stats_for", eager)
+    used = []
+    real_init = PositionStats.__init__
+    monkeypatch.setattr(PositionStats, "__init__", lambda self, config: used.append(config.compile)
+                        or real_init(self, config))
+    prof = profile(model, windows, ProfileConfig(batch_size=2))
+    assert asked == [("cpu", windows.numel(), model.config.hidden_size, get_adapter(model).n_layers)]
+    assert set(used) == {"never"} and prof.to_json()["config"]["stats"]["compile"] == "never"

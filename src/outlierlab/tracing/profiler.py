@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -42,6 +42,22 @@ class ProfileConfig:
     layers: tuple[int, ...] | None = None
     positions: tuple[str, ...] | None = None
     weights: bool = True
+
+
+#: GPU profiles smaller than this (tokens x hidden size x layers: about 1/20 of the elements they trace) run the
+#: eager statistics where ``StatsConfig.compile`` is "auto": the Triton kernels compile on a machine's first GPU
+#: profile (31.9 s for the default model's 2 x 128 tokens on the H200 machine, 1.0 s once compiled, against 1.2 s
+#: on a 2-core CPU; bench/RESULTS.md), more than eager updates cost over so few tokens. 1e8: up to 11 windows
+#: of 512 tokens of the default model, 762 tokens of a 7B model
+EAGER_BELOW = 10 ** 8
+
+
+def stats_for(stats: StatsConfig, device: torch.device, tokens: int, hidden: int, layers: int) -> StatsConfig:
+    """``stats`` with "auto" resolved for a profile of ``tokens`` tokens on ``device`` of a model of ``layers``
+    layers of width ``hidden``: eager ("never") for a small GPU profile (see :data:`EAGER_BELOW`), else as given."""
+    if stats.compile == "auto" and device.type == "cuda" and tokens * hidden * layers < EAGER_BELOW:
+        return replace(stats, compile="never")
+    return stats
 
 
 class Tracer(Entry):
@@ -188,6 +204,10 @@ def profile(model: nn.Module, windows, config: ProfileConfig | None = None, toke
     ids = window_ids(windows)
     rank, world = rank_world(group) if distributed else (0, 1)
     lo, hi = shard(len(ids), rank, world)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden:
+        config = replace(config, stats=stats_for(config.stats, input_device(model), ids.numel(), hidden,
+                                                 adapter.n_layers))  # every rank decides alike
     with frozen_gc():  # the collector walks only what the profile creates
         tracer = Tracer(adapter, config)
         clock = TraceClock(model)

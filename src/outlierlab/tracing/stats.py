@@ -51,7 +51,8 @@ class StatsConfig:
     #: how an update runs: "triton" (two hand-written Triton kernels, see tracing/kernels.py; on a CPU tensor
     #: Triton's interpreter runs them, for tests), "graphs" (the same kernels captured once per tensor layout
     #: as a CUDA graph and replayed, CUDA only), "never" (eager torch ops), "fused" (torch.compile), "auto"
-    #: (graphs on CUDA where Triton is installed, else fused; the eager host path on a CPU). On a GPU ~40
+    #: (graphs on CUDA where Triton is installed, else fused; the eager host path on a CPU; profile() runs
+    #: small GPU profiles eagerly, see profiler.EAGER_BELOW). On a GPU ~40
     #: small eager ops per position per forward make tracing launch-bound, and the compiled graph still
     #: costs ~0.7 ms of host time per update (bench/RESULTS.md).
     compile: str = "auto"
