@@ -46,9 +46,11 @@ class ProfileConfig:
 
 #: GPU profiles smaller than this (tokens x hidden size x layers: about 1/20 of the elements they trace) run the
 #: eager statistics where ``StatsConfig.compile`` is "auto": the Triton kernels compile on a machine's first GPU
-#: profile (31.9 s for the default model's 2 x 128 tokens on the H200 machine, 1.0 s once compiled, against 1.2 s
-#: on a 2-core CPU; bench/RESULTS.md), more than eager updates cost over so few tokens. 1e8: up to 11 windows
-#: of 512 tokens of the default model, 762 tokens of a 7B model
+#: profile, which costs more than eager updates over so few tokens. Default model on the H200 machine (session
+#: 21, bench/RESULTS.md): a first 2 x 128 profile traced in 25.9 s with the kernels, 1.4 s eager (CPU 1.2 s); in
+#: the steady state eager costs +0.18 s over the kernels at 4 x 128 and +0.86 s at 16 x 512 (1.4e8), where a
+#: first profile's compile took 13 s. At 1e8 eager costs the default model ~0.6 s over the kernels; the line
+#: holds up to 11 windows of 512 tokens of the default model, 762 tokens of a 7B model
 EAGER_BELOW = 10 ** 8
 
 
