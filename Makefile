@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 OUT ?= out
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# the Triton version of the GPU machine's image (torch 2.11.0+cu130)
+DEVICE_TRITON ?= 3.6.0
 
 .PHONY: setup demo test test-fast test-gpu bench clean
 
@@ -27,6 +29,9 @@ $(STAMP): pyproject.toml
 # lm-evaluation-harness extra (so its adapter is tested too) and the compressed-tensors extra (the export)
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[test,eval,export]"
+	# the Triton of the GPU machine's image beside it, for the kernels' front-end test (tests/test_stats_triton.py):
+	# a kernel that only another Triton version rejects fails here, not on the device
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/triton-device "triton==$(DEVICE_TRITON)"
 	touch $(TEST_STAMP)
 
 setup: $(TEST_STAMP)

@@ -6,6 +6,9 @@ imported); the CUDA lane compiles them for the GPU. Shapes are small: the interp
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -278,18 +281,28 @@ def test_cuda_graph_path_equals_cpu_path(device):
     _assert_same(ref.finalize(), st.finalize())
 
 
-def test_kernels_pass_the_gpu_compilers_front_end():
+DEVICE_TRITON = Path(sys.prefix) / "triton-device"  # the GPU image's Triton, installed beside by `make setup`
+
+
+@pytest.mark.parametrize("triton_dir", [None, DEVICE_TRITON], ids=["installed", "device-image"])
+def test_kernels_pass_the_gpu_compilers_front_end(triton_dir):
     """What the interpreter does not check, checked without a GPU: Triton's front end (Python -> TTIR) for an
     sm_90 target accepts the kernels at the 7B shape (e.g. a name bound to tensors of two shapes in the two
     branches of an `if` runs under the interpreter and fails there), and lowered to TTGIR the graphed kernels
     load the tensor as widely as a direct launch. In a process of its own: the interpreter's switch is set in
-    this one."""
+    this one. With the Triton installed here, and with the GPU machine's (another version: a kernel that only one
+    of them rejects failed there once)."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_dir is not None:
+        if not triton_dir.is_dir():
+            pytest.skip(f"no Triton of the GPU image at {triton_dir} (`make setup` installs it)")
+        env["PYTHONPATH"] = os.pathsep.join([str(triton_dir), *filter(None, [env.get("PYTHONPATH")])])
+        where = subprocess.run([sys.executable, "-c", "import triton; print(triton.__file__)"], env=env,
+                               capture_output=True, text=True, check=True).stdout
+        assert where.startswith(str(triton_dir)), where
     script = Path(__file__).with_name("triton_front_end.py")
     done = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True, text=True,
                           timeout=300)
