@@ -119,9 +119,13 @@ def main() -> None:
             if len(clocks) == 2 and clocks[0].events:
                 end = next(iter(clocks[0].events.values()))[1]
                 rows[-1]["dev_finalize"] = end.elapsed_time(clocks[1])
-            print(f"batch {batch} profile {rep}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1].items()) + " ms")
-        print(f"batch {batch} median: " + ", ".join(
-            f"{k} {statistics.median(r[k] for r in rows):.1f}" for k in rows[0]) + " ms")
+            print(f"batch {batch} profile {rep}: " + ", ".join(shown(k, v) for k, v in rows[-1].items()))
+        print(f"batch {batch} median: " + ", ".join(shown(k, statistics.median(r[k] for r in rows)) for k in rows[0]))
+
+
+def shown(key: str, value: float) -> str:
+    """A column of the probe: the pinned allocator's counters as numbers (blocks, bytes), every other in ms."""
+    return f"{key} {value:.0f}" if key.startswith("pinned") else f"{key} {value:.1f} ms"
 
 
 if __name__ == "__main__":
